@@ -1,0 +1,78 @@
+"""The app factory: wires Settings, the kernel launcher and the session registry to the routes,
+and owns the background work (culling) and the clean shutdown of every kernel."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from functools import partial
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from kernel_service import __version__
+from kernel_service.api.errors import BodySizeLimit, install_error_handlers
+from kernel_service.api.routes import router
+from kernel_service.config import Settings
+from kernel_service.kernel import Kernel, KernelLauncher, KernelOptions, SubprocessLauncher
+from kernel_service.kernel.fonts import prepare_font_cache
+from kernel_service.sessions import SessionRegistry
+
+log = logging.getLogger(__name__)
+
+# Room for JSON escaping around the code (a "\u0000" is six bytes for one).
+_BODY_OVERHEAD = 64 * 1024
+
+
+def create_app(settings: Settings | None = None, launcher: KernelLauncher | None = None) -> FastAPI:
+    """A ready-to-serve app; kernels start on demand and all end when the app shuts down."""
+    settings = settings or Settings()
+    launcher = launcher or SubprocessLauncher()
+    options = KernelOptions(
+        connection_dir=settings.connection_dir.resolve(),
+        matplotlib_dir=settings.matplotlib_dir.resolve(),
+        start_timeout=settings.kernel_start_timeout,
+        max_message_bytes=settings.max_message_bytes,
+        preload_modules=tuple(m.strip() for m in settings.preload_modules.split(",") if m.strip()),
+    )
+    registry = SessionRegistry(settings, partial(_start_kernel, launcher, options))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        options.connection_dir.mkdir(parents=True, exist_ok=True)
+        settings.work_dir.mkdir(parents=True, exist_ok=True)
+        await prepare_font_cache(options.matplotlib_dir)
+        log.info(
+            "kernel-service %s ready: isolation=%s, connection files in %s, max %d sessions",
+            __version__,
+            launcher.isolation,
+            options.connection_dir,
+            settings.max_sessions,
+        )
+        if launcher.isolation == "none":
+            log.warning("kernels run UNSANDBOXED: user code has the service user's rights")
+        culler = asyncio.create_task(registry.run_culler(), name="culler")
+        try:
+            yield
+        finally:
+            culler.cancel()
+            await registry.close_all()
+            log.info("all sessions closed")
+
+    app = FastAPI(
+        title="kernel-service",
+        version=__version__,
+        summary="Persistent IPython kernels behind HTTP: a code interpreter for LLM agents.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.isolation = launcher.isolation
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(BodySizeLimit, limit=settings.max_code_bytes * 6 + _BODY_OVERHEAD)
+    return app
+
+
+async def _start_kernel(launcher: KernelLauncher, options: KernelOptions, work_dir: Path) -> Kernel:
+    return await Kernel.start(launcher, options, work_dir)

@@ -1,0 +1,122 @@
+"""The HTTP routes: thin translations between HTTP and the session registry."""
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Request, Response, status
+
+from kernel_service import __version__
+from kernel_service.config import Settings
+from kernel_service.errors import CodeTooLarge
+from kernel_service.models import (
+    CreateSessionRequest,
+    ErrorBody,
+    ExecuteRequest,
+    ExecutionResult,
+    Health,
+    InterruptResult,
+    SessionInfo,
+    SessionList,
+)
+from kernel_service.sessions import SessionRegistry
+from kernel_service.tool import openai_tool
+
+router = APIRouter()
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (404, 409, 413, 422, 429, 503)
+}
+
+
+def registry_of(request: Request) -> SessionRegistry:
+    registry: SessionRegistry = request.app.state.registry
+    return registry
+
+
+def settings_of(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+Registry = Annotated[SessionRegistry, Depends(registry_of)]
+Config = Annotated[Settings, Depends(settings_of)]
+SessionId = Annotated[str, Path(description="The session's id.")]
+
+
+def _json(model: ExecutionResult | SessionInfo) -> Response:
+    # Serialised once, straight from the model: results can carry megabytes of images.
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+@router.post("/execute", response_model=ExecutionResult, responses=_ERRORS)
+async def execute(body: ExecuteRequest, registry: Registry, settings: Config) -> Response:
+    """Run code in a session (a new one when `session_id` is null) and return all it produced."""
+    size = len(body.code.encode())
+    if size > settings.max_code_bytes:
+        raise CodeTooLarge(size, settings.max_code_bytes)
+    if body.session_id is not None:
+        session = registry.get(body.session_id)
+    else:
+        session = await registry.create()
+    return _json(await session.execute(body.code, body.timeout))
+
+
+@router.post(
+    "/sessions", status_code=status.HTTP_201_CREATED, response_model=SessionInfo, responses=_ERRORS
+)
+async def create_session(registry: Registry, body: CreateSessionRequest | None = None) -> Response:
+    session = await registry.create(body.session_id if body else None)
+    response = _json(session.info())
+    response.status_code = status.HTTP_201_CREATED
+    return response
+
+
+@router.get("/sessions", response_model=SessionList)
+async def list_sessions(registry: Registry) -> SessionList:
+    return SessionList(sessions=[s.info() for s in registry.sessions()])
+
+
+@router.get("/sessions/{session_id}", response_model=SessionInfo, responses=_ERRORS)
+async def get_session(session_id: SessionId, registry: Registry) -> SessionInfo:
+    return registry.get(session_id).info()
+
+
+@router.delete("/sessions/{session_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS)
+async def delete_session(session_id: SessionId, registry: Registry) -> Response:
+    await registry.close(session_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/sessions/{session_id}/interrupt", response_model=InterruptResult, responses=_ERRORS)
+async def interrupt_session(session_id: SessionId, registry: Registry) -> InterruptResult:
+    """Interrupt the running execution (KeyboardInterrupt in the kernel); state is kept."""
+    return InterruptResult(session_id=session_id, interrupted=registry.get(session_id).interrupt())
+
+
+@router.post("/sessions/{session_id}/restart", response_model=SessionInfo, responses=_ERRORS)
+async def restart_session(session_id: SessionId, registry: Registry) -> SessionInfo:
+    """Replace the session's kernel by a fresh one: all its variables are gone."""
+    session = registry.get(session_id)
+    await session.restart()
+    return session.info()
+
+
+@router.get("/sessions/{session_id}/images/{image_id}", responses=_ERRORS)
+async def get_image(session_id: SessionId, image_id: str, registry: Registry) -> Response:
+    """An image a session's code displayed, as long as the session lives."""
+    image = registry.get(session_id).image(image_id)
+    return Response(image.content(), media_type=image.mime)
+
+
+@router.get("/tools")
+async def tools(settings: Config) -> list[dict[str, Any]]:
+    """The `code_interpreter` tool in the OpenAI `tools` format, ready to pass to a model."""
+    return [openai_tool(settings)]
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz(request: Request, registry: Registry, settings: Config) -> Health:
+    return Health(
+        version=__version__,
+        sessions=len(registry),
+        max_sessions=settings.max_sessions,
+        sandbox=request.app.state.isolation,
+    )

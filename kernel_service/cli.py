@@ -1,0 +1,53 @@
+"""The `kernel-service` command: parse flags over KERNEL_SERVICE_* settings, run uvicorn."""
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from kernel_service import __version__
+from kernel_service.config import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kernel-service",
+        description="Persistent IPython kernels behind HTTP. Flags override KERNEL_SERVICE_* "
+        "environment variables.",
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--connection-dir", type=Path, help="where connection files go")
+    serve.add_argument("--work-dir", type=Path, help="parent of the sessions' work dirs")
+    serve.add_argument("--max-sessions", type=int, help="live sessions at most")
+    serve.add_argument("--session-ttl", type=float, help="idle seconds before culling (0: never)")
+    serve.add_argument("--default-timeout", type=float, help="execution timeout in seconds")
+    serve.add_argument("--max-timeout", type=float, help="cap on a caller's timeout")
+    serve.add_argument("--log-level", help="debug, info, warning, error")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    overrides: dict[str, Any] = {
+        key: value for key, value in vars(args).items() if key != "command" and value is not None
+    }
+    settings = Settings(**overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from kernel_service.api import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=5,
+    )

@@ -1,0 +1,72 @@
+"""Settings, read from KERNEL_SERVICE_* variables; passed in, never global."""
+
+from pathlib import Path
+
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything an operator may tune. Defaults work out of the box on 127.0.0.1."""
+
+    model_config = SettingsConfigDict(env_prefix="KERNEL_SERVICE_", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="Port the HTTP server binds to.")
+    log_level: str = Field("info", description="Log level of the service (debug, info, ...).")
+
+    connection_dir: Path = Field(
+        Path("connection"), description="Where kernel connection files are written (0600)."
+    )
+    work_dir: Path = Field(
+        Path("workspaces"), description="Parent of each session's working directory."
+    )
+    matplotlib_dir: Path = Field(
+        Path.home() / ".cache" / "kernel-service" / "matplotlib",
+        description="MPLCONFIGDIR shared by kernels; the font cache is built there once.",
+    )
+
+    max_sessions: PositiveInt = Field(64, description="Live sessions at most; more get 429.")
+    session_ttl: float = Field(
+        1800.0, ge=0, description="Seconds of inactivity before a session is culled (0: never)."
+    )
+    default_timeout: PositiveFloat = Field(30.0, description="Execution timeout when none asked.")
+    max_timeout: PositiveFloat = Field(600.0, description="Cap on the timeout a caller may ask.")
+    interrupt_grace: PositiveFloat = Field(
+        0.5, description="Seconds an interrupted kernel has to come back before it is restarted."
+    )
+    kernel_start_timeout: PositiveFloat = Field(
+        60.0, description="Seconds a new kernel has to answer kernel_info."
+    )
+
+    max_code_bytes: PositiveInt = Field(MIB, description="Largest `code` accepted (413 above).")
+    output_limit: PositiveInt = Field(
+        200_000,
+        description="Characters of output kept per execution: half from the start, half the end.",
+    )
+    text_limit: PositiveInt = Field(
+        10_000, description="Characters of the LLM-facing `text` rendering (head and tail kept)."
+    )
+    max_message_bytes: PositiveInt = Field(
+        64 * MIB,
+        description="Largest kernel message read; bigger ones are dropped to protect memory.",
+    )
+    images_per_session: PositiveInt = Field(
+        100, description="Images kept per session for their URLs (oldest dropped first)."
+    )
+    preload_modules: str = Field(
+        "numpy,pandas,matplotlib.pyplot",
+        description="Modules each kernel imports at start (comma-separated; empty for none).",
+    )
+
+    @model_validator(mode="after")
+    def _timeouts_are_consistent(self) -> "Settings":
+        if self.default_timeout > self.max_timeout:
+            raise ValueError("default_timeout must not exceed max_timeout")
+        return self
+
+    def effective_timeout(self, asked: float | None) -> float:
+        """The timeout an execution gets: what was asked, or the default, capped by max_timeout."""
+        return min(asked if asked is not None else self.default_timeout, self.max_timeout)

@@ -1,0 +1,66 @@
+"""The service's own faults, as typed exceptions. The API maps each to one HTTP status.
+
+A failure of the *user's* code is never one of these: it is data in an ExecutionResult.
+"""
+
+
+class ServiceError(Exception):
+    """Base of every fault the service reports to a caller; `code` is machine-readable."""
+
+    code = "service_error"
+
+
+class SessionNotFound(ServiceError):
+    code = "session_not_found"
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"Session {session_id!r} does not exist: it was deleted, culled after being idle, "
+            "or never created. Create a new one (POST /sessions, or POST /execute without "
+            "session_id); variables from the old session are gone."
+        )
+        self.session_id = session_id
+
+
+class SessionExists(ServiceError):
+    code = "session_exists"
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"Session {session_id!r} already exists; choose another id.")
+
+
+class TooManySessions(ServiceError):
+    code = "too_many_sessions"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"The service already runs its maximum of {limit} sessions. Delete a session you "
+            "no longer need (DELETE /sessions/{id}) or try again later."
+        )
+
+
+class CodeTooLarge(ServiceError):
+    code = "code_too_large"
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"The code is {size:,} bytes; the limit is {limit:,} bytes. Send smaller cells, "
+            "or put data in files instead of in the source."
+        )
+
+
+class KernelUnavailable(ServiceError):
+    code = "kernel_start_failed"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"A kernel could not be started: {reason}")
+
+
+class ImageNotFound(ServiceError):
+    code = "image_not_found"
+
+    def __init__(self, session_id: str, image_id: str) -> None:
+        super().__init__(
+            f"Session {session_id!r} has no image {image_id!r} (older images are dropped "
+            "once a session holds many)."
+        )

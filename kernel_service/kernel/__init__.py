@@ -1,0 +1,13 @@
+"""The only package that speaks the kernel protocol (jupyter_client): launch, execute, interrupt."""
+
+from kernel_service.kernel.kernel import Kernel, KernelOptions, KernelStartError, RunOutcome
+from kernel_service.kernel.launcher import KernelLauncher, SubprocessLauncher
+
+__all__ = [
+    "Kernel",
+    "KernelLauncher",
+    "KernelOptions",
+    "KernelStartError",
+    "RunOutcome",
+    "SubprocessLauncher",
+]

@@ -1,0 +1,359 @@
+"""One running ipykernel: its connection file, its channels, and the execution in flight.
+
+A `Kernel` lives as long as its process. It runs one execution at a time (the session
+serialises callers), enforces the deadline itself (interrupt over the control channel,
+then kill), and notices the process's death the moment it happens. Replacing a dead or
+killed kernel is the session's job.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import zmq
+import zmq.asyncio
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.connect import write_connection_file
+
+from kernel_service.collector import ExecutionCollector
+from kernel_service.kernel.launcher import KernelLauncher, KernelProcess, LaunchSpec
+
+log = logging.getLogger(__name__)
+
+# After the execute_reply, how long iopub may lag before its output is taken as lost.
+_IOPUB_GRACE = 5.0
+# How long a dying kernel's last messages may take to arrive.
+_DEATH_DRAIN = 0.05
+# Between kernel_info requests while waiting for a new kernel to be ready.
+_READY_RETRY = 0.25
+_LOG_TAIL = 2000
+
+Ending = Literal["done", "interrupted", "killed", "died", "output_lost"]
+
+
+class KernelStartError(Exception):
+    """A kernel did not become ready; the message says why (its own log included)."""
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """How kernels are made; built once from Settings."""
+
+    connection_dir: Path
+    matplotlib_dir: Path
+    start_timeout: float
+    max_message_bytes: int
+    preload_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How one execution ended, with everything gathered for it."""
+
+    collector: ExecutionCollector
+    ending: Ending
+    exit_reason: str | None = None
+
+    @property
+    def kernel_lost(self) -> bool:
+        return self.ending in ("killed", "died")
+
+
+def describe_exit(returncode: int) -> str:
+    """Words for why a kernel process ended, for people and models alike."""
+    if returncode < 0:
+        number = -returncode
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        if number == signal.SIGKILL:
+            return (
+                "it was killed by SIGKILL, most likely by the out-of-memory killer "
+                "(out of memory: the code used more memory than the machine allows)"
+            )
+        if number == signal.SIGSEGV:
+            return "it crashed with a segmentation fault (SIGSEGV)"
+        return f"it was ended by {name}"
+    if returncode == 0:
+        return "it exited with code 0 (the code called exit() or quit(), which ends the kernel)"
+    return f"it exited with code {returncode}"
+
+
+def _zmq_context(max_message_bytes: int) -> zmq.asyncio.Context:
+    context = zmq.asyncio.Context()
+    # Oversized messages (a flood of output) are dropped instead of filling our memory.
+    context.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    # Reconnect fast: a new kernel binds its ports a few ms after we connect.
+    context.setsockopt(zmq.RECONNECT_IVL, 10)
+    context.setsockopt(zmq.LINGER, 0)
+    return context
+
+
+class Kernel:
+    """A kernel process and the client that talks to it."""
+
+    def __init__(
+        self,
+        kernel_id: str,
+        process: KernelProcess,
+        client: AsyncKernelClient,
+        connection_file: Path,
+        log_file: Path,
+    ) -> None:
+        self.kernel_id = kernel_id
+        self.process = process
+        self.connection_file = connection_file
+        self._log_file = log_file
+        self._client = client
+        self._active: ExecutionCollector | None = None
+        self._changed = asyncio.Event()
+        self._pumps: list[asyncio.Task[None]] = []
+        self._killed_by_us = False
+        self._closed = False
+        process.on_exit(self._on_exit)
+
+    # ------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def start(
+        cls, launcher: KernelLauncher, options: KernelOptions, work_dir: Path
+    ) -> "Kernel":
+        """Write a connection file, launch a kernel on it and wait until it answers."""
+        kernel_id = uuid.uuid4().hex
+        options.connection_dir.mkdir(parents=True, exist_ok=True)
+        connection_file = options.connection_dir / f"kernel-{kernel_id}.json"
+        log_file = options.connection_dir / f"kernel-{kernel_id}.log"
+        write_connection_file(
+            str(connection_file), ip="127.0.0.1", transport="tcp", key=uuid.uuid4().hex.encode()
+        )
+        spec = LaunchSpec(
+            connection_file=connection_file,
+            work_dir=work_dir,
+            log_file=log_file,
+            env=_kernel_env(options, work_dir),
+            kernel_args=_kernel_args(options),
+        )
+        try:
+            process = await launcher.launch(spec)
+        except BaseException:
+            _remove_files(connection_file, log_file)
+            raise
+        client = AsyncKernelClient(context=_zmq_context(options.max_message_bytes))
+        client.load_connection_file(str(connection_file))
+        kernel = cls(kernel_id, process, client, connection_file, log_file)
+        try:
+            kernel._start_channels()
+            await kernel._wait_ready(options.start_timeout)
+        except BaseException:
+            await kernel.shutdown()
+            raise
+        return kernel
+
+    async def _wait_ready(self, timeout: float) -> None:
+        """Ready means: kernel_info answered on shell *and* its idle seen on iopub.
+
+        The second half proves our iopub subscription is live, so no output of the first
+        execution can be missed.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            collector = ExecutionCollector(self._client.kernel_info(), output_limit=1)
+            ending = await self._follow(collector, min(deadline, loop.time() + _READY_RETRY))
+            if ending == "done":
+                return
+            if ending == "died":
+                raise KernelStartError(f"the kernel died while starting: {self._exit_words()}")
+            if loop.time() >= deadline:
+                raise KernelStartError(
+                    f"the kernel did not answer within {timeout:g} s.{self._log_excerpt()}"
+                )
+
+    async def shutdown(self) -> None:
+        """Kill the process and all it started, close the channels, remove the files."""
+        if self._closed:
+            return
+        self._closed = True
+        self._killed_by_us = True
+        self.process.kill()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.process.wait()
+        self._stop_channels()
+        self._client.context.destroy(linger=0)
+        _remove_files(self.connection_file, self._log_file)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.returncode is None
+
+    # ------------------------------------------------------------ execution
+
+    async def execute(
+        self, code: str, timeout: float, interrupt_grace: float, output_limit: int
+    ) -> RunOutcome:
+        """Run `code`, gather its outputs, and enforce `timeout` from outside the kernel."""
+        loop = asyncio.get_running_loop()
+        msg_id = self._client.execute(
+            code, silent=False, store_history=True, allow_stdin=False, stop_on_error=True
+        )
+        collector = ExecutionCollector(msg_id, output_limit)
+        try:
+            ending = await self._follow(collector, loop.time() + timeout)
+            timed_out = ending == "timeout"
+            if timed_out:
+                self.interrupt()
+                ending = await self._follow(collector, loop.time() + interrupt_grace)
+                if ending == "timeout":  # deaf to interrupts (a long C call): end it
+                    self._killed_by_us = True
+                    self.process.kill()
+                    await self.process.wait()
+                    return RunOutcome(collector, "killed")
+            if ending == "died":
+                await asyncio.sleep(_DEATH_DRAIN)  # let its last words arrive
+                return RunOutcome(collector, "died", self._exit_words())
+            if ending == "output_lost":
+                await self._reconnect()
+                if not timed_out:
+                    return RunOutcome(collector, "output_lost")
+            return RunOutcome(collector, "interrupted" if timed_out else "done")
+        except asyncio.CancelledError:
+            # The caller gave up (client gone, service stopping): don't leave code running.
+            if self.alive:
+                self.interrupt()
+            raise
+        finally:
+            self._active = None
+
+    def interrupt(self) -> None:
+        """Ask the kernel to raise KeyboardInterrupt (control channel: works in any sandbox)."""
+        if self.alive:
+            msg = self._client.session.msg("interrupt_request", {})
+            self._client.control_channel.send(msg)
+
+    async def _follow(
+        self, collector: ExecutionCollector, deadline: float
+    ) -> Literal["done", "died", "timeout", "output_lost"]:
+        """Feed `collector` until its request is complete, the kernel dies, or time is up."""
+        loop = asyncio.get_running_loop()
+        self._active = collector
+        reply_seen_at: float | None = None
+        while True:
+            if collector.done:
+                return "done"
+            if not self.alive:
+                return "died"
+            if collector.reply is not None and reply_seen_at is None:
+                # The code has finished; iopub only has to catch up.
+                reply_seen_at = loop.time()
+                deadline = reply_seen_at + _IOPUB_GRACE
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return "output_lost" if reply_seen_at is not None else "timeout"
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
+
+    # ------------------------------------------------------------ channels
+
+    def _start_channels(self) -> None:
+        self._client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=True)
+        self._pumps = [
+            asyncio.create_task(self._pump(self._client.shell_channel), name="shell-pump"),
+            asyncio.create_task(self._pump(self._client.iopub_channel), name="iopub-pump"),
+            asyncio.create_task(self._pump(self._client.control_channel), name="control-pump"),
+        ]
+
+    def _stop_channels(self) -> None:
+        for pump in self._pumps:
+            pump.cancel()
+        self._pumps = []
+        self._client.stop_channels()
+
+    async def _reconnect(self) -> None:
+        """New channels after a dropped oversized message left iopub silent."""
+        log.warning("kernel %s: iopub output was lost; reconnecting channels", self.kernel_id)
+        self._stop_channels()
+        self._start_channels()
+        with contextlib.suppress(KernelStartError):
+            await self._wait_ready(timeout=5.0)
+
+    async def _pump(self, channel: Any) -> None:
+        """Hand every message of one channel to the execution in flight; drop the rest."""
+        while True:
+            try:
+                msg: dict[str, Any] = await channel.get_msg()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a malformed or unsigned message must not stop the pump
+                log.exception("kernel %s: unreadable message", self.kernel_id)
+                continue
+            active = self._active
+            if active is not None:
+                active.feed(msg)
+                if msg["header"]["msg_type"] in ("execute_reply", "kernel_info_reply", "status"):
+                    self._changed.set()
+
+    def _on_exit(self, returncode: int) -> None:
+        if not self._killed_by_us:
+            log.warning(
+                "kernel %s ended unexpectedly: %s", self.kernel_id, describe_exit(returncode)
+            )
+        self._changed.set()
+
+    def _exit_words(self) -> str:
+        if self._killed_by_us:
+            return "it was shut down by the service (a restart or the session's deletion)"
+        returncode = self.process.returncode
+        return describe_exit(returncode) if returncode is not None else "it stopped answering"
+
+    def _log_excerpt(self) -> str:
+        try:
+            tail = self._log_file.read_bytes()[-_LOG_TAIL:].decode(errors="replace").strip()
+        except OSError:
+            return ""
+        return f" Kernel log:\n{tail}" if tail else ""
+
+
+def _kernel_args(options: KernelOptions) -> list[str]:
+    startup = (
+        '__import__("kernel_service.kernel.startup").kernel.startup'
+        f".prepare({list(options.preload_modules)!r})"
+    )
+    return [
+        f"--IPKernelApp.exec_lines={json.dumps([startup])}",
+        "--HistoryManager.enabled=False",
+        "--InteractiveShell.colors=nocolor",
+        "--IPKernelApp.log_level=WARN",
+    ]
+
+
+def _kernel_env(options: KernelOptions, work_dir: Path) -> dict[str, str]:
+    """A clean environment: nothing of the service's own (keys, tokens) reaches user code."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        "HOME": str(work_dir),
+        "IPYTHONDIR": str(work_dir / ".ipython"),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "TERM": "dumb",
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        "MPLCONFIGDIR": str(options.matplotlib_dir),
+        "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+        # ipykernel's parent poller ends the kernel if the service dies without cleaning up.
+        "JPY_PARENT_PID": str(os.getpid()),
+    }
+
+
+def _remove_files(*paths: Path) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

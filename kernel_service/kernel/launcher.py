@@ -1,0 +1,164 @@
+"""The seam where a kernel process comes to life: how it is started, watched and ended.
+
+`Kernel` never starts a process itself; it hands a `LaunchSpec` to a `KernelLauncher`.
+The plain `SubprocessLauncher` runs ipykernel as a child in its own process group; a
+sandboxing launcher, a warm pool or a fork-server plug in here without touching execution.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What any launcher needs to start one kernel on one connection file."""
+
+    connection_file: Path
+    work_dir: Path
+    log_file: Path
+    env: dict[str, str]
+    kernel_args: list[str] = field(default_factory=list)
+
+    def ipykernel_argv(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "ipykernel_launcher",
+            "-f",
+            str(self.connection_file),
+            *self.kernel_args,
+        ]
+
+
+class KernelProcess(ABC):
+    """A running kernel process as the service sees it."""
+
+    @property
+    @abstractmethod
+    def pid(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def returncode(self) -> int | None:
+        """None while it runs; the exit code, or minus the signal number that ended it."""
+
+    @abstractmethod
+    def on_exit(self, callback: Callable[[int], None]) -> None:
+        """Call `callback(returncode)` on the event loop as soon as the process has ended."""
+
+    @abstractmethod
+    async def wait(self) -> int: ...
+
+    @abstractmethod
+    def kill(self) -> None:
+        """End the kernel and every process it started, at once."""
+
+
+class KernelLauncher(ABC):
+    """Starts kernel processes. `isolation` names what contains them, for /healthz."""
+
+    isolation: str
+
+    @abstractmethod
+    async def launch(self, spec: LaunchSpec) -> KernelProcess: ...
+
+
+class SubprocessLauncher(KernelLauncher):
+    """ipykernel as a plain child process in a process group of its own (no sandbox)."""
+
+    isolation = "none"
+
+    async def launch(self, spec: LaunchSpec) -> KernelProcess:
+        # Started on the event loop's thread on purpose: a process started from a worker
+        # thread is tied to that thread's life by PR_SET_PDEATHSIG-style guards (sandbox).
+        with spec.log_file.open("ab") as log_stream:
+            popen = subprocess.Popen(  # noqa: ASYNC220 (a fork+exec: ~1 ms)
+                spec.ipykernel_argv(),
+                env=spec.env,
+                cwd=spec.work_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log_stream,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        log.debug("launched kernel pid=%d for %s", popen.pid, spec.connection_file.name)
+        return PopenKernelProcess(popen)
+
+
+class PopenKernelProcess(KernelProcess):
+    """A child process watched through a pidfd, so its death is seen at once."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self._loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[int] = self._loop.create_future()
+        self._callbacks: list[Callable[[int], None]] = []
+        self._pidfd: int | None = None
+        self._poller: asyncio.Task[None] | None = None
+        try:
+            self._pidfd = os.pidfd_open(popen.pid)
+            self._loop.add_reader(self._pidfd, self._reap)
+        except (OSError, AttributeError):  # no pidfd on this kernel: poll instead
+            self._poller = self._loop.create_task(self._poll())
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    def on_exit(self, callback: Callable[[int], None]) -> None:
+        if self._exited.done():
+            self._loop.call_soon(callback, self._exited.result())
+        else:
+            self._callbacks.append(callback)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def kill(self) -> None:
+        if self._popen.returncode is not None:
+            return
+        try:
+            # Collected before the kill: once the kernel is gone its children are re-parented
+            # and could no longer be found. Children that left the process group are included.
+            descendants = psutil.Process(self._popen.pid).children(recursive=True)
+        except psutil.Error:
+            descendants = []
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._popen.pid, signal.SIGKILL)
+        for child in descendants:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+
+    def _reap(self) -> None:
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        returncode = self._popen.wait()
+        if not self._exited.done():
+            self._exited.set_result(returncode)
+            for callback in self._callbacks:
+                callback(returncode)
+
+    async def _poll(self) -> None:
+        while self._popen.poll() is None:  # noqa: ASYNC110 (only where pidfd is missing)
+            await asyncio.sleep(0.05)
+        self._reap()

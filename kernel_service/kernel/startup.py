@@ -1,0 +1,47 @@
+"""Runs inside each kernel at start: preload the data stack and make plots ready (CJK included).
+
+Imported by the kernel through `IPKernelApp.exec_lines`; it must stay cheap to import and
+must never fail the kernel's start.
+"""
+
+import importlib
+import sys
+
+# Families that carry CJK glyphs, most preferred first. They come after the default
+# family, so Latin text looks as usual and matplotlib falls back to them per glyph.
+CJK_FAMILIES = (
+    "Noto Sans CJK SC",
+    "Noto Sans CJK JP",
+    "Noto Sans CJK TC",
+    "Source Han Sans SC",
+    "WenQuanYi Micro Hei",
+    "WenQuanYi Zen Hei",
+    "Droid Sans Fallback",
+    "AR PL UMing CN",
+    "SimHei",
+    "Microsoft YaHei",
+)
+
+
+def prepare(preload: list[str]) -> None:
+    """Import the given modules (so user imports are instant) and configure matplotlib."""
+    for name in preload:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # a missing optional module must not stop the kernel
+            print(f"kernel-service: could not preload {name}: {exc}", file=sys.__stderr__)
+    _configure_matplotlib()
+
+
+def _configure_matplotlib() -> None:
+    try:
+        from matplotlib import font_manager, rcParams
+    except ImportError:
+        return
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    cjk = [family for family in CJK_FAMILIES if family in installed]
+    if cjk:
+        # A generic family ("sans-serif") resolves to one font; glyph fallback only walks
+        # the families named in font.family, so the CJK ones are named there.
+        families = [f for f in rcParams["font.family"] if f not in cjk]
+        rcParams["font.family"] = [*families, *cjk]

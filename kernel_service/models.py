@@ -1,0 +1,213 @@
+"""Pydantic models of what goes in and out: requests, outputs in the kernel's own terms, results.
+
+No I/O here. Outputs keep the Jupyter protocol's words (`output_type`, `name`, `data`,
+`ename`/`evalue`/`traceback`, MIME keys); views such as `stdout` are derived from them.
+"""
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+IMAGE_URL_TEMPLATE = "/sessions/{session_id}/images/{image_id}"
+IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif", "image/webp", "image/svg+xml")
+
+
+# ---------------------------------------------------------------- outputs
+
+
+class _Output(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class StreamOutput(_Output):
+    output_type: Literal["stream"] = "stream"
+    name: Literal["stdout", "stderr"]
+    text: str
+
+
+class DisplayDataOutput(_Output):
+    output_type: Literal["display_data"] = "display_data"
+    data: dict[str, Any]
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    display_id: str | None = None
+
+
+class ExecuteResultOutput(_Output):
+    output_type: Literal["execute_result"] = "execute_result"
+    execution_count: int | None = None
+    data: dict[str, Any]
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorOutput(_Output):
+    output_type: Literal["error"] = "error"
+    ename: str
+    evalue: str
+    traceback: list[str] = Field(default_factory=list)
+
+
+class TruncatedOutput(_Output):
+    """Where outputs were cut to keep an execution's output within the configured limit."""
+
+    output_type: Literal["truncated"] = "truncated"
+    omitted_chars: int
+    omitted_outputs: int
+
+
+Output = Annotated[
+    StreamOutput | DisplayDataOutput | ExecuteResultOutput | ErrorOutput | TruncatedOutput,
+    Field(discriminator="output_type"),
+]
+
+
+# ---------------------------------------------------------------- results
+
+
+class ExecutionError(BaseModel):
+    """A result's `error`: the user's exception, or the service's words on a timeout or death."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ename: str
+    evalue: str
+    traceback: list[str] = Field(default_factory=list)
+
+
+class Image(BaseModel):
+    """An image the code displayed, also served at `url` until the session ends."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mime: str
+    data: str = Field(description="Base64 of the image bytes (of the UTF-8 text for SVG).")
+    url: str
+    width: int | None = None
+    height: int | None = None
+
+
+Status = Literal["ok", "error", "timeout"]
+
+
+def truncation_note(omitted_chars: int, omitted_outputs: int) -> str:
+    """The words that stand where output was cut."""
+    parts = [f"{omitted_chars:,} characters"]
+    if omitted_outputs:
+        parts.append(f"{omitted_outputs:,} outputs")
+    return f"[... output truncated: {' and '.join(parts)} omitted ...]"
+
+
+class ExecutionResult(BaseModel):
+    """Everything one `POST /execute` produced, in order, plus views for people and models."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str
+    status: Status
+    execution_count: int | None
+    outputs: list[Output]
+    error: ExecutionError | None
+    images: list[Image]
+    text: str = Field(description="A concise rendering for an LLM.")
+    duration_ms: float
+    state_lost: bool = Field(
+        description="The kernel was restarted during this request: earlier variables are gone."
+    )
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def stdout(self) -> str:
+        return self._stream_text("stdout")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def stderr(self) -> str:
+        return self._stream_text("stderr")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def result(self) -> str | None:
+        for output in self.outputs:
+            if isinstance(output, ExecuteResultOutput):
+                plain = output.data.get("text/plain")
+                return plain if isinstance(plain, str) else None
+        return None
+
+    def _stream_text(self, name: str) -> str:
+        parts: list[str] = []
+        for output in self.outputs:
+            if isinstance(output, StreamOutput) and output.name == name:
+                parts.append(output.text)
+            elif isinstance(output, TruncatedOutput) and parts:
+                parts.append(f"\n{truncation_note(output.omitted_chars, output.omitted_outputs)}\n")
+        return "".join(parts)
+
+
+# ---------------------------------------------------------------- requests and session views
+
+
+class ExecuteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = Field(description="Python source to run in the session's kernel.", strict=True)
+    session_id: str | None = Field(
+        None, description="Session to run in; a new session is created when null."
+    )
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds before the execution is interrupted (capped by the server).",
+    )
+
+    @field_validator("code")
+    @classmethod
+    def _code_is_not_empty(cls, code: str) -> str:
+        if not code.strip():
+            raise ValueError("code is empty: send the Python source to run")
+        return code
+
+
+class CreateSessionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str | None = Field(
+        None,
+        pattern=SESSION_ID_PATTERN,
+        description="Client-chosen id (letters, digits, '_', '.', '-'; at most 128).",
+    )
+
+
+SessionStatus = Literal["starting", "idle", "busy", "dead"]
+
+
+class SessionInfo(BaseModel):
+    session_id: str
+    status: SessionStatus
+    execution_count: int
+    created_at: datetime
+    last_activity: datetime
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionInfo]
+
+
+class InterruptResult(BaseModel):
+    session_id: str
+    interrupted: bool = Field(description="Whether an execution was running and was interrupted.")
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str
+    sessions: int
+    max_sessions: int
+    sandbox: str
+
+
+class ErrorBody(BaseModel):
+    """Every non-2xx answer of the API."""
+
+    detail: Any
+    code: str

@@ -1,0 +1,82 @@
+"""Renders outputs as the concise text an LLM reads: printed text, the value, the error's
+last lines, image references, the service's notice; long text cut in the middle."""
+
+from collections.abc import Iterator, Sequence
+
+from kernel_service.collector import strip_ansi
+from kernel_service.models import (
+    IMAGE_MIMES,
+    DisplayDataOutput,
+    ErrorOutput,
+    ExecuteResultOutput,
+    Image,
+    Output,
+    StreamOutput,
+    TruncatedOutput,
+    truncation_note,
+)
+
+# Of a traceback, the last lines say what went wrong and where.
+TRACEBACK_LINES = 20
+NO_OUTPUT = "[no output]"
+
+
+def render_text(
+    outputs: Sequence[Output], images: Sequence[Image], notice: str | None, limit: int
+) -> str:
+    """Text for a model, at most about `limit` characters."""
+    pending_images = iter(images)
+    parts: list[str] = []
+    for output in outputs:
+        if isinstance(output, StreamOutput):
+            text = strip_ansi(output.text).rstrip("\n")
+            if text:
+                parts.append(text if output.name == "stdout" else f"[stderr]\n{text}")
+        elif isinstance(output, ExecuteResultOutput | DisplayDataOutput):
+            parts.append(_render_display(output, pending_images))
+        elif isinstance(output, ErrorOutput):
+            parts.append(_render_error(output))
+        elif isinstance(output, TruncatedOutput):
+            parts.append(truncation_note(output.omitted_chars, output.omitted_outputs))
+    if notice:
+        parts.append(notice)
+    text = "\n".join(part for part in parts if part) or NO_OUTPUT
+    return cut_middle(text, limit)
+
+
+def cut_middle(text: str, limit: int) -> str:
+    """Keep the start and the end of `text`, saying how much was left out between."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    omitted = len(text) - 2 * half
+    return f"{text[:half]}\n[... {omitted:,} characters omitted ...]\n{text[-half:]}"
+
+
+def _render_display(
+    output: ExecuteResultOutput | DisplayDataOutput, pending_images: Iterator[Image]
+) -> str:
+    if any(mime in output.data for mime in IMAGE_MIMES):
+        image = next(pending_images, None)
+        if image is not None:
+            size = f" {image.width}x{image.height}" if image.width and image.height else ""
+            return f"[image: {image.mime}{size}, {image.url}]"
+    plain = output.data.get("text/plain")
+    text = plain if isinstance(plain, str) else ""
+    if not text:
+        kinds = ", ".join(sorted(output.data)) or "empty"
+        text = f"[display: {kinds}]"
+    if isinstance(output, ExecuteResultOutput):
+        return f"Out[{output.execution_count}]: {text}" if output.execution_count else text
+    return text
+
+
+def _render_error(output: ErrorOutput) -> str:
+    lines = "\n".join(output.traceback).splitlines()
+    head = f"{output.ename}: {output.evalue}"
+    if not lines:
+        return head
+    tail = lines[-TRACEBACK_LINES:]
+    if len(lines) > TRACEBACK_LINES:
+        tail = ["[... traceback start omitted ...]", *tail]
+    return "\n".join(tail)

@@ -1,0 +1,150 @@
+"""Turns how a kernel run ended (RunOutcome) into the ExecutionResult callers receive:
+status, error, the service's notice in plain words, images and the LLM text."""
+
+import base64
+import binascii
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kernel_service.kernel import RunOutcome
+from kernel_service.models import (
+    IMAGE_MIMES,
+    DisplayDataOutput,
+    ErrorOutput,
+    ExecuteResultOutput,
+    ExecutionError,
+    ExecutionResult,
+    Image,
+    Output,
+    Status,
+)
+from kernel_service.render import render_text
+
+STATE_LOST = (
+    "The kernel was restarted: all variables, imports and definitions from earlier calls "
+    "are lost; re-run the code they depend on."
+)
+
+
+@dataclass(frozen=True)
+class ImagePayload:
+    """An image found in an output, before it is stored and given a URL."""
+
+    mime: str
+    data: str
+
+
+def image_payloads(outputs: Sequence[Output]) -> list[ImagePayload]:
+    """One image per output that carries any, the first of IMAGE_MIMES it has."""
+    found: list[ImagePayload] = []
+    for output in outputs:
+        if isinstance(output, DisplayDataOutput | ExecuteResultOutput):
+            for mime in IMAGE_MIMES:
+                value = output.data.get(mime)
+                if isinstance(value, str):
+                    data = (
+                        base64.b64encode(value.encode()).decode()
+                        if mime == "image/svg+xml"
+                        else value.replace("\n", "")
+                    )
+                    found.append(ImagePayload(mime, data))
+                    break
+    return found
+
+
+def png_size(data: str) -> tuple[int, int] | None:
+    """Width and height from a base64 PNG's IHDR chunk, without decoding the whole image."""
+    try:
+        head = base64.b64decode(data[:32])
+    except (binascii.Error, ValueError):
+        return None
+    if len(head) < 24 or not head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def build_result(
+    *,
+    session_id: str,
+    outcome: RunOutcome,
+    outputs: list[Output],
+    timeout: float,
+    timeout_capped: bool,
+    images: list[Image],
+    duration_ms: float,
+    lost_before: str | None,
+    text_limit: int,
+) -> ExecutionResult:
+    """The result of one execution, from its outcome and the outputs gathered for it.
+
+    `lost_before` says why state was lost before the execution ran, if it was.
+    """
+    collector = outcome.collector
+    status: Status
+    error: ExecutionError | None
+    notices: list[str] = []
+    if lost_before:
+        notices.append(lost_before)
+    limit_words = f"{timeout:g} s time limit" + (
+        " (the most this service allows)" if timeout_capped else ""
+    )
+
+    if outcome.ending == "interrupted":
+        status = "timeout"
+        message = (
+            f"Execution exceeded the {limit_words} and was interrupted. The kernel survived: "
+            "variables from earlier calls are intact, but this call stopped part-way."
+        )
+        error = ExecutionError(ename="TimeoutError", evalue=message)
+        notices.append(f"TimeoutError: {message}")
+    elif outcome.ending == "killed":
+        status = "timeout"
+        message = (
+            f"Execution exceeded the {limit_words} and did not respond to the interrupt "
+            f"(e.g. a long call inside C code). {STATE_LOST}"
+        )
+        error = ExecutionError(ename="TimeoutError", evalue=message)
+        notices.append(f"TimeoutError: {message}")
+    elif outcome.ending == "died":
+        status = "error"
+        message = f"The kernel died during execution: {outcome.exit_reason}. {STATE_LOST}"
+        error = ExecutionError(ename="KernelDied", evalue=message)
+        notices.append(f"KernelDied: {message}")
+    else:
+        error = _user_error(outputs) or _as_error(collector.reply_error())
+        reply_status = (collector.reply or {}).get("status")
+        if reply_status == "aborted" and error is None:
+            error = ExecutionError(
+                ename="ExecutionAborted", evalue="The kernel aborted this execution."
+            )
+        status = "error" if error is not None else "ok"
+        if error is not None and not any(isinstance(o, ErrorOutput) for o in outputs):
+            notices.append(f"{error.ename}: {error.evalue}")
+        if outcome.ending == "output_lost":
+            notices.append(
+                "[Some output was lost: one output message was larger than the service "
+                "accepts. Print less at once.]"
+            )
+
+    return ExecutionResult(
+        session_id=session_id,
+        status=status,
+        execution_count=collector.execution_count,
+        outputs=outputs,
+        error=error,
+        images=images,
+        text=render_text(outputs, images, "\n".join(notices) or None, text_limit),
+        duration_ms=round(duration_ms, 3),
+        state_lost=outcome.kernel_lost or lost_before is not None,
+    )
+
+
+def _user_error(outputs: Sequence[Output]) -> ExecutionError | None:
+    errors = [o for o in outputs if isinstance(o, ErrorOutput)]
+    return _as_error(errors[-1]) if errors else None
+
+
+def _as_error(output: ErrorOutput | None) -> ExecutionError | None:
+    if output is None:
+        return None
+    return ExecutionError(ename=output.ename, evalue=output.evalue, traceback=output.traceback)

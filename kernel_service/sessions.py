@@ -1,0 +1,344 @@
+"""The session registry: id → Session (one kernel, one queue of executions, its images).
+
+Executions of one session are serialised by its lock; sessions run concurrently. A session
+whose kernel died or was killed gets a fresh kernel, started in the background at once.
+"""
+
+import asyncio
+import base64
+import contextlib
+import logging
+import shutil
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from kernel_service.config import Settings
+from kernel_service.errors import (
+    ImageNotFound,
+    KernelUnavailable,
+    SessionExists,
+    SessionNotFound,
+    TooManySessions,
+)
+from kernel_service.kernel import Kernel, KernelStartError
+from kernel_service.kernel.kernel import describe_exit
+from kernel_service.models import (
+    IMAGE_URL_TEMPLATE,
+    ExecutionResult,
+    Image,
+    Output,
+    SessionInfo,
+    SessionStatus,
+)
+from kernel_service.results import STATE_LOST, build_result, image_payloads, png_size
+
+log = logging.getLogger(__name__)
+
+KernelFactory = Callable[[Path], Awaitable[Kernel]]
+_EXTENSIONS = {
+    "image/png": "png",
+    "image/jpeg": "jpg",
+    "image/gif": "gif",
+    "image/webp": "webp",
+    "image/svg+xml": "svg",
+}
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    mime: str
+    data: str  # base64
+
+    def content(self) -> bytes:
+        return base64.b64decode(self.data)
+
+
+class Session:
+    """One conversation's kernel, run one execution at a time."""
+
+    def __init__(
+        self,
+        session_id: str,
+        kernel: Kernel,
+        work_dir: Path,
+        start_kernel: KernelFactory,
+        settings: Settings,
+    ) -> None:
+        self.session_id = session_id
+        self.work_dir = work_dir
+        self.created_at = datetime.now(UTC)
+        self.last_activity = self.created_at
+        self.execution_count = 0
+        self._idle_since = time.monotonic()
+        self._kernel: Kernel | None = kernel
+        self._replacing: asyncio.Task[Kernel] | None = None
+        self._start_kernel = start_kernel
+        self._settings = settings
+        self._lock = asyncio.Lock()
+        self._images: OrderedDict[str, StoredImage] = OrderedDict()
+        self._image_seq = 0
+        self._closed = False
+
+    # ------------------------------------------------------------ views
+
+    @property
+    def status(self) -> SessionStatus:
+        if self._closed:
+            return "dead"
+        if self._replacing is not None:
+            return "starting"
+        if self._kernel is None:
+            return "dead"
+        return "busy" if self._lock.locked() else "idle"
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    def idle_seconds(self) -> float:
+        return 0.0 if self.busy else time.monotonic() - self._idle_since
+
+    def info(self) -> SessionInfo:
+        return SessionInfo(
+            session_id=self.session_id,
+            status=self.status,
+            execution_count=self.execution_count,
+            created_at=self.created_at,
+            last_activity=self.last_activity,
+        )
+
+    def image(self, image_id: str) -> StoredImage:
+        try:
+            return self._images[image_id]
+        except KeyError:
+            raise ImageNotFound(self.session_id, image_id) from None
+
+    # ------------------------------------------------------------ actions
+
+    async def execute(self, code: str, timeout: float | None) -> ExecutionResult:
+        """Run `code` after any executions queued before it; never raises for user errors."""
+        effective = self._settings.effective_timeout(timeout)
+        async with self._lock:
+            self._touch()
+            started = time.perf_counter()
+            try:
+                kernel, lost_before = await self._ready_kernel()
+                outcome = await kernel.execute(
+                    code,
+                    timeout=effective,
+                    interrupt_grace=self._settings.interrupt_grace,
+                    output_limit=self._settings.output_limit,
+                )
+                if outcome.kernel_lost:
+                    self._replace(kernel)
+                if outcome.collector.execution_count is not None:
+                    self.execution_count = outcome.collector.execution_count
+                outputs = outcome.collector.outputs()
+                result = build_result(
+                    session_id=self.session_id,
+                    outcome=outcome,
+                    outputs=outputs,
+                    timeout=effective,
+                    timeout_capped=timeout is not None and timeout > effective,
+                    images=self._store_images(outputs),
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                    lost_before=lost_before,
+                    text_limit=self._settings.text_limit,
+                )
+            finally:
+                self._touch()
+        log.info(
+            "session %s: execution %s %s in %.1f ms",
+            self.session_id,
+            result.execution_count,
+            result.status,
+            result.duration_ms,
+        )
+        return result
+
+    def interrupt(self) -> bool:
+        """Interrupt the running execution, if any. True when one was running."""
+        if not self.busy or self._kernel is None:
+            return False
+        self._kernel.interrupt()
+        return True
+
+    async def restart(self) -> None:
+        """Replace the kernel by a fresh one now; a running execution ends as a kernel loss."""
+        kernel = self._kernel
+        if kernel is not None:
+            self._replace(kernel)
+        async with self._lock:
+            await self._ready_kernel()
+            self.execution_count = 0
+            self._touch()
+
+    async def close(self) -> None:
+        """End the kernel (and any kernel starting), then remove the work directory."""
+        self._closed = True
+        if self._replacing is not None:
+            self._replacing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, KernelStartError):
+                await self._replacing
+        if self._kernel is not None:
+            await self._kernel.shutdown()
+            self._kernel = None
+        self._images.clear()
+        await asyncio.to_thread(shutil.rmtree, self.work_dir, True)
+
+    # ------------------------------------------------------------ kernel replacement
+
+    async def _ready_kernel(self) -> tuple[Kernel, str | None]:
+        """The kernel to run on, and why earlier state was lost if it was lost unseen."""
+        lost_before: str | None = None
+        kernel = self._kernel
+        if kernel is not None and not kernel.alive:
+            returncode = kernel.process.returncode
+            reason = describe_exit(returncode) if returncode is not None else "it stopped"
+            lost_before = (
+                f"KernelDied: The kernel had died since the last call ({reason}). {STATE_LOST}"
+            )
+            self._replace(kernel)
+        elif kernel is None and self._replacing is None:
+            self._replacing = asyncio.create_task(self._start_replacement(None))
+        if self._replacing is not None:
+            try:
+                kernel = await asyncio.shield(self._replacing)
+            except KernelStartError as exc:
+                raise KernelUnavailable(str(exc)) from exc
+        assert kernel is not None
+        return kernel, lost_before
+
+    def _replace(self, old: Kernel) -> None:
+        """Start a fresh kernel in place of `old`, once, however many callers notice."""
+        if self._kernel is not old or self._closed:
+            return
+        self._kernel = None
+        self._replacing = asyncio.create_task(self._start_replacement(old))
+
+    async def _start_replacement(self, old: Kernel | None) -> Kernel:
+        try:
+            if old is not None:
+                await old.shutdown()
+            kernel = await self._start_kernel(self.work_dir)
+        except BaseException:
+            self._replacing = None
+            raise
+        self._kernel = kernel
+        self._replacing = None
+        log.info("session %s: new kernel %s", self.session_id, kernel.kernel_id)
+        return kernel
+
+    # ------------------------------------------------------------ helpers
+
+    def _touch(self) -> None:
+        self.last_activity = datetime.now(UTC)
+        self._idle_since = time.monotonic()
+
+    def _store_images(self, outputs: list[Output]) -> list[Image]:
+        images: list[Image] = []
+        for payload in image_payloads(outputs):
+            self._image_seq += 1
+            image_id = f"{self._image_seq}.{_EXTENSIONS.get(payload.mime, 'bin')}"
+            self._images[image_id] = StoredImage(payload.mime, payload.data)
+            while len(self._images) > self._settings.images_per_session:
+                self._images.popitem(last=False)
+            size = png_size(payload.data) if payload.mime == "image/png" else None
+            images.append(
+                Image(
+                    mime=payload.mime,
+                    data=payload.data,
+                    url=IMAGE_URL_TEMPLATE.format(session_id=self.session_id, image_id=image_id),
+                    width=size[0] if size else None,
+                    height=size[1] if size else None,
+                )
+            )
+        return images
+
+
+class SessionRegistry:
+    """All live sessions, their creation within limits, and the culling of idle ones."""
+
+    def __init__(self, settings: Settings, start_kernel: KernelFactory) -> None:
+        self._settings = settings
+        self._start_kernel = start_kernel
+        self._sessions: dict[str, Session] = {}
+        self._reserved: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, session_id: str) -> Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise SessionNotFound(session_id) from None
+
+    def sessions(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    async def create(self, session_id: str | None = None) -> Session:
+        """A new session with a ready kernel; on any failure nothing of it remains."""
+        session_id = session_id or uuid.uuid4().hex
+        if session_id in self._sessions or session_id in self._reserved:
+            raise SessionExists(session_id)
+        if len(self._sessions) + len(self._reserved) >= self._settings.max_sessions:
+            raise TooManySessions(self._settings.max_sessions)
+        self._reserved.add(session_id)
+        work_dir = self._settings.work_dir.resolve() / session_id
+        try:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            kernel = await self._start_kernel(work_dir)
+        except BaseException as exc:
+            await asyncio.to_thread(shutil.rmtree, work_dir, True)
+            if isinstance(exc, KernelStartError):
+                raise KernelUnavailable(str(exc)) from exc
+            raise
+        finally:
+            self._reserved.discard(session_id)
+        session = Session(session_id, kernel, work_dir, self._start_kernel, self._settings)
+        self._sessions[session_id] = session
+        log.info("session %s created (kernel %s)", session_id, kernel.kernel_id)
+        return session
+
+    async def close(self, session_id: str) -> None:
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            raise SessionNotFound(session_id)
+        await session.close()
+        log.info("session %s closed", session_id)
+
+    async def close_all(self) -> None:
+        sessions = list(self._sessions.values())
+        self._sessions.clear()
+        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+
+    async def cull_idle(self) -> list[str]:
+        """Close sessions idle for longer than the TTL; busy sessions are never culled."""
+        ttl = self._settings.session_ttl
+        if ttl <= 0:
+            return []
+        stale = [s.session_id for s in self._sessions.values() if s.idle_seconds() > ttl]
+        for session_id in stale:
+            with contextlib.suppress(SessionNotFound):
+                await self.close(session_id)
+                log.info("session %s culled after %.0f s idle", session_id, ttl)
+        return stale
+
+    async def run_culler(self) -> None:
+        """Cull forever, checking a few times per TTL (owned by the app's lifespan)."""
+        ttl = self._settings.session_ttl
+        if ttl <= 0:
+            return
+        interval = min(max(ttl / 4, 0.05), 30.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.cull_idle()
+            except Exception:
+                log.exception("culling failed")

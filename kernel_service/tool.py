@@ -1,0 +1,54 @@
+"""The `code_interpreter` tool: one spec (name, description, parameters) for every format."""
+
+from typing import Any
+
+from kernel_service.config import Settings
+
+TOOL_NAME = "code_interpreter"
+
+
+def tool_description(settings: Settings) -> str:
+    """What a model needs to know to use the tool well."""
+    return (
+        "Run Python code in a persistent IPython kernel (like a Jupyter notebook cell) and "
+        "get back what it printed, the value of the last expression, any error with its "
+        "traceback, and plots as images.\n"
+        "- State persists between calls: variables, imports and functions defined in one "
+        "call are available in the next.\n"
+        "- Use print() for what you want to see; the value of the last line is shown too.\n"
+        "- numpy, pandas and matplotlib are installed; a matplotlib figure (plt.show() or a "
+        "figure as the last expression) comes back as an image.\n"
+        "- There is no network access and no keyboard: input() fails.\n"
+        "- Files are read and written in the current working directory.\n"
+        f"- Each call may run at most {settings.default_timeout:g} seconds; longer code is "
+        "interrupted (and if it ignores the interrupt the kernel restarts and earlier state "
+        "is lost).\n"
+        "- Long output is cut in the middle: print summaries (df.head(), len(x)) rather than "
+        "whole data sets."
+    )
+
+
+def tool_parameters() -> dict[str, Any]:
+    """JSON Schema of the tool's arguments."""
+    return {
+        "type": "object",
+        "properties": {
+            "code": {
+                "type": "string",
+                "description": "The Python code to run. Its last expression's value is shown.",
+            }
+        },
+        "required": ["code"],
+    }
+
+
+def openai_tool(settings: Settings) -> dict[str, Any]:
+    """The tool in the OpenAI `tools` format (also what vLLM, SGLang and Ollama accept)."""
+    return {
+        "type": "function",
+        "function": {
+            "name": TOOL_NAME,
+            "description": tool_description(settings),
+            "parameters": tool_parameters(),
+        },
+    }
