@@ -1,0 +1,27 @@
+# kernel-service: persistent IPython kernels behind HTTP.
+#   docker build -t kernel-service .
+#   docker run --rm -p 127.0.0.1:8000:8000 kernel-service
+FROM python:3.11-slim-bookworm
+
+# A CJK font so plots can label in Chinese; tini reaps what kernels leave behind.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends fonts-wqy-microhei fontconfig tini \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN useradd --create-home --uid 10001 kernel
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY kernel_service ./kernel_service
+RUN pip install --no-cache-dir . && rm -rf /root/.cache
+
+USER kernel
+WORKDIR /home/kernel
+ENV KERNEL_SERVICE_HOST=0.0.0.0 \
+    KERNEL_SERVICE_PORT=8000 \
+    KERNEL_SERVICE_CONNECTION_DIR=/home/kernel/connection \
+    KERNEL_SERVICE_WORK_DIR=/home/kernel/workspaces
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s \
+  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"
+ENTRYPOINT ["tini", "--"]
+CMD ["kernel-service", "serve"]

@@ -1,0 +1,135 @@
+"""Real servers for the tests: uvicorn on 127.0.0.1 with a free port, real kernels, httpx.
+
+Every server's shutdown is checked: no kernel process and no connection file may remain.
+"""
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import uvicorn
+
+from kernel_service.api import create_app
+from kernel_service.config import Settings
+
+
+def kernel_processes(connection_dir: Path) -> list[psutil.Process]:
+    """Live kernel processes started on a connection file in `connection_dir`."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = process.info["cmdline"] or []
+        if process.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if any(str(connection_dir) in arg for arg in cmdline) and any(
+            "ipykernel" in arg for arg in cmdline
+        ):
+            found.append(process)
+    return found
+
+
+def descendants() -> set[int]:
+    return {
+        p.pid
+        for p in psutil.Process().children(recursive=True)
+        if p.status() != psutil.STATUS_ZOMBIE
+    }
+
+
+class Server:
+    """A running kernel-service and a client for it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.connection_dir = settings.connection_dir
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        self.client = httpx.Client(base_url=self.base_url, timeout=120)
+
+    def execute(self, code: str, session_id: str | None = None, **extra: Any) -> dict[str, Any]:
+        response = self.client.post(
+            "/execute", json={"code": code, "session_id": session_id, **extra}
+        )
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def new_session(self, session_id: str | None = None) -> str:
+        response = self.client.post("/sessions", json={"session_id": session_id})
+        assert response.status_code == 201, response.text
+        created: str = response.json()["session_id"]
+        return created
+
+    def stop(self) -> None:
+        self.client.close()
+        self._server.should_exit = True
+        self._thread.join(timeout=60)
+        assert not self._thread.is_alive(), "server did not stop"
+
+    def assert_clean(self) -> None:
+        """No kernel process and no connection file of this server is left."""
+        deadline = time.monotonic() + 5
+        while kernel_processes(self.connection_dir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert kernel_processes(self.connection_dir) == []
+        assert sorted(p.name for p in self.connection_dir.iterdir()) == []
+
+
+def make_settings(tmp: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "connection_dir": tmp / "connection",
+        "work_dir": tmp / "work",
+        "log_level": "warning",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextmanager
+def running_server(tmp: Path, **overrides: Any) -> Iterator[Server]:
+    """A server with these settings, stopped and checked for leftovers afterwards."""
+    before = descendants()
+    server = Server(make_settings(tmp, **overrides))
+    try:
+        yield server
+    finally:
+        server.stop()
+        server.assert_clean()
+        deadline = time.monotonic() + 5
+        while descendants() - before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert descendants() - before == set(), "processes left behind"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server shared by the tests that need default settings."""
+    with running_server(tmp_path_factory.mktemp("service")) as shared:
+        yield shared
+
+
+@pytest.fixture
+def session(server: Server) -> Iterator[str]:
+    """A fresh session on the shared server, deleted afterwards."""
+    session_id = server.new_session()
+    yield session_id
+    server.client.delete(f"/sessions/{session_id}")

@@ -1,0 +1,137 @@
+"""Sessions end cleanly: culling, deletion, and the service's own SIGTERM/SIGINT or death."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import Server, kernel_processes, running_server
+
+
+def test_idle_sessions_are_culled(tmp_path: Path) -> None:
+    with running_server(tmp_path, session_ttl=1.0) as server:
+        idle = server.new_session("idle")
+        busy = server.new_session("busy")
+        with httpx.Client(base_url=server.base_url, timeout=30) as other:
+            # a running execution is activity: it must not be culled under it
+            response = other.post(
+                "/execute",
+                json={"code": "import time; time.sleep(2.5); 'done'", "session_id": busy},
+            )
+        assert response.json()["result"] == "'done'"
+        assert server.client.get(f"/sessions/{idle}").status_code == 404
+        assert server.client.get(f"/sessions/{busy}").status_code == 200
+        deadline = time.monotonic() + 5
+        while server.client.get(f"/sessions/{busy}").status_code == 200:
+            assert time.monotonic() < deadline, "idle session never culled"
+            time.sleep(0.1)
+        assert kernel_processes(server.connection_dir) == []
+        assert list(server.connection_dir.iterdir()) == []
+        culled = server.client.post("/execute", json={"code": "1", "session_id": busy})
+        assert culled.status_code == 404
+
+
+def test_delete_ends_the_kernel_and_what_it_started(server: Server, tmp_path: Path) -> None:
+    session_id = server.new_session()
+    result = server.execute(
+        "import subprocess, os\n"
+        "child = subprocess.Popen(['sleep', '300'])\n"
+        "escaped = subprocess.Popen(['sleep', '301'], start_new_session=True)\n"
+        "print(child.pid, escaped.pid)",
+        session_id,
+    )
+    pids = [int(p) for p in result["stdout"].split()]
+    kernels = kernel_processes(server.connection_dir)
+    assert all(psutil.pid_exists(pid) for pid in pids)
+    assert server.client.delete(f"/sessions/{session_id}").status_code == 204
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in pids)
+    remaining = {p.pid for p in kernel_processes(server.connection_dir)}
+    assert remaining == {p.pid for p in kernels} - {p.pid for p in kernels if not _alive(p.pid)}
+    assert not (server.settings.work_dir.resolve() / session_id).exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@contextmanager
+def service_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """The real `python -m kernel_service serve` on a free loopback port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kernel_service",
+            "serve",
+            "--port",
+            str(port),
+            "--connection-dir",
+            str(tmp_path / "connection"),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{base_url}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                assert time.monotonic() < deadline, "service did not start"
+                time.sleep(0.1)
+        yield process, base_url
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_service_signal_ends_every_kernel(tmp_path: Path, sig: signal.Signals) -> None:
+    with service_process(tmp_path) as (process, base_url):
+        with httpx.Client(base_url=base_url, timeout=60) as client:
+            for _ in range(2):
+                assert client.post("/execute", json={"code": "x = 1"}).status_code == 200
+        assert len(kernel_processes(tmp_path / "connection")) == 2
+        process.send_signal(sig)
+        # uvicorn shuts down gracefully, then re-raises the signal it caught
+        assert process.wait(timeout=30) in (0, -sig)
+    assert kernel_processes(tmp_path / "connection") == []
+    assert list((tmp_path / "connection").iterdir()) == []
+
+
+def test_kernels_do_not_outlive_a_killed_service(tmp_path: Path) -> None:
+    with service_process(tmp_path) as (process, base_url):
+        assert httpx.post(f"{base_url}/execute", json={"code": "1"}, timeout=60).status_code == 200
+        [kernel] = kernel_processes(tmp_path / "connection")
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while _alive(kernel.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(kernel.pid), "kernel orphaned by a killed service"

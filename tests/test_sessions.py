@@ -1,0 +1,114 @@
+"""Session endpoints, serialised executions within a session, concurrency across sessions."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from tests.conftest import Server
+
+
+def test_session_lifecycle_endpoints(server: Server) -> None:
+    created = server.client.post("/sessions", json={"session_id": "analysis-1"})
+    assert created.status_code == 201
+    info = created.json()
+    assert info["session_id"] == "analysis-1"
+    assert info["status"] == "idle"
+    assert info["execution_count"] == 0
+    assert "analysis-1" in [
+        s["session_id"] for s in server.client.get("/sessions").json()["sessions"]
+    ]
+
+    server.execute("v = 5", "analysis-1")
+    fetched = server.client.get("/sessions/analysis-1").json()
+    assert fetched["execution_count"] == 1
+    assert fetched["last_activity"] >= fetched["created_at"]
+
+    assert server.client.delete("/sessions/analysis-1").status_code == 204
+    gone = server.client.get("/sessions/analysis-1")
+    assert gone.status_code == 404
+    assert gone.json()["code"] == "session_not_found"
+    assert server.client.delete("/sessions/analysis-1").status_code == 404
+
+
+def test_post_sessions_without_a_body_makes_an_id(server: Server) -> None:
+    created = server.client.post("/sessions")
+    assert created.status_code == 201
+    session_id = created.json()["session_id"]
+    assert len(session_id) == 32
+    server.client.delete(f"/sessions/{session_id}")
+
+
+def test_a_taken_id_is_refused(server: Server, session: str) -> None:
+    again = server.client.post("/sessions", json={"session_id": session})
+    assert again.status_code == 409
+    assert again.json()["code"] == "session_exists"
+
+
+def test_restart_clears_state(server: Server, session: str) -> None:
+    server.execute("gone = 1", session)
+    restarted = server.client.post(f"/sessions/{session}/restart")
+    assert restarted.status_code == 200
+    assert restarted.json()["status"] == "idle"
+    assert restarted.json()["execution_count"] == 0
+    result = server.execute("'gone' in globals()", session)
+    assert result["result"] == "False"
+    assert result["execution_count"] == 1
+
+
+def test_interrupt_stops_a_running_execution(server: Server, session: str) -> None:
+    server.execute("kept = 3", session)
+    idle = server.client.post(f"/sessions/{session}/interrupt")
+    assert idle.json() == {"session_id": session, "interrupted": False}
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(server.execute, "import time\nwhile True: time.sleep(0.01)", session)
+        deadline = time.monotonic() + 10
+        while server.client.get(f"/sessions/{session}").json()["status"] != "busy":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(0.2)
+        answer = server.client.post(f"/sessions/{session}/interrupt")
+        assert answer.json()["interrupted"] is True
+        result = running.result(timeout=10)
+    assert result["status"] == "error"
+    assert result["error"]["ename"] == "KeyboardInterrupt"
+    assert server.execute("kept", session)["result"] == "3"
+
+
+def test_requests_to_one_session_are_serialised(server: Server, session: str) -> None:
+    code = (
+        "import time\nfor i in range(5):\n    print('{tag}', i, flush=True)\n    time.sleep(0.05)"
+    )
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(server.execute, code.format(tag=t), session) for t in "abcd"]
+        results = [f.result(timeout=60) for f in futures]
+    for tag, result in zip("abcd", results, strict=True):
+        assert result["stdout"] == "".join(f"{tag} {i}\n" for i in range(5))
+    assert sorted(r["execution_count"] for r in results) == [1, 2, 3, 4]
+
+
+def test_different_sessions_run_concurrently(server: Server) -> None:
+    sessions = [server.new_session() for _ in range(3)]
+    try:
+        started = time.monotonic()
+        with ThreadPoolExecutor(3) as pool:
+            results = list(
+                pool.map(lambda s: server.execute("import time; time.sleep(1.5)", s), sessions)
+            )
+        elapsed = time.monotonic() - started
+        assert all(r["status"] == "ok" for r in results)
+        assert elapsed < 3.5, f"3 x 1.5 s in {elapsed:.1f} s: not concurrent"
+    finally:
+        for session_id in sessions:
+            server.client.delete(f"/sessions/{session_id}")
+
+
+def test_tools_and_health(server: Server) -> None:
+    [tool] = server.client.get("/tools").json()
+    assert tool["type"] == "function"
+    function = tool["function"]
+    assert function["name"] == "code_interpreter"
+    assert function["parameters"]["required"] == ["code"]
+    assert "persist" in function["description"]
+    health = server.client.get("/healthz").json()
+    assert health["status"] == "ok"
+    assert health["sandbox"] == "none"
+    assert health["max_sessions"] == server.settings.max_sessions
