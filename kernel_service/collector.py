@@ -25,9 +25,6 @@ from kernel_service.models import (
 )
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
-# `\r` not followed by `\n` returns to the start of the line: what was before it is overwritten.
-_CARRIAGE_RETURN = re.compile(r"[^\n]*\r(?=[^\n])")
-_BACKSPACE = re.compile(r"[^\n\x08]\x08")
 
 Entry = dict[str, Any]
 
@@ -38,13 +35,32 @@ def strip_ansi(text: str) -> str:
 
 
 def apply_terminal_controls(text: str) -> str:
-    """Apply `\\r` and `\\b` the way a terminal shows them, so progress bars read well."""
-    text = _CARRIAGE_RETURN.sub("", text.replace("\r\n", "\n"))
-    while True:
-        reduced = _BACKSPACE.sub("", text)
-        if reduced == text:
-            return text.replace("\x08", "")
-        text = reduced
+    """Apply `\\r` and `\\b` as Jupyter shows them, so progress bars read well.
+
+    A `\\r` starts the line afresh (what came before it on the line is dropped, unless
+    nothing follows yet); a backspace removes the character before it. Linear in the text.
+    """
+    if "\r" not in text and "\x08" not in text:
+        return text
+    return "\n".join(_apply_line_controls(line) for line in text.replace("\r\n", "\n").split("\n"))
+
+
+def _apply_line_controls(line: str) -> str:
+    if "\r" in line:
+        parts = line.split("\r")
+        while len(parts) > 1 and parts[-1] == "":
+            parts.pop()
+        line = parts[-1]
+    if "\x08" in line:
+        kept: list[str] = []
+        for char in line:
+            if char == "\x08":
+                if kept:
+                    kept.pop()
+            else:
+                kept.append(char)
+        line = "".join(kept)
+    return line
 
 
 def _size(entry: Entry) -> int:

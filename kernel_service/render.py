@@ -72,7 +72,8 @@ def _render_display(
 
 
 def _render_error(output: ErrorOutput) -> str:
-    lines = "\n".join(output.traceback).splitlines()
+    # IPython opens a traceback with a rule of dashes: noise to a model.
+    lines = [line for line in "\n".join(output.traceback).splitlines() if line.strip("- ")]
     head = f"{output.ename}: {output.evalue}"
     if not lines:
         return head

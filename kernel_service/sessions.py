@@ -195,6 +195,8 @@ class Session:
 
     async def _ready_kernel(self) -> tuple[Kernel, str | None]:
         """The kernel to run on, and why earlier state was lost if it was lost unseen."""
+        if self._closed:  # deleted or culled while this caller waited its turn
+            raise SessionNotFound(self.session_id)
         lost_before: str | None = None
         kernel = self._kernel
         if kernel is not None and not kernel.alive:

@@ -181,3 +181,9 @@ def test_reply_error_stands_in_for_a_lost_error_message() -> None:
         ename="ValueError", evalue="bad", traceback=["ValueError: bad"]
     )
     assert collect(REPLY_OK).reply_error() is None
+
+
+def test_terminal_controls_on_one_huge_line() -> None:
+    # a backtracking regex would take hours on this; the line scan takes milliseconds
+    assert apply_terminal_controls("x" * 2_000_000 + "\rdone") == "done"
+    assert apply_terminal_controls("x" * 2_000_000 + "\x08") == "x" * 1_999_999

@@ -5,11 +5,12 @@ import io
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.conftest import Server
+from tests.conftest import Server, running_server
 
 
 def test_variables_persist_across_calls(server: Server, session: str) -> None:
@@ -251,3 +252,16 @@ def test_many_small_prints_are_bounded_too(server: Server, session: str) -> None
     assert result["stdout"].startswith("0\n1\n2\n")
     assert result["stdout"].endswith("299998\n299999\n")
     assert len(result["stdout"]) < server.settings.output_limit + 200
+
+
+def test_a_message_over_the_size_cap_is_dropped_and_the_session_goes_on(tmp_path: Path) -> None:
+    with running_server(tmp_path, max_message_bytes=1024 * 1024) as server:
+        session_id = server.new_session()
+        server.execute("kept = 1", session_id)
+        result = server.execute("print('y' * 5_000_000)\n'value'", session_id)
+        assert result["status"] == "ok"
+        assert "y" * 100 not in result["stdout"]
+        assert "output was lost" in result["text"]
+        after = server.execute("print('small'); kept", session_id)
+        assert after["stdout"] == "small\n"
+        assert after["result"] == "1"

@@ -112,3 +112,58 @@ def test_tools_and_health(server: Server) -> None:
     assert health["status"] == "ok"
     assert health["sandbox"] == "none"
     assert health["max_sessions"] == server.settings.max_sessions
+
+
+def test_deleting_a_busy_session_ends_its_queue(server: Server) -> None:
+    session_id = server.new_session()
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(server.execute, "import time; time.sleep(30)", session_id)
+        deadline = time.monotonic() + 10
+        while server.client.get(f"/sessions/{session_id}").json()["status"] != "busy":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        queued = pool.submit(
+            server.client.post, "/execute", json={"code": "1", "session_id": session_id}
+        )
+        time.sleep(0.3)
+        assert server.client.delete(f"/sessions/{session_id}").status_code == 204
+        first = running.result(timeout=10)
+        second = queued.result(timeout=10)
+    assert first["status"] == "error"
+    assert first["error"]["ename"] == "KernelDied"
+    assert "shut down by the service" in first["error"]["evalue"]
+    assert second.status_code == 404
+    assert second.json()["code"] == "session_not_found"
+    assert server.client.get(f"/sessions/{session_id}").status_code == 404
+
+
+def test_connection_file_is_private_and_removed_with_the_session(server: Server) -> None:
+    before = set(server.connection_dir.glob("*.json"))
+    session_id = server.new_session()
+    [connection_file] = set(server.connection_dir.glob("*.json")) - before
+    assert connection_file.stat().st_mode & 0o777 == 0o600
+    server.client.delete(f"/sessions/{session_id}")
+    assert not connection_file.exists()
+
+
+def test_update_display_and_clear_output_from_a_real_kernel(server: Server, session: str) -> None:
+    result = server.execute(
+        "from IPython.display import display, clear_output\n"
+        "handle = display('step 1', display_id=True)\n"
+        "handle.update('step 3 of 3')\n"
+        "print('old line')\n"
+        "clear_output()\n"
+        "print('after clear')\n"
+        "handle2 = display('kept', display_id=True)",
+        session,
+    )
+    kinds = [
+        (o["output_type"], o.get("text") or o.get("data", {}).get("text/plain"))
+        for o in result["outputs"]
+    ]
+    assert kinds == [("stream", "after clear\n"), ("display_data", "'kept'")]
+    progress = server.execute(
+        "h = display('0%', display_id=True)\nfor p in ('50%', '100%'):\n    h.update(p)", session
+    )
+    [bar] = progress["outputs"]
+    assert bar["data"]["text/plain"] == "'100%'"

@@ -104,15 +104,16 @@ class Kernel:
         self,
         kernel_id: str,
         process: KernelProcess,
-        client: AsyncKernelClient,
         connection_file: Path,
         log_file: Path,
+        max_message_bytes: int,
     ) -> None:
         self.kernel_id = kernel_id
         self.process = process
         self.connection_file = connection_file
         self._log_file = log_file
-        self._client = client
+        self._context = _zmq_context(max_message_bytes)
+        self._client = self._new_client()
         self._active: ExecutionCollector | None = None
         self._changed = asyncio.Event()
         self._pumps: list[asyncio.Task[None]] = []
@@ -146,9 +147,7 @@ class Kernel:
         except BaseException:
             _remove_files(connection_file, log_file)
             raise
-        client = AsyncKernelClient(context=_zmq_context(options.max_message_bytes))
-        client.load_connection_file(str(connection_file))
-        kernel = cls(kernel_id, process, client, connection_file, log_file)
+        kernel = cls(kernel_id, process, connection_file, log_file, options.max_message_bytes)
         try:
             kernel._start_channels()
             await kernel._wait_ready(options.start_timeout)
@@ -184,11 +183,12 @@ class Kernel:
         self._closed = True
         self._killed_by_us = True
         self.process.kill()
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await self.process.wait()
-        self._stop_channels()
-        self._client.context.destroy(linger=0)
-        _remove_files(self.connection_file, self._log_file)
+        finally:  # cleaned up even if the caller is cancelled while the process is reaped
+            self._stop_channels()
+            self._context.destroy(linger=0)
+            _remove_files(self.connection_file, self._log_file)
 
     @property
     def alive(self) -> bool:
@@ -264,6 +264,11 @@ class Kernel:
 
     # ------------------------------------------------------------ channels
 
+    def _new_client(self) -> AsyncKernelClient:
+        client = AsyncKernelClient(context=self._context)
+        client.load_connection_file(str(self.connection_file))
+        return client
+
     def _start_channels(self) -> None:
         self._client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=True)
         self._pumps = [
@@ -282,6 +287,8 @@ class Kernel:
         """New channels after a dropped oversized message left iopub silent."""
         log.warning("kernel %s: iopub output was lost; reconnecting channels", self.kernel_id)
         self._stop_channels()
+        # A closed jupyter_client channel cannot be reopened: a new client makes new sockets.
+        self._client = self._new_client()
         self._start_channels()
         with contextlib.suppress(KernelStartError):
             await self._wait_ready(timeout=5.0)
@@ -294,7 +301,10 @@ class Kernel:
             except asyncio.CancelledError:
                 raise
             except Exception:  # a malformed or unsigned message must not stop the pump
+                if not channel.is_alive():
+                    return
                 log.exception("kernel %s: unreadable message", self.kernel_id)
+                await asyncio.sleep(0)
                 continue
             active = self._active
             if active is not None:
