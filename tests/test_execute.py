@@ -172,10 +172,19 @@ def test_timeout_interrupts_and_the_session_survives(server: Server, session: st
     assert server.execute("kept", session)["result"] == "'still here'"
 
 
-def test_timeout_of_uninterruptible_code_restarts_the_kernel(server: Server, session: str) -> None:
+@pytest.mark.parametrize(
+    "code",
+    [
+        "sum(range(10**10))",  # one long C call: interrupts wait for it
+        "while True:\n    try:\n        pass\n    except KeyboardInterrupt:\n        pass",
+    ],
+)
+def test_timeout_of_uninterruptible_code_restarts_the_kernel(
+    server: Server, session: str, code: str
+) -> None:
     server.execute("lost = 1", session)
     started = time.monotonic()
-    result = server.execute("sum(range(10**10))", session, timeout=1)
+    result = server.execute(code, session, timeout=1)
     elapsed = time.monotonic() - started
     assert result["status"] == "timeout"
     assert result["state_lost"] is True

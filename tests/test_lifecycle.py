@@ -135,3 +135,7 @@ def test_kernels_do_not_outlive_a_killed_service(tmp_path: Path) -> None:
     while _alive(kernel.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(kernel.pid), "kernel orphaned by a killed service"
+    # what it left behind is swept away by the next start
+    assert list((tmp_path / "connection").glob("kernel-*.json"))
+    with service_process(tmp_path):
+        assert list((tmp_path / "connection").iterdir()) == []

@@ -14,7 +14,13 @@ from kernel_service import __version__
 from kernel_service.api.errors import BodySizeLimit, install_error_handlers
 from kernel_service.api.routes import router
 from kernel_service.config import Settings
-from kernel_service.kernel import Kernel, KernelLauncher, KernelOptions, SubprocessLauncher
+from kernel_service.kernel import (
+    Kernel,
+    KernelLauncher,
+    KernelOptions,
+    SubprocessLauncher,
+    remove_stale_files,
+)
 from kernel_service.kernel.fonts import prepare_font_cache
 from kernel_service.sessions import SessionRegistry
 
@@ -41,6 +47,8 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         options.connection_dir.mkdir(parents=True, exist_ok=True)
         settings.work_dir.mkdir(parents=True, exist_ok=True)
+        for path in await asyncio.to_thread(remove_stale_files, options.connection_dir):
+            log.info("removed stale connection file %s", path.name)
         await prepare_font_cache(options.matplotlib_dir)
         log.info(
             "kernel-service %s ready: isolation=%s, connection files in %s, max %d sessions",

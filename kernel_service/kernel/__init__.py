@@ -1,6 +1,12 @@
 """The only package that speaks the kernel protocol (jupyter_client): launch, execute, interrupt."""
 
-from kernel_service.kernel.kernel import Kernel, KernelOptions, KernelStartError, RunOutcome
+from kernel_service.kernel.kernel import (
+    Kernel,
+    KernelOptions,
+    KernelStartError,
+    RunOutcome,
+    remove_stale_files,
+)
 from kernel_service.kernel.launcher import KernelLauncher, SubprocessLauncher
 
 __all__ = [
@@ -10,4 +16,5 @@ __all__ = [
     "KernelStartError",
     "RunOutcome",
     "SubprocessLauncher",
+    "remove_stale_files",
 ]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import psutil
 import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
@@ -361,6 +362,24 @@ def _kernel_env(options: KernelOptions, work_dir: Path) -> dict[str, str]:
         # ipykernel's parent poller ends the kernel if the service dies without cleaning up.
         "JPY_PARENT_PID": str(os.getpid()),
     }
+
+
+def remove_stale_files(connection_dir: Path) -> list[Path]:
+    """Remove connection files (and kernel logs) that no live kernel process uses.
+
+    They are what a service killed outright leaves behind. A file whose kernel still runs
+    (another service on the same directory, say) is kept.
+    """
+    candidates = sorted(connection_dir.glob("kernel-*.json"))
+    if not candidates:
+        return []
+    in_use: set[str] = set()
+    for process in psutil.process_iter(["cmdline"]):
+        in_use.update(process.info["cmdline"] or [])
+    stale = [path for path in candidates if str(path) not in in_use]
+    for path in stale:
+        _remove_files(path, path.with_suffix(".log"))
+    return stale
 
 
 def _remove_files(*paths: Path) -> None:
