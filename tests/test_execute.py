@@ -176,7 +176,9 @@ def test_timeout_interrupts_and_the_session_survives(server: Server, session: st
     "code",
     [
         "sum(range(10**10))",  # one long C call: interrupts wait for it
-        "while True:\n    try:\n        pass\n    except KeyboardInterrupt:\n        pass",
+        # code that swallows the interrupt and carries on
+        "while True:\n    try:\n        while True:\n            pass\n"
+        "    except KeyboardInterrupt:\n        pass",
     ],
 )
 def test_timeout_of_uninterruptible_code_restarts_the_kernel(
