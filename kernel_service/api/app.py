@@ -20,6 +20,7 @@ from kernel_service.kernel import (
     KernelOptions,
     SubprocessLauncher,
     remove_stale_files,
+    zmq_context,
 )
 from kernel_service.kernel.fonts import prepare_font_cache
 from kernel_service.sessions import SessionRegistry
@@ -38,7 +39,7 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
         connection_dir=settings.connection_dir.resolve(),
         matplotlib_dir=settings.matplotlib_dir.resolve(),
         start_timeout=settings.kernel_start_timeout,
-        max_message_bytes=settings.max_message_bytes,
+        zmq_context=zmq_context(settings.max_message_bytes),
         preload_modules=tuple(m.strip() for m in settings.preload_modules.split(",") if m.strip()),
     )
     registry = SessionRegistry(settings, partial(_start_kernel, launcher, options))
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
         finally:
             culler.cancel()
             await registry.close_all()
+            options.zmq_context.destroy(linger=0)
             log.info("all sessions closed")
 
     app = FastAPI(

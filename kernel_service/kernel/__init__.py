@@ -6,6 +6,7 @@ from kernel_service.kernel.kernel import (
     KernelStartError,
     RunOutcome,
     remove_stale_files,
+    zmq_context,
 )
 from kernel_service.kernel.launcher import KernelLauncher, SubprocessLauncher
 
@@ -17,4 +18,5 @@ __all__ = [
     "RunOutcome",
     "SubprocessLauncher",
     "remove_stale_files",
+    "zmq_context",
 ]

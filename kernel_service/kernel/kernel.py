@@ -50,8 +50,9 @@ class KernelOptions:
     connection_dir: Path
     matplotlib_dir: Path
     start_timeout: float
-    max_message_bytes: int
     preload_modules: tuple[str, ...]
+    # Shared by every kernel's sockets: one ZMQ I/O thread for the whole service.
+    zmq_context: zmq.asyncio.Context
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ def describe_exit(returncode: int) -> str:
     return f"it exited with code {returncode}"
 
 
-def _zmq_context(max_message_bytes: int) -> zmq.asyncio.Context:
+def zmq_context(max_message_bytes: int) -> zmq.asyncio.Context:
+    """The context kernels' sockets are made in, with the service's socket defaults."""
     context = zmq.asyncio.Context()
     # Oversized messages (a flood of output) are dropped instead of filling our memory.
     context.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
@@ -107,13 +109,13 @@ class Kernel:
         process: KernelProcess,
         connection_file: Path,
         log_file: Path,
-        max_message_bytes: int,
+        context: zmq.asyncio.Context,
     ) -> None:
         self.kernel_id = kernel_id
         self.process = process
         self.connection_file = connection_file
         self._log_file = log_file
-        self._context = _zmq_context(max_message_bytes)
+        self._context = context
         self._client = self._new_client()
         self._active: ExecutionCollector | None = None
         self._changed = asyncio.Event()
@@ -148,7 +150,7 @@ class Kernel:
         except BaseException:
             _remove_files(connection_file, log_file)
             raise
-        kernel = cls(kernel_id, process, connection_file, log_file, options.max_message_bytes)
+        kernel = cls(kernel_id, process, connection_file, log_file, options.zmq_context)
         try:
             kernel._start_channels()
             await kernel._wait_ready(options.start_timeout)
@@ -167,7 +169,9 @@ class Kernel:
         deadline = loop.time() + timeout
         while True:
             collector = ExecutionCollector(self._client.kernel_info(), output_limit=1)
-            ending = await self._follow(collector, min(deadline, loop.time() + _READY_RETRY))
+            ending = await self._follow(
+                collector, min(deadline, loop.time() + _READY_RETRY), iopub_grace=_READY_RETRY
+            )
             if ending == "done":
                 return
             if ending == "died":
@@ -188,7 +192,6 @@ class Kernel:
             await self.process.wait()
         finally:  # cleaned up even if the caller is cancelled while the process is reaped
             self._stop_channels()
-            self._context.destroy(linger=0)
             _remove_files(self.connection_file, self._log_file)
 
     @property
@@ -240,9 +243,12 @@ class Kernel:
             self._client.control_channel.send(msg)
 
     async def _follow(
-        self, collector: ExecutionCollector, deadline: float
+        self, collector: ExecutionCollector, deadline: float, iopub_grace: float = _IOPUB_GRACE
     ) -> Literal["done", "died", "timeout", "output_lost"]:
-        """Feed `collector` until its request is complete, the kernel dies, or time is up."""
+        """Feed `collector` until its request is complete, the kernel dies, or time is up.
+
+        Once the reply is in, iopub has `iopub_grace` seconds to go idle, whatever the deadline.
+        """
         loop = asyncio.get_running_loop()
         self._active = collector
         reply_seen_at: float | None = None
@@ -254,7 +260,7 @@ class Kernel:
             if collector.reply is not None and reply_seen_at is None:
                 # The code has finished; iopub only has to catch up.
                 reply_seen_at = loop.time()
-                deadline = reply_seen_at + _IOPUB_GRACE
+                deadline = reply_seen_at + iopub_grace
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return "output_lost" if reply_seen_at is not None else "timeout"
