@@ -13,6 +13,7 @@ import json
 import re
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from kernel_service.models import (
@@ -63,72 +64,162 @@ def _apply_line_controls(line: str) -> str:
     return line
 
 
-def _size(entry: Entry) -> int:
+@dataclass(frozen=True)
+class OutputLimits:
+    """What one execution may keep: half of each budget from the start, half from the end."""
+
+    text: int  # characters of text: streams, tracebacks, text-like MIME values
+    rich: int  # characters of binary display data (base64 images, PDFs, ...)
+
+
+def is_rich_mime(mime: str) -> bool:
+    """Binary (base64) display data, budgeted apart from text so plots survive long prints."""
+    return mime.startswith(("image/", "video/", "audio/")) or mime == "application/pdf"
+
+
+def _value_size(value: Any) -> int:
+    return len(value) if isinstance(value, str) else len(json.dumps(value, default=str))
+
+
+def _sizes(entry: Entry) -> tuple[int, int]:
+    """(text, rich) characters an entry holds."""
     kind = entry["output_type"]
     if kind == "stream":
-        return len(entry["text"])
+        return len(entry["text"]), 0
     if kind == "error":
-        return sum(len(line) for line in entry["traceback"]) + len(entry["evalue"])
-    return sum(
-        len(value) if isinstance(value, str) else len(json.dumps(value))
-        for value in entry["data"].values()
-    )
+        return sum(len(line) for line in entry["traceback"]) + len(entry["evalue"]), 0
+    text = rich = 0
+    for mime, value in entry["data"].items():
+        if is_rich_mime(mime):
+            rich += _value_size(value)
+        else:
+            text += _value_size(value)
+    return text, rich
 
 
 def _is_stream(entry: Entry, name: str | None = None) -> bool:
     return entry["output_type"] == "stream" and (name is None or entry["name"] == name)
 
 
-class _BoundedOutputs:
-    """An ordered list of outputs that keeps a head and a tail within a character budget."""
+def cut_middle(text: str, limit: int) -> tuple[str, int]:
+    """`text` cut in the middle to about `limit` characters, and how many were left out."""
+    if len(text) <= limit:
+        return text, 0
+    half = limit // 2
+    omitted = len(text) - 2 * half
+    return f"{text[:half]}\n[... {omitted:,} characters omitted ...]\n{text[-half:]}", omitted
 
-    def __init__(self, limit: int) -> None:
-        self._head_limit = limit // 2
-        self._tail_limit = limit - self._head_limit
+
+class _BoundedOutputs:
+    """An ordered list of outputs that keeps a head and a tail within two budgets.
+
+    One output larger than half a budget is cut (text) or left out (rich data) on arrival,
+    so every entry fits in a half and memory stays bounded whatever the kernel sends.
+    """
+
+    def __init__(self, limits: OutputLimits) -> None:
+        self._half_text = max(limits.text // 2, 1)
+        self._half_rich = max(limits.rich // 2, 1)
         self.clear()
 
     def clear(self) -> None:
         self._head: list[Entry] = []
-        self._head_size = 0
         self._tail: deque[Entry] = deque()
-        self._tail_size = 0
+        self._head_text = self._head_rich = 0
+        self._tail_text = self._tail_rich = 0
         self._cutting = False
         self.omitted_chars = 0
         self.omitted_outputs = 0
 
     def add(self, entry: Entry) -> None:
-        size = _size(entry)
+        entry = self._fit(entry)
+        text, rich = _sizes(entry)
         if not self._cutting:
-            room = self._head_limit - self._head_size
-            if size <= room:
+            text_room = self._half_text - self._head_text
+            if text <= text_room and self._head_rich + rich <= self._half_rich:
                 self._append(self._head, entry)
-                self._head_size += size
+                self._head_text += text
+                self._head_rich += rich
                 return
             self._cutting = True
-            if _is_stream(entry) and room > 0:
-                self._append(self._head, {**entry, "text": entry["text"][:room]})
-                self._head_size += room
-                entry = {**entry, "text": entry["text"][room:]}
-                size -= room
+            if _is_stream(entry) and text_room > 0:
+                self._append(self._head, {**entry, "text": entry["text"][:text_room]})
+                self._head_text += text_room
+                entry = {**entry, "text": entry["text"][text_room:]}
+                text -= text_room
         self._append(self._tail, entry)
-        self._tail_size += size
+        self._tail_text += text
+        self._tail_rich += rich
         self._trim_tail()
 
     def _trim_tail(self) -> None:
-        while self._tail_size > self._tail_limit and self._tail:
-            first = self._tail[0]
-            excess = self._tail_size - self._tail_limit
-            if _is_stream(first) and len(first["text"]) > excess:
-                first["text"] = first["text"][excess:]
+        """Drop the oldest tail content until both budgets hold.
+
+        Text is trimmed from the oldest text outputs, passing over images (whose only text
+        is a short label), so long prints around a plot do not push the plot out.
+        """
+        while self._tail_rich > self._half_rich:
+            index = next(i for i, e in enumerate(self._tail) if _sizes(e)[1] > 0)
+            self._drop(index)
+        while self._tail_text > self._half_text:
+            index = next(
+                (i for i, e in enumerate(self._tail) if _sizes(e)[0] > 0 and _sizes(e)[1] == 0),
+                0,
+            )
+            entry = self._tail[index]
+            excess = self._tail_text - self._half_text
+            if _is_stream(entry) and excess < len(entry["text"]):
+                entry["text"] = entry["text"][excess:]
                 self.omitted_chars += excess
-                self._tail_size -= excess
+                self._tail_text -= excess
                 return
-            self._tail.popleft()
-            size = _size(first)
-            self._tail_size -= size
+            self._drop(index)
+
+    def _drop(self, index: int) -> None:
+        entry = self._tail[index]
+        del self._tail[index]
+        text, rich = _sizes(entry)
+        self._tail_text -= text
+        self._tail_rich -= rich
+        self.omitted_chars += text + rich
+        if not _is_stream(entry):
+            self.omitted_outputs += 1
+
+    def _fit(self, entry: Entry) -> Entry:
+        """The entry with any part too large for a half budget cut or left out."""
+        kind = entry["output_type"]
+        if kind == "error":
+            evalue, omitted = cut_middle(entry["evalue"], self._half_text // 4)
+            traceback = entry["traceback"]
+            joined = "\n".join(traceback)
+            if len(joined) > self._half_text // 2:
+                joined, omitted_lines = cut_middle(joined, self._half_text // 2)
+                traceback = joined.split("\n")
+                omitted += omitted_lines
+            self.omitted_chars += omitted
+            return {**entry, "evalue": evalue, "traceback": traceback}
+        if kind in ("display_data", "execute_result"):
+            return {**entry, "data": self._fit_data(entry["data"])}
+        return entry
+
+    def _fit_data(self, data: dict[str, Any]) -> dict[str, Any]:
+        fitted: dict[str, Any] = {}
+        for mime, value in data.items():
+            size = _value_size(value)
+            if is_rich_mime(mime):
+                if size <= self._half_rich:
+                    fitted[mime] = value
+                    continue
+                note = f"[{mime} of {size:,} characters omitted: over the output limit]"
+                fitted.setdefault("text/plain", note)
+            elif isinstance(value, str):
+                fitted[mime], omitted = cut_middle(value, self._half_text // 2)
+                size = omitted
+            elif size <= self._half_text // 2:
+                fitted[mime] = value
+                continue
             self.omitted_chars += size
-            if not _is_stream(first):
-                self.omitted_outputs += 1
+        return fitted
 
     @staticmethod
     def _append(region: list[Entry] | deque[Entry], entry: Entry) -> None:
@@ -140,10 +231,25 @@ class _BoundedOutputs:
     def update_display(
         self, display_id: str, data: dict[str, Any], metadata: dict[str, Any]
     ) -> None:
-        for entry in (*self._head, *self._tail):
-            if entry.get("display_id") == display_id:
-                entry["data"] = data
-                entry["metadata"] = metadata
+        """Replace the data of every output with `display_id`, within the budgets."""
+        fitted = self._fit_data(data)
+        new_text, new_rich = _sizes({"output_type": "display_data", "data": fitted})
+        for in_head, region in ((True, self._head), (False, self._tail)):
+            for entry in region:
+                if entry.get("display_id") != display_id:
+                    continue
+                old_text, old_rich = _sizes(entry)
+                text_used = (self._head_text if in_head else self._tail_text) - old_text
+                rich_used = (self._head_rich if in_head else self._tail_rich) - old_rich
+                if text_used + new_text > self._half_text or rich_used + new_rich > self._half_rich:
+                    self.omitted_chars += new_text + new_rich
+                    self.omitted_outputs += 1
+                    continue  # the update would not fit: the output keeps what it showed
+                entry["data"], entry["metadata"] = fitted, metadata
+                if in_head:
+                    self._head_text, self._head_rich = text_used + new_text, rich_used + new_rich
+                else:
+                    self._tail_text, self._tail_rich = text_used + new_text, rich_used + new_rich
 
     def entries(self) -> list[Entry]:
         cut: list[Entry] = []
@@ -164,11 +270,11 @@ class ExecutionCollector:
     The request is an `execute_request`, or a `kernel_info_request` when probing readiness.
     """
 
-    def __init__(self, msg_id: str, output_limit: int) -> None:
+    def __init__(self, msg_id: str, limits: OutputLimits) -> None:
         self.msg_id = msg_id
         self.reply: dict[str, Any] | None = None
         self.idle = False
-        self._outputs = _BoundedOutputs(output_limit)
+        self._outputs = _BoundedOutputs(limits)
         self._clear_on_next_output = False
 
     @property
@@ -186,7 +292,7 @@ class ExecutionCollector:
         if msg.get("parent_header", {}).get("msg_id") != self.msg_id:
             return
         msg_type = msg["header"]["msg_type"]
-        content: dict[str, Any] = msg.get("content", {})
+        content = _dict(msg.get("content"))
         if msg_type.endswith("_reply"):
             self.reply = content
         elif msg_type == "status":
@@ -198,10 +304,10 @@ class ExecutionCollector:
             else:
                 self._outputs.clear()
         elif msg_type == "update_display_data":
-            display_id = content.get("transient", {}).get("display_id")
-            if display_id:
+            display_id = _dict(content.get("transient")).get("display_id")
+            if display_id is not None:
                 self._outputs.update_display(
-                    display_id, content.get("data", {}), content.get("metadata", {})
+                    str(display_id), _dict(content.get("data")), _dict(content.get("metadata"))
                 )
         else:
             entry = _entry_from(msg_type, content)
@@ -245,31 +351,39 @@ class ExecutionCollector:
         )
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    """A mapping from the kernel as a str-keyed dict; anything else as empty (untrusted input)."""
+    return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
+
+
 def _entry_from(msg_type: str, content: dict[str, Any]) -> Entry | None:
+    """The output a message carries, its fields coerced to the types the models expect."""
     if msg_type == "stream":
         name = content.get("name")
         if name not in ("stdout", "stderr"):
             return None
         return {"output_type": "stream", "name": name, "text": str(content.get("text", ""))}
-    if msg_type == "display_data":
-        return {
-            "output_type": "display_data",
-            "data": content.get("data", {}),
-            "metadata": content.get("metadata", {}),
-            "display_id": content.get("transient", {}).get("display_id"),
+    if msg_type in ("display_data", "execute_result"):
+        entry: Entry = {
+            "output_type": msg_type,
+            "data": _dict(content.get("data")),
+            "metadata": _dict(content.get("metadata")),
         }
-    if msg_type == "execute_result":
-        return {
-            "output_type": "execute_result",
-            "execution_count": content.get("execution_count"),
-            "data": content.get("data", {}),
-            "metadata": content.get("metadata", {}),
-        }
+        if msg_type == "execute_result":
+            count = content.get("execution_count")
+            entry["execution_count"] = count if isinstance(count, int) else None
+        else:
+            display_id = _dict(content.get("transient")).get("display_id")
+            entry["display_id"] = None if display_id is None else str(display_id)
+        return entry
     if msg_type == "error":
+        traceback = content.get("traceback")
         return {
             "output_type": "error",
             "ename": str(content.get("ename", "Error")),
             "evalue": str(content.get("evalue", "")),
-            "traceback": [strip_ansi(line) for line in content.get("traceback", [])],
+            "traceback": [strip_ansi(str(line)) for line in traceback]
+            if isinstance(traceback, list)
+            else [],
         }
     return None

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
         200_000,
         description="Characters of output kept per execution: half from the start, half the end.",
     )
+    rich_output_limit: PositiveInt = Field(
+        32 * MIB,
+        description="Characters of images and other base64 display data kept per execution.",
+    )
     text_limit: PositiveInt = Field(
         10_000, description="Characters of the LLM-facing `text` rendering (head and tail kept)."
     )

@@ -157,14 +157,19 @@ class ExecuteRequest(BaseModel):
     timeout: float | None = Field(
         None,
         gt=0,
+        strict=True,
         description="Seconds before the execution is interrupted (capped by the server).",
     )
 
     @field_validator("code")
     @classmethod
-    def _code_is_not_empty(cls, code: str) -> str:
+    def _code_is_runnable_text(cls, code: str) -> str:
         if not code.strip():
             raise ValueError("code is empty: send the Python source to run")
+        try:
+            code.encode()
+        except UnicodeEncodeError:
+            raise ValueError("code is not valid Unicode text (it holds a lone surrogate)") from None
         return code
 
 

@@ -3,7 +3,7 @@ last lines, image references, the service's notice; long text cut in the middle.
 
 from collections.abc import Iterator, Sequence
 
-from kernel_service.collector import strip_ansi
+from kernel_service.collector import cut_middle, strip_ansi
 from kernel_service.models import (
     IMAGE_MIMES,
     DisplayDataOutput,
@@ -41,16 +41,7 @@ def render_text(
     if notice:
         parts.append(notice)
     text = "\n".join(part for part in parts if part) or NO_OUTPUT
-    return cut_middle(text, limit)
-
-
-def cut_middle(text: str, limit: int) -> str:
-    """Keep the start and the end of `text`, saying how much was left out between."""
-    if len(text) <= limit:
-        return text
-    half = limit // 2
-    omitted = len(text) - 2 * half
-    return f"{text[:half]}\n[... {omitted:,} characters omitted ...]\n{text[-half:]}"
+    return cut_middle(text, limit)[0]
 
 
 def _render_display(

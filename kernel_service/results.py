@@ -41,14 +41,18 @@ def image_payloads(outputs: Sequence[Output]) -> list[ImagePayload]:
         if isinstance(output, DisplayDataOutput | ExecuteResultOutput):
             for mime in IMAGE_MIMES:
                 value = output.data.get(mime)
-                if isinstance(value, str):
-                    data = (
-                        base64.b64encode(value.encode()).decode()
-                        if mime == "image/svg+xml"
-                        else value.replace("\n", "")
-                    )
-                    found.append(ImagePayload(mime, data))
-                    break
+                if not isinstance(value, str):
+                    continue
+                if mime == "image/svg+xml":
+                    data = base64.b64encode(value.encode(errors="replace")).decode()
+                else:
+                    data = value.replace("\n", "")
+                    try:
+                        base64.b64decode(data, validate=True)
+                    except (binascii.Error, ValueError):
+                        continue  # not an image after all; it stays in `outputs` as sent
+                found.append(ImagePayload(mime, data))
+                break
     return found
 
 
@@ -122,8 +126,9 @@ def build_result(
             notices.append(f"{error.ename}: {error.evalue}")
         if outcome.ending == "output_lost":
             notices.append(
-                "[Some output was lost: one output message was larger than the service "
-                "accepts. Print less at once.]"
+                "[Output was lost: a message from the kernel was larger than the service "
+                "accepts, so it and what followed it in this call (including the value) are "
+                "missing. Print less at once.]"
             )
 
     return ExecutionResult(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from kernel_service.collector import OutputLimits
 from kernel_service.config import Settings
 from kernel_service.errors import (
     ImageNotFound,
@@ -92,8 +93,8 @@ class Session:
             return "dead"
         if self._replacing is not None:
             return "starting"
-        if self._kernel is None:
-            return "dead"
+        if self._kernel is None or not self._kernel.alive:
+            return "dead"  # the next execution starts a fresh kernel
         return "busy" if self._lock.locked() else "idle"
 
     @property
@@ -132,7 +133,9 @@ class Session:
                     code,
                     timeout=effective,
                     interrupt_grace=self._settings.interrupt_grace,
-                    output_limit=self._settings.output_limit,
+                    limits=OutputLimits(
+                        text=self._settings.output_limit, rich=self._settings.rich_output_limit
+                    ),
                 )
                 if outcome.kernel_lost:
                     self._replace(kernel)
@@ -181,10 +184,10 @@ class Session:
     async def close(self) -> None:
         """End the kernel (and any kernel starting), then remove the work directory."""
         self._closed = True
-        if self._replacing is not None:
-            self._replacing.cancel()
-            with contextlib.suppress(asyncio.CancelledError, KernelStartError):
-                await self._replacing
+        replacing = self._replacing
+        if replacing is not None:
+            replacing.cancel()
+            await asyncio.wait([replacing])  # its outcome is moot; our own cancellation is not
         if self._kernel is not None:
             await self._kernel.shutdown()
             self._kernel = None
@@ -207,12 +210,18 @@ class Session:
             )
             self._replace(kernel)
         elif kernel is None and self._replacing is None:
-            self._replacing = asyncio.create_task(self._start_replacement(None))
+            self._begin_start(None)
         if self._replacing is not None:
             try:
                 kernel = await asyncio.shield(self._replacing)
             except KernelStartError as exc:
                 raise KernelUnavailable(str(exc)) from exc
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if self._closed and current is not None and not current.cancelling():
+                    # the start was called off because the session was deleted meanwhile
+                    raise SessionNotFound(self.session_id) from None
+                raise
         assert kernel is not None
         return kernel, lost_before
 
@@ -220,8 +229,19 @@ class Session:
         """Start a fresh kernel in place of `old`, once, however many callers notice."""
         if self._kernel is not old or self._closed:
             return
+        self._begin_start(old)
+
+    def _begin_start(self, old: Kernel | None) -> None:
         self._kernel = None
-        self._replacing = asyncio.create_task(self._start_replacement(old))
+        self._replacing = asyncio.create_task(
+            self._start_replacement(old), name=f"kernel-start-{self.session_id}"
+        )
+        self._replacing.add_done_callback(self._report_start_failure)
+
+    def _report_start_failure(self, task: "asyncio.Task[Kernel]") -> None:
+        # Retrieved here so a start nobody waits for is still reported, once.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("session %s: kernel did not start: %s", self.session_id, exc)
 
     async def _start_replacement(self, old: Kernel | None) -> Kernel:
         try:
@@ -312,7 +332,11 @@ class SessionRegistry:
         session = self._sessions.pop(session_id, None)
         if session is None:
             raise SessionNotFound(session_id)
-        await session.close()
+        self._reserved.add(session_id)  # the id stays taken until its work dir is gone
+        try:
+            await session.close()
+        finally:
+            self._reserved.discard(session_id)
         log.info("session %s closed", session_id)
 
     async def close_all(self) -> None:
@@ -325,12 +349,17 @@ class SessionRegistry:
         ttl = self._settings.session_ttl
         if ttl <= 0:
             return []
-        stale = [s.session_id for s in self._sessions.values() if s.idle_seconds() > ttl]
-        for session_id in stale:
+        culled: list[str] = []
+        for session_id in [s.session_id for s in self._sessions.values() if s.idle_seconds() > ttl]:
+            # checked again at its turn: closing the ones before took time
+            session = self._sessions.get(session_id)
+            if session is None or session.idle_seconds() <= ttl:
+                continue
             with contextlib.suppress(SessionNotFound):
                 await self.close(session_id)
+                culled.append(session_id)
                 log.info("session %s culled after %.0f s idle", session_id, ttl)
-        return stale
+        return culled
 
     async def run_culler(self) -> None:
         """Cull forever, checking a few times per TTL (owned by the app's lifespan)."""

@@ -18,7 +18,7 @@ def tool_description(settings: Settings) -> str:
         "- Use print() for what you want to see; the value of the last line is shown too.\n"
         "- numpy, pandas and matplotlib are installed; a matplotlib figure (plt.show() or a "
         "figure as the last expression) comes back as an image.\n"
-        "- There is no network access and no keyboard: input() fails.\n"
+        "- There is no keyboard: input() fails; do not wait for user input.\n"
         "- Files are read and written in the current working directory.\n"
         f"- Each call may run at most {settings.default_timeout:g} seconds; longer code is "
         "interrupted (and if it ignores the interrupt the kernel restarts and earlier state "

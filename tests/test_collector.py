@@ -2,7 +2,12 @@
 
 from typing import Any
 
-from kernel_service.collector import ExecutionCollector, apply_terminal_controls, strip_ansi
+from kernel_service.collector import (
+    ExecutionCollector,
+    OutputLimits,
+    apply_terminal_controls,
+    strip_ansi,
+)
 from kernel_service.models import (
     DisplayDataOutput,
     ErrorOutput,
@@ -31,8 +36,8 @@ BUSY = msg("status", {"execution_state": "busy"})
 REPLY_OK = msg("execute_reply", {"status": "ok", "execution_count": 3})
 
 
-def collect(*msgs: dict[str, Any], limit: int = 10_000) -> ExecutionCollector:
-    collector = ExecutionCollector("req-1", limit)
+def collect(*msgs: dict[str, Any], limit: int = 10_000, rich: int = 10_000) -> ExecutionCollector:
+    collector = ExecutionCollector("req-1", OutputLimits(text=limit, rich=rich))
     collector.feed_all(msgs)
     return collector
 
@@ -187,3 +192,134 @@ def test_terminal_controls_on_one_huge_line() -> None:
     # a backtracking regex would take hours on this; the line scan takes milliseconds
     assert apply_terminal_controls("x" * 2_000_000 + "\rdone") == "done"
     assert apply_terminal_controls("x" * 2_000_000 + "\x08") == "x" * 1_999_999
+
+
+PNG = "iVBORw0KGgo" + "A" * 5000
+
+
+def test_images_have_their_own_budget_so_long_prints_do_not_drop_plots() -> None:
+    collector = collect(
+        stream("x" * 50_000),
+        msg("display_data", {"data": {"image/png": PNG, "text/plain": "<Figure>"}}),
+        stream("y" * 50_000),
+        limit=1000,
+        rich=20_000,
+    )
+    images = [o for o in collector.outputs() if isinstance(o, DisplayDataOutput)]
+    assert [i.data["image/png"] for i in images] == [PNG]
+
+
+def test_many_images_keep_the_first_and_the_last() -> None:
+    figures = [
+        msg("display_data", {"data": {"image/png": PNG, "text/plain": f"fig {i}"}})
+        for i in range(20)
+    ]
+    outputs = collect(*figures, rich=25_000).outputs()
+    kept = [o.data["text/plain"] for o in outputs if isinstance(o, DisplayDataOutput)]
+    assert kept == ["fig 0", "fig 1", "fig 18", "fig 19"]
+    cut = next(o for o in outputs if isinstance(o, TruncatedOutput))
+    assert cut.omitted_outputs == 16
+
+
+def test_an_image_too_large_for_the_budget_is_left_out_with_a_note() -> None:
+    output, _ = collect(msg("display_data", {"data": {"image/png": PNG}}), rich=1000).outputs()
+    assert isinstance(output, DisplayDataOutput)
+    assert "image/png" not in output.data
+    assert "omitted" in output.data["text/plain"]
+
+
+def test_a_huge_value_is_cut_to_head_and_tail_not_dropped() -> None:
+    value = "[" + ", ".join(str(i) for i in range(100_000)) + "]"
+    [output, cut] = collect(
+        msg("execute_result", {"execution_count": 1, "data": {"text/plain": value}})
+    ).outputs()
+    assert isinstance(output, ExecuteResultOutput)
+    plain = output.data["text/plain"]
+    assert plain.startswith("[0, 1, 2") and plain.endswith("99998, 99999]")
+    assert "characters omitted" in plain
+    assert len(plain) < 3000
+    assert isinstance(cut, TruncatedOutput)
+
+
+def test_display_updates_cannot_grow_past_the_budget() -> None:
+    displays = [
+        msg("display_data", {"data": {"text/plain": "."}, "transient": {"display_id": f"d{i}"}})
+        for i in range(100)
+    ]
+    updates = [
+        msg(
+            "update_display_data",
+            {"data": {"text/plain": "z" * 2000}, "transient": {"display_id": f"d{i}"}},
+        )
+        for i in range(100)
+    ]
+    outputs = collect(*displays, *updates, limit=10_000).outputs()
+    kept = sum(len(o.data["text/plain"]) for o in outputs if isinstance(o, DisplayDataOutput))
+    assert kept <= 10_000
+    assert any(isinstance(o, TruncatedOutput) for o in outputs)
+
+
+def test_a_huge_error_message_is_cut() -> None:
+    [error, _] = collect(
+        msg("error", {"ename": "ValueError", "evalue": "v" * 100_000, "traceback": ["t" * 100_000]})
+    ).outputs()
+    assert isinstance(error, ErrorOutput)
+    assert len(error.evalue) < 2000
+    assert sum(len(line) for line in error.traceback) < 3000
+
+
+def test_odd_messages_from_user_code_do_not_break_collection() -> None:
+    collector = collect(
+        msg("display_data", {"data": {"text/plain": "a"}, "transient": {"display_id": 5}}),
+        msg("display_data", {"data": "not a dict", "transient": None, "metadata": []}),
+        msg("update_display_data", {"data": {"text/plain": "b"}, "transient": {"display_id": 5}}),
+        msg("error", {"ename": 3, "traceback": "not a list"}),
+        msg("execute_result", {"execution_count": "x", "data": {"text/plain": "v"}}),
+    )
+    first, second, error, value = collector.outputs()
+    assert first == DisplayDataOutput(data={"text/plain": "b"}, display_id="5")
+    assert second == DisplayDataOutput(data={})
+    assert error == ErrorOutput(ename="3", evalue="", traceback=[])
+    assert value == ExecuteResultOutput(execution_count=None, data={"text/plain": "v"})
+
+
+def test_budgets_hold_for_any_mix_of_messages() -> None:
+    import random
+
+    rng = random.Random(7)
+    for _ in range(300):
+        msgs = []
+        for _ in range(rng.randint(1, 60)):
+            kind = rng.choice(["out", "err", "img", "text", "update", "error"])
+            size = rng.choice([1, 10, 300, 3000])
+            if kind in ("out", "err"):
+                msgs.append(stream("s" * size, "stdout" if kind == "out" else "stderr"))
+            elif kind == "img":
+                data = {"image/png": "i" * size * 3, "text/plain": "<fig>"}
+                msgs.append(msg("display_data", {"data": data, "transient": {"display_id": "i"}}))
+            elif kind == "text":
+                msgs.append(msg("display_data", {"data": {"text/html": "h" * size}}))
+            elif kind == "update":
+                data = {"image/png": "u" * size * 3}
+                msgs.append(
+                    msg("update_display_data", {"data": data, "transient": {"display_id": "i"}})
+                )
+            else:
+                msgs.append(
+                    msg("error", {"ename": "E", "evalue": "v" * size, "traceback": ["t" * size]})
+                )
+        outputs = collect(*msgs, limit=2000, rich=6000).outputs()
+        text = rich = 0
+        for output in outputs:
+            if isinstance(output, StreamOutput):
+                text += len(output.text)
+            elif isinstance(output, ErrorOutput):
+                text += len(output.evalue) + sum(len(line) for line in output.traceback)
+            elif isinstance(output, DisplayDataOutput | ExecuteResultOutput):
+                for mime, value in output.data.items():
+                    if mime.startswith("image/"):
+                        rich += len(value)
+                    else:
+                        text += len(value)
+        assert text <= 2000 + 200  # the notes that stand where text was cut
+        assert rich <= 6000

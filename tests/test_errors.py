@@ -1,5 +1,6 @@
 """Every error status, always JSON with a `code`, and no half-made session left behind."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,8 @@ def test_unknown_image_is_404(server: Server, session: str) -> None:
         {"code": "1", "timeout": 0},
         {"code": "1", "timeout": -3},
         {"code": "1", "timeout": "soon"},
+        {"code": "1", "timeout": "5"},
+        {"code": "1", "timeout": True},
         {"code": "1", "session_id": 7},
         {"code": "1", "timout": 5},
         ["code"],
@@ -59,6 +62,14 @@ def test_malformed_json_is_422(server: Server) -> None:
         "/execute", content=b'{"code": "1"', headers={"content-type": "application/json"}
     )
     error_of(response, 422, "invalid_request")
+
+
+def test_bodies_json_cannot_carry_are_422(server: Server) -> None:
+    for raw in (b'{"code": "\\ud800"}', b'{"code": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+        response = server.client.post(
+            "/execute", content=raw, headers={"content-type": "application/json"}
+        )
+        error_of(response, 422, "invalid_request")
 
 
 def test_bad_session_ids_are_422(server: Server) -> None:
@@ -81,6 +92,17 @@ def test_limits(tmp_path: Path) -> None:
         error_of(
             server.client.post("/execute", json={"code": "#" * 100_000}), 413, "code_too_large"
         )
+
+        def chunked() -> Iterator[bytes]:  # no Content-Length: read up to the limit, no more
+            yield b'{"code": "'
+            for _ in range(1000):
+                yield b"#" * 1000
+            yield b'"}'
+
+        response = server.client.post(
+            "/execute", content=chunked(), headers={"content-type": "application/json"}
+        )
+        error_of(response, 413, "code_too_large")
         assert server.client.get("/sessions").json()["sessions"] == []
 
         # too many sessions: 429 with a clear message, and nothing half-made

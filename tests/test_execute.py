@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from PIL import Image
 
@@ -272,7 +273,88 @@ def test_a_message_over_the_size_cap_is_dropped_and_the_session_goes_on(tmp_path
         result = server.execute("print('y' * 5_000_000)\n'value'", session_id)
         assert result["status"] == "ok"
         assert "y" * 100 not in result["stdout"]
-        assert "output was lost" in result["text"]
+        assert "Output was lost" in result["text"]
         after = server.execute("print('small'); kept", session_id)
         assert after["stdout"] == "small\n"
         assert after["result"] == "1"
+
+
+def test_every_figure_of_a_call_comes_back_even_beside_long_output(
+    server: Server, session: str
+) -> None:
+    code = (
+        "import matplotlib.pyplot as plt, numpy as np\n"
+        "print('x' * 300_000)\n"
+        "rng = np.random.default_rng(0)\n"
+        "for i in range(3):\n"
+        "    plt.figure(); plt.scatter(rng.random(5000), rng.random(5000)); plt.show()\n"
+        "print('y' * 300_000)"
+    )
+    result = server.execute(code, session)
+    assert result["status"] == "ok", result["text"][-500:]
+    assert len(result["images"]) == 3
+    assert all(len(image["data"]) > 50_000 for image in result["images"])
+    assert "output truncated" in result["stdout"]
+
+
+def test_a_large_value_is_cut_in_the_middle(server: Server, session: str) -> None:
+    result = server.execute("'start' + 'x' * 500_000 + 'end'", session)
+    assert result["result"].startswith("'startxxx")
+    assert result["result"].endswith("xxxend'")
+    assert "characters omitted" in result["result"]
+    assert len(result["result"]) < server.settings.output_limit
+
+
+def test_user_made_displays_do_not_break_the_answer(server: Server, session: str) -> None:
+    result = server.execute(
+        "from IPython.display import display\n"
+        "display('shown', display_id=5)\n"
+        "display({'image/png': 'not base64!!', 'text/plain': 'fake'}, raw=True)",
+        session,
+    )
+    assert result["status"] == "ok"
+    assert result["outputs"][0]["display_id"] == "5"
+    assert result["images"] == []
+
+
+def test_svg_is_served_so_it_cannot_run_script(server: Server, session: str) -> None:
+    result = server.execute(
+        "from IPython.display import SVG\n"
+        "SVG('<svg xmlns=\"http://www.w3.org/2000/svg\"><script>alert(1)</script></svg>')",
+        session,
+    )
+    served = server.client.get(result["images"][0]["url"])
+    assert served.headers["content-security-policy"] == "sandbox"
+    assert served.headers["x-content-type-options"] == "nosniff"
+
+
+def test_what_a_dying_kernel_started_dies_with_it(server: Server, session: str) -> None:
+    result = server.execute(
+        "import subprocess, os, time\n"
+        "child = subprocess.Popen(['sleep', '300'])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(0.3)  # os._exit does not wait for ZMQ to send what was printed\n"
+        "os._exit(1)",
+        session,
+    )
+    assert result["error"]["ename"] == "KernelDied"
+    pid = int(result["stdout"])
+    deadline = time.monotonic() + 5
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
+
+
+def test_a_session_whose_work_dir_was_removed_recovers(server: Server, session: str) -> None:
+    result = server.execute("import os, shutil\nshutil.rmtree(os.getcwd())\nos._exit(1)", session)
+    assert result["error"]["ename"] == "KernelDied"
+    after = server.execute("import os\nos.getcwd()", session)
+    assert after["status"] == "ok"
+    assert session in after["result"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

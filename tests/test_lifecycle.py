@@ -117,7 +117,8 @@ def test_service_signal_ends_every_kernel(tmp_path: Path, sig: signal.Signals) -
         with httpx.Client(base_url=base_url, timeout=60) as client:
             for _ in range(2):
                 assert client.post("/execute", json={"code": "x = 1"}).status_code == 200
-        assert len(kernel_processes(tmp_path / "connection")) == 2
+        kernels = kernel_processes(tmp_path / "connection")
+        assert len(kernels) == 2, [k.info["cmdline"] for k in kernels]
         process.send_signal(sig)
         # uvicorn shuts down gracefully, then re-raises the signal it caught
         assert process.wait(timeout=30) in (0, -sig)

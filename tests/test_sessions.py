@@ -137,6 +137,45 @@ def test_deleting_a_busy_session_ends_its_queue(server: Server) -> None:
     assert server.client.get(f"/sessions/{session_id}").status_code == 404
 
 
+def test_deleting_a_session_while_its_kernel_restarts_is_a_clean_404(server: Server) -> None:
+    session_id = server.new_session()
+    server.execute(
+        "import os, threading, time\n"
+        "threading.Thread(target=lambda: (time.sleep(0.2), os._exit(1))).start()",
+        session_id,
+    )
+    time.sleep(0.5)  # the kernel is dead; the next call starts a new one and waits for it
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(
+            server.client.post, "/execute", json={"code": "1", "session_id": session_id}
+        )
+        time.sleep(0.1)
+        assert server.client.delete(f"/sessions/{session_id}").status_code == 204
+        response = waiting.result(timeout=30)
+    if response.status_code != 200:  # unless the new kernel was ready before the delete
+        assert response.status_code == 404
+        assert response.json()["code"] == "session_not_found"
+
+
+def test_an_id_deleted_and_made_again_at_once_gets_a_working_session(server: Server) -> None:
+    server.new_session("again")
+    server.execute("x = 1", "again")
+    with ThreadPoolExecutor(1) as pool:
+        deleting = pool.submit(server.client.delete, "/sessions/again")
+        deadline = time.monotonic() + 20
+        while (
+            created := server.client.post("/sessions", json={"session_id": "again"})
+        ).status_code != 201:
+            assert created.status_code in (409,), created.text
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert deleting.result(timeout=20).status_code == 204
+    result = server.execute("import os\nprint(os.getcwd()); 'x' in globals()", "again")
+    assert result["status"] == "ok", result["text"]
+    assert result["result"] == "False"
+    assert server.client.delete("/sessions/again").status_code == 204
+
+
 def test_connection_file_is_private_and_removed_with_the_session(server: Server) -> None:
     before = set(server.connection_dir.glob("*.json"))
     session_id = server.new_session()

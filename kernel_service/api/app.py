@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
             yield
         finally:
             culler.cancel()
+            await asyncio.wait([culler])
             await registry.close_all()
             options.zmq_context.destroy(linger=0)
             log.info("all sessions closed")

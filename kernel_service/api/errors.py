@@ -8,7 +8,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kernel_service.errors import (
     CodeTooLarge,
@@ -51,6 +51,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400:  # FastAPI's word for a body it could not parse
+            return error_response(422, exc.detail, "invalid_request")
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, exc.detail, code)
 
@@ -67,20 +69,51 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class BodySizeLimit:
-    """Refuses, before reading it, a request body announced as larger than `limit` bytes."""
+    """Refuses a request body larger than `limit` bytes without holding more than that.
+
+    A body whose Content-Length says it is too large is refused before it is read; a body
+    of unannounced length (chunked) is read up to the limit and refused past it.
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self._app = app
         self._limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for name, value in scope["headers"]:
-                if name == b"content-length" and value.isdigit() and int(value) > self._limit:
-                    size = int(value)
-                    response = error_response(
-                        413, str(CodeTooLarge(size, self._limit)), "code_too_large"
-                    )
-                    await response(scope, receive, send)
-                    return
-        await self._app(scope, receive, send)
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self._limit:
+                await self._refuse(int(length), scope, receive, send)
+                return
+            await self._app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self._limit:
+                await self._refuse(size, scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self._app(scope, replay, send)
+
+    async def _refuse(self, size: int, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = str(CodeTooLarge(size, self._limit)).replace("The code is", "The request is", 1)
+        await error_response(413, detail, "code_too_large")(scope, receive, send)

@@ -103,7 +103,9 @@ async def restart_session(session_id: SessionId, registry: Registry) -> SessionI
 async def get_image(session_id: SessionId, image_id: str, registry: Registry) -> Response:
     """An image a session's code displayed, as long as the session lives."""
     image = registry.get(session_id).image(image_id)
-    return Response(image.content(), media_type=image.mime)
+    # An SVG is a document written by user code: never let it run script on our origin.
+    headers = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
+    return Response(image.content(), media_type=image.mime, headers=headers)
 
 
 @router.get("/tools")

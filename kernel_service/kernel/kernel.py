@@ -23,7 +23,7 @@ import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.connect import write_connection_file
 
-from kernel_service.collector import ExecutionCollector
+from kernel_service.collector import ExecutionCollector, OutputLimits
 from kernel_service.kernel.launcher import KernelLauncher, KernelProcess, LaunchSpec
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ _DEATH_DRAIN = 0.05
 # Between kernel_info requests while waiting for a new kernel to be ready.
 _READY_RETRY = 0.25
 _LOG_TAIL = 2000
+_PROBE_LIMITS = OutputLimits(text=1000, rich=1000)
 
 Ending = Literal["done", "interrupted", "killed", "died", "output_lost"]
 
@@ -146,9 +147,13 @@ class Kernel:
             kernel_args=_kernel_args(options),
         )
         try:
+            # user code may have removed it; a mkdir is too small to hand to a thread
+            work_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
             process = await launcher.launch(spec)
-        except BaseException:
+        except BaseException as exc:
             _remove_files(connection_file, log_file)
+            if isinstance(exc, OSError):
+                raise KernelStartError(f"the kernel process could not be started: {exc}") from exc
             raise
         kernel = cls(kernel_id, process, connection_file, log_file, options.zmq_context)
         try:
@@ -168,7 +173,7 @@ class Kernel:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            collector = ExecutionCollector(self._client.kernel_info(), output_limit=1)
+            collector = ExecutionCollector(self._client.kernel_info(), _PROBE_LIMITS)
             ending = await self._follow(
                 collector, min(deadline, loop.time() + _READY_RETRY), iopub_grace=_READY_RETRY
             )
@@ -201,14 +206,14 @@ class Kernel:
     # ------------------------------------------------------------ execution
 
     async def execute(
-        self, code: str, timeout: float, interrupt_grace: float, output_limit: int
+        self, code: str, timeout: float, interrupt_grace: float, limits: OutputLimits
     ) -> RunOutcome:
         """Run `code`, gather its outputs, and enforce `timeout` from outside the kernel."""
         loop = asyncio.get_running_loop()
         msg_id = self._client.execute(
             code, silent=False, store_history=True, allow_stdin=False, stop_on_error=True
         )
-        collector = ExecutionCollector(msg_id, output_limit)
+        collector = ExecutionCollector(msg_id, limits)
         try:
             ending = await self._follow(collector, loop.time() + timeout)
             timed_out = ending == "timeout"
@@ -314,10 +319,15 @@ class Kernel:
                 await asyncio.sleep(0)
                 continue
             active = self._active
-            if active is not None:
+            if active is None:
+                continue
+            try:
                 active.feed(msg)
-                if msg["header"]["msg_type"] in ("execute_reply", "kernel_info_reply", "status"):
-                    self._changed.set()
+            except Exception:  # the collector is pure but its input comes from user code
+                log.exception("kernel %s: message not understood", self.kernel_id)
+                continue
+            if msg["header"]["msg_type"] in ("execute_reply", "kernel_info_reply", "status"):
+                self._changed.set()
 
     def _on_exit(self, returncode: int) -> None:
         if not self._killed_by_us:

@@ -133,19 +133,21 @@ class PopenKernelProcess(KernelProcess):
         return await asyncio.shield(self._exited)
 
     def kill(self) -> None:
-        if self._popen.returncode is not None:
-            return
-        try:
-            # Collected before the kill: once the kernel is gone its children are re-parented
-            # and could no longer be found. Children that left the process group are included.
-            descendants = psutil.Process(self._popen.pid).children(recursive=True)
-        except psutil.Error:
-            descendants = []
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._popen.pid, signal.SIGKILL)
+        descendants: list[psutil.Process] = []
+        if self._popen.returncode is None:
+            # Collected before the kill: once the kernel is gone its children are
+            # re-parented and can't be found, even those that left its process group.
+            with contextlib.suppress(psutil.Error):
+                descendants = psutil.Process(self._popen.pid).children(recursive=True)
+        self._kill_group()
         for child in descendants:
             with contextlib.suppress(psutil.Error):
                 child.kill()
+
+    def _kill_group(self) -> None:
+        # Safe after the kernel is reaped: Linux reuses no pid that still names a live group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._popen.pid, signal.SIGKILL)
 
     def _reap(self) -> None:
         if self._pidfd is not None:
@@ -153,6 +155,7 @@ class PopenKernelProcess(KernelProcess):
             os.close(self._pidfd)
             self._pidfd = None
         returncode = self._popen.wait()
+        self._kill_group()  # what a kernel that died by itself left running in its group
         if not self._exited.done():
             self._exited.set_result(returncode)
             for callback in self._callbacks:
