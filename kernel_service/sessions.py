@@ -80,6 +80,7 @@ class Session:
         self._replacing: asyncio.Task[Kernel] | None = None
         self._start_kernel = start_kernel
         self._settings = settings
+        self._limits = OutputLimits(text=settings.output_limit, rich=settings.rich_output_limit)
         self._lock = asyncio.Lock()
         self._images: OrderedDict[str, StoredImage] = OrderedDict()
         self._image_seq = 0
@@ -133,9 +134,7 @@ class Session:
                     code,
                     timeout=effective,
                     interrupt_grace=self._settings.interrupt_grace,
-                    limits=OutputLimits(
-                        text=self._settings.output_limit, rich=self._settings.rich_output_limit
-                    ),
+                    limits=self._limits,
                 )
                 if outcome.kernel_lost:
                     self._replace(kernel)
@@ -178,7 +177,6 @@ class Session:
             self._replace(kernel)
         async with self._lock:
             await self._ready_kernel()
-            self.execution_count = 0
             self._touch()
 
     async def close(self) -> None:
@@ -253,6 +251,7 @@ class Session:
             raise
         self._kernel = kernel
         self._replacing = None
+        self.execution_count = 0
         log.info("session %s: new kernel %s", self.session_id, kernel.kernel_id)
         return kernel
 

@@ -6,7 +6,7 @@ Every server's shutdown is checked: no kernel process and no connection file may
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,24 @@ def kernel_processes(connection_dir: Path) -> list[psutil.Process]:
         ):
             found.append(process)
     return found
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll `condition` until it holds or `timeout` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def descendants() -> set[int]:
@@ -79,6 +97,12 @@ class Server:
         created: str = response.json()["session_id"]
         return created
 
+    def wait_busy(self, session_id: str) -> None:
+        """Until the session runs an execution."""
+        assert wait_for(
+            lambda: self.client.get(f"/sessions/{session_id}").json()["status"] == "busy", 10
+        )
+
     def stop(self) -> None:
         self.client.close()
         self._server.should_exit = True
@@ -87,9 +111,7 @@ class Server:
 
     def assert_clean(self) -> None:
         """No kernel process and no connection file of this server is left."""
-        deadline = time.monotonic() + 5
-        while kernel_processes(self.connection_dir) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: not kernel_processes(self.connection_dir))
         assert kernel_processes(self.connection_dir) == []
         assert sorted(p.name for p in self.connection_dir.iterdir()) == []
 
@@ -114,9 +136,7 @@ def running_server(tmp: Path, **overrides: Any) -> Iterator[Server]:
     finally:
         server.stop()
         server.assert_clean()
-        deadline = time.monotonic() + 5
-        while descendants() - before and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: not descendants() - before)
         assert descendants() - before == set(), "processes left behind"
 
 

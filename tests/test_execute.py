@@ -7,11 +7,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from PIL import Image
 
-from tests.conftest import Server, running_server
+from tests.conftest import Server, alive, running_server, wait_for
 
 
 def test_variables_persist_across_calls(server: Server, session: str) -> None:
@@ -339,10 +338,7 @@ def test_what_a_dying_kernel_started_dies_with_it(server: Server, session: str) 
     )
     assert result["error"]["ename"] == "KernelDied"
     pid = int(result["stdout"])
-    deadline = time.monotonic() + 5
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(pid)
+    assert wait_for(lambda: not alive(pid))
 
 
 def test_a_session_whose_work_dir_was_removed_recovers(server: Server, session: str) -> None:
@@ -351,10 +347,3 @@ def test_a_session_whose_work_dir_was_removed_recovers(server: Server, session: 
     after = server.execute("import os\nos.getcwd()", session)
     assert after["status"] == "ok"
     assert session in after["result"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False

@@ -11,62 +11,48 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
-from tests.conftest import Server, kernel_processes, running_server
+from tests.conftest import Server, alive, kernel_processes, running_server, wait_for
 
 
 def test_idle_sessions_are_culled(tmp_path: Path) -> None:
-    with running_server(tmp_path, session_ttl=1.0) as server:
+    with running_server(tmp_path, session_ttl=2.0) as server:
         idle = server.new_session("idle")
         busy = server.new_session("busy")
         with httpx.Client(base_url=server.base_url, timeout=30) as other:
             # a running execution is activity: it must not be culled under it
             response = other.post(
                 "/execute",
-                json={"code": "import time; time.sleep(2.5); 'done'", "session_id": busy},
+                json={"code": "import time; time.sleep(4); 'done'", "session_id": busy},
             )
         assert response.json()["result"] == "'done'"
         assert server.client.get(f"/sessions/{idle}").status_code == 404
         assert server.client.get(f"/sessions/{busy}").status_code == 200
-        deadline = time.monotonic() + 5
-        while server.client.get(f"/sessions/{busy}").status_code == 200:
-            assert time.monotonic() < deadline, "idle session never culled"
-            time.sleep(0.1)
-        assert kernel_processes(server.connection_dir) == []
-        assert list(server.connection_dir.iterdir()) == []
+        assert wait_for(lambda: server.client.get(f"/sessions/{busy}").status_code == 404)
+        # the culler unlists a session first, then ends its kernel
+        assert wait_for(lambda: not kernel_processes(server.connection_dir))
+        assert wait_for(lambda: not list(server.connection_dir.iterdir()))
         culled = server.client.post("/execute", json={"code": "1", "session_id": busy})
         assert culled.status_code == 404
 
 
-def test_delete_ends_the_kernel_and_what_it_started(server: Server, tmp_path: Path) -> None:
+def test_delete_ends_the_kernel_and_what_it_started(server: Server) -> None:
+    before = {p.pid for p in kernel_processes(server.connection_dir)}
     session_id = server.new_session()
+    [kernel] = [p.pid for p in kernel_processes(server.connection_dir) if p.pid not in before]
     result = server.execute(
-        "import subprocess, os\n"
+        "import subprocess\n"
         "child = subprocess.Popen(['sleep', '300'])\n"
         "escaped = subprocess.Popen(['sleep', '301'], start_new_session=True)\n"
         "print(child.pid, escaped.pid)",
         session_id,
     )
-    pids = [int(p) for p in result["stdout"].split()]
-    kernels = kernel_processes(server.connection_dir)
-    assert all(psutil.pid_exists(pid) for pid in pids)
+    pids = [kernel, *(int(p) for p in result["stdout"].split())]
+    assert all(alive(pid) for pid in pids)
     assert server.client.delete(f"/sessions/{session_id}").status_code == 204
-    deadline = time.monotonic() + 5
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(_alive(pid) for pid in pids)
-    remaining = {p.pid for p in kernel_processes(server.connection_dir)}
-    assert remaining == {p.pid for p in kernels} - {p.pid for p in kernels if not _alive(p.pid)}
+    assert wait_for(lambda: not any(alive(pid) for pid in pids))
     assert not (server.settings.work_dir.resolve() / session_id).exists()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @contextmanager
@@ -132,10 +118,7 @@ def test_kernels_do_not_outlive_a_killed_service(tmp_path: Path) -> None:
         [kernel] = kernel_processes(tmp_path / "connection")
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while _alive(kernel.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(kernel.pid), "kernel orphaned by a killed service"
+    assert wait_for(lambda: not alive(kernel.pid), 10), "kernel orphaned by a killed service"
     # what it left behind is swept away by the next start
     assert list((tmp_path / "connection").glob("kernel-*.json"))
     with service_process(tmp_path):

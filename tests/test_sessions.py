@@ -60,10 +60,7 @@ def test_interrupt_stops_a_running_execution(server: Server, session: str) -> No
     assert idle.json() == {"session_id": session, "interrupted": False}
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(server.execute, "import time\nwhile True: time.sleep(0.01)", session)
-        deadline = time.monotonic() + 10
-        while server.client.get(f"/sessions/{session}").json()["status"] != "busy":
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        server.wait_busy(session)
         time.sleep(0.2)
         answer = server.client.post(f"/sessions/{session}/interrupt")
         assert answer.json()["interrupted"] is True
@@ -118,10 +115,7 @@ def test_deleting_a_busy_session_ends_its_queue(server: Server) -> None:
     session_id = server.new_session()
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(server.execute, "import time; time.sleep(30)", session_id)
-        deadline = time.monotonic() + 10
-        while server.client.get(f"/sessions/{session_id}").json()["status"] != "busy":
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        server.wait_busy(session_id)
         queued = pool.submit(
             server.client.post, "/execute", json={"code": "1", "session_id": session_id}
         )
