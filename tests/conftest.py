@@ -27,8 +27,12 @@ def kernel_processes(connection_dir: Path) -> list[psutil.Process]:
         cmdline = process.info["cmdline"] or []
         if process.info["status"] == psutil.STATUS_ZOMBIE:
             continue
-        if any(str(connection_dir) in arg for arg in cmdline) and any(
-            "ipykernel" in arg for arg in cmdline
+        # the kernel's own python, not a wrapper that launched it (bwrap, prlimit)
+        is_python = bool(cmdline) and Path(cmdline[0]).name.startswith("python")
+        if (
+            is_python
+            and "ipykernel_launcher" in cmdline
+            and any(str(connection_dir) in arg for arg in cmdline)
         ):
             found.append(process)
     return found

@@ -116,7 +116,7 @@ def test_limits(tmp_path: Path) -> None:
             assert "maximum of 2 sessions" in str(detail)
         assert len(server.client.get("/sessions").json()["sessions"]) == 2
         assert len(kernel_processes(server.connection_dir)) == 2
-        assert len(list(server.connection_dir.glob("*.json"))) == 2
+        assert len(list(server.connection_dir.glob("*/connection.json"))) == 2
 
 
 def test_a_kernel_that_cannot_start_is_503_and_leaves_nothing(tmp_path: Path) -> None:

@@ -120,6 +120,6 @@ def test_kernels_do_not_outlive_a_killed_service(tmp_path: Path) -> None:
         process.wait(timeout=10)
     assert wait_for(lambda: not alive(kernel.pid), 10), "kernel orphaned by a killed service"
     # what it left behind is swept away by the next start
-    assert list((tmp_path / "connection").glob("kernel-*.json"))
+    assert list((tmp_path / "connection").glob("k-*/connection.json"))
     with service_process(tmp_path):
         assert list((tmp_path / "connection").iterdir()) == []

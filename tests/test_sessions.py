@@ -1,5 +1,6 @@
 """Session endpoints, serialised executions within a session, concurrency across sessions."""
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -171,10 +172,12 @@ def test_an_id_deleted_and_made_again_at_once_gets_a_working_session(server: Ser
 
 
 def test_connection_file_is_private_and_removed_with_the_session(server: Server) -> None:
-    before = set(server.connection_dir.glob("*.json"))
+    before = set(server.connection_dir.glob("*/connection.json"))
     session_id = server.new_session()
-    [connection_file] = set(server.connection_dir.glob("*.json")) - before
+    [connection_file] = set(server.connection_dir.glob("*/connection.json")) - before
     assert connection_file.stat().st_mode & 0o777 == 0o600
+    assert connection_file.parent.stat().st_mode & 0o777 == 0o700
+    assert json.loads(connection_file.read_text())["transport"] == "ipc"
     server.client.delete(f"/sessions/{session_id}")
     assert not connection_file.exists()
 

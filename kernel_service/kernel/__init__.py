@@ -1,11 +1,11 @@
 """The only package that speaks the kernel protocol (jupyter_client): launch, execute, interrupt."""
 
+from kernel_service.kernel.files import remove_stale_files
 from kernel_service.kernel.kernel import (
     Kernel,
     KernelOptions,
     KernelStartError,
     RunOutcome,
-    remove_stale_files,
     zmq_context,
 )
 from kernel_service.kernel.launcher import KernelLauncher, SubprocessLauncher

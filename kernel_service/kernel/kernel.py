@@ -10,20 +10,18 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import psutil
 import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
-from jupyter_client.connect import write_connection_file
 
 from kernel_service.collector import ExecutionCollector, OutputLimits
+from kernel_service.kernel.files import KernelFiles
 from kernel_service.kernel.launcher import KernelLauncher, KernelProcess, LaunchSpec
 
 log = logging.getLogger(__name__)
@@ -108,14 +106,12 @@ class Kernel:
         self,
         kernel_id: str,
         process: KernelProcess,
-        connection_file: Path,
-        log_file: Path,
+        files: KernelFiles,
         context: zmq.asyncio.Context,
     ) -> None:
         self.kernel_id = kernel_id
         self.process = process
-        self.connection_file = connection_file
-        self._log_file = log_file
+        self.files = files
         self._context = context
         self._client = self._new_client()
         self._active: ExecutionCollector | None = None
@@ -132,18 +128,15 @@ class Kernel:
         cls, launcher: KernelLauncher, options: KernelOptions, work_dir: Path
     ) -> "Kernel":
         """Write a connection file, launch a kernel on it and wait until it answers."""
-        kernel_id = uuid.uuid4().hex
-        options.connection_dir.mkdir(parents=True, exist_ok=True)
-        connection_file = options.connection_dir / f"kernel-{kernel_id}.json"
-        log_file = options.connection_dir / f"kernel-{kernel_id}.log"
-        write_connection_file(
-            str(connection_file), ip="127.0.0.1", transport="tcp", key=uuid.uuid4().hex.encode()
-        )
+        kernel_id = uuid.uuid4().hex[:16]
+        try:
+            files = KernelFiles.create(options.connection_dir, kernel_id)
+        except ValueError as exc:
+            raise KernelStartError(str(exc)) from exc
         spec = LaunchSpec(
-            connection_file=connection_file,
+            files=files,
             work_dir=work_dir,
-            log_file=log_file,
-            env=_kernel_env(options, work_dir),
+            env=_kernel_env(options),
             kernel_args=_kernel_args(options),
         )
         try:
@@ -151,11 +144,11 @@ class Kernel:
             work_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
             process = await launcher.launch(spec)
         except BaseException as exc:
-            _remove_files(connection_file, log_file)
+            files.remove()
             if isinstance(exc, OSError):
                 raise KernelStartError(f"the kernel process could not be started: {exc}") from exc
             raise
-        kernel = cls(kernel_id, process, connection_file, log_file, options.zmq_context)
+        kernel = cls(kernel_id, process, files, options.zmq_context)
         try:
             kernel._start_channels()
             await kernel._wait_ready(options.start_timeout)
@@ -197,7 +190,7 @@ class Kernel:
             await self.process.wait()
         finally:  # cleaned up even if the caller is cancelled while the process is reaped
             self._stop_channels()
-            _remove_files(self.connection_file, self._log_file)
+            self.files.remove()
 
     @property
     def alive(self) -> bool:
@@ -278,7 +271,7 @@ class Kernel:
 
     def _new_client(self) -> AsyncKernelClient:
         client = AsyncKernelClient(context=self._context)
-        client.load_connection_file(str(self.connection_file))
+        client.load_connection_file(str(self.files.connection_file))
         return client
 
     def _start_channels(self) -> None:
@@ -344,7 +337,7 @@ class Kernel:
 
     def _log_excerpt(self) -> str:
         try:
-            tail = self._log_file.read_bytes()[-_LOG_TAIL:].decode(errors="replace").strip()
+            tail = self.files.log_file.read_bytes()[-_LOG_TAIL:].decode(errors="replace").strip()
         except OSError:
             return ""
         return f" Kernel log:\n{tail}" if tail else ""
@@ -363,42 +356,13 @@ def _kernel_args(options: KernelOptions) -> list[str]:
     ]
 
 
-def _kernel_env(options: KernelOptions, work_dir: Path) -> dict[str, str]:
-    """A clean environment: nothing of the service's own (keys, tokens) reaches user code."""
+def _kernel_env(options: KernelOptions) -> dict[str, str]:
+    """What the kernel needs, whatever the launcher; nothing of the service's own (keys)."""
     return {
-        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-        "HOME": str(work_dir),
-        "IPYTHONDIR": str(work_dir / ".ipython"),
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
         "TERM": "dumb",
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
         "MPLCONFIGDIR": str(options.matplotlib_dir),
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",
-        # ipykernel's parent poller ends the kernel if the service dies without cleaning up.
-        "JPY_PARENT_PID": str(os.getpid()),
     }
-
-
-def remove_stale_files(connection_dir: Path) -> list[Path]:
-    """Remove connection files (and kernel logs) that no live kernel process uses.
-
-    They are what a service killed outright leaves behind. A file whose kernel still runs
-    (another service on the same directory, say) is kept.
-    """
-    candidates = sorted(connection_dir.glob("kernel-*.json"))
-    if not candidates:
-        return []
-    in_use: set[str] = set()
-    for process in psutil.process_iter(["cmdline"]):
-        in_use.update(process.info["cmdline"] or [])
-    stale = [path for path in candidates if str(path) not in in_use]
-    for path in stale:
-        _remove_files(path, path.with_suffix(".log"))
-    return stale
-
-
-def _remove_files(*paths: Path) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()

@@ -19,17 +19,18 @@ from pathlib import Path
 
 import psutil
 
+from kernel_service.kernel.files import KernelFiles
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LaunchSpec:
-    """What any launcher needs to start one kernel on one connection file."""
+    """What any launcher needs to start one kernel on its own files."""
 
-    connection_file: Path
+    files: KernelFiles
     work_dir: Path
-    log_file: Path
-    env: dict[str, str]
+    env: dict[str, str]  # what the kernel needs; launchers add where home and PATH are
     kernel_args: list[str] = field(default_factory=list)
 
     def ipykernel_argv(self) -> list[str]:
@@ -38,7 +39,7 @@ class LaunchSpec:
             "-m",
             "ipykernel_launcher",
             "-f",
-            str(self.connection_file),
+            str(self.files.connection_file),
             *self.kernel_args,
         ]
 
@@ -84,10 +85,18 @@ class SubprocessLauncher(KernelLauncher):
     async def launch(self, spec: LaunchSpec) -> KernelProcess:
         # Started on the event loop's thread on purpose: a process started from a worker
         # thread is tied to that thread's life by PR_SET_PDEATHSIG-style guards (sandbox).
-        with spec.log_file.open("ab") as log_stream:
+        env = {
+            **spec.env,
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "HOME": str(spec.work_dir),
+            "IPYTHONDIR": str(spec.work_dir / ".ipython"),
+            # ipykernel's parent poller ends the kernel if the service dies without cleanup.
+            "JPY_PARENT_PID": str(os.getpid()),
+        }
+        with spec.files.log_file.open("ab") as log_stream:
             popen = subprocess.Popen(  # noqa: ASYNC220 (a fork+exec: ~1 ms)
                 spec.ipykernel_argv(),
-                env=spec.env,
+                env=env,
                 cwd=spec.work_dir,
                 stdin=subprocess.DEVNULL,
                 stdout=log_stream,
@@ -95,7 +104,7 @@ class SubprocessLauncher(KernelLauncher):
                 start_new_session=True,
                 close_fds=True,
             )
-        log.debug("launched kernel pid=%d for %s", popen.pid, spec.connection_file.name)
+        log.debug("launched kernel pid=%d in %s", popen.pid, spec.files.directory.name)
         return PopenKernelProcess(popen)
 
 

@@ -1,0 +1,70 @@
+"""A kernel's files on the host: its directory (connection file and ZMQ ipc sockets) and log.
+
+The connection file says `"transport": "ipc"`: the kernel and the service meet on Unix
+sockets in the kernel's own directory, which a sandbox can bind-mount as the only way
+out. Nothing listens on a TCP port.
+"""
+
+import contextlib
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from jupyter_client.connect import write_connection_file
+
+# A Unix socket path must fit in sun_path (108 bytes with its NUL).
+_MAX_SOCKET_PATH = 100
+
+
+@dataclass(frozen=True)
+class KernelFiles:
+    directory: Path  # 0700: connection.json and the ipc sockets s-1 … s-5
+    log_file: Path  # the kernel process's own stdout and stderr
+
+    @property
+    def connection_file(self) -> Path:
+        return self.directory / "connection.json"
+
+    @classmethod
+    def create(cls, connection_dir: Path, kernel_id: str) -> "KernelFiles":
+        """A fresh directory with a connection file (0600) for one kernel."""
+        files = cls(connection_dir / f"k-{kernel_id}", connection_dir / f"k-{kernel_id}.log")
+        socket_base = files.directory / "s"
+        if len(str(socket_base)) + 3 > _MAX_SOCKET_PATH:
+            raise ValueError(
+                f"the connection directory {connection_dir} is too long a path for Unix "
+                f"sockets (at most {_MAX_SOCKET_PATH - 20} characters): choose a shorter one"
+            )
+        files.directory.mkdir(mode=0o700, parents=True)
+        write_connection_file(
+            str(files.connection_file),
+            transport="ipc",
+            ip=str(socket_base),
+            key=uuid.uuid4().hex.encode(),
+        )
+        return files
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.log_file.unlink()
+
+
+def remove_stale_files(connection_dir: Path) -> list[Path]:
+    """Remove kernel directories (and logs) that no live kernel process uses.
+
+    They are what a service killed outright leaves behind. A directory whose kernel still
+    runs (another service on the same connection directory, say) is kept.
+    """
+    candidates = sorted(p for p in connection_dir.glob("k-*") if p.is_dir())
+    if not candidates:
+        return []
+    in_use: set[str] = set()
+    for process in psutil.process_iter(["cmdline"]):
+        in_use.update(process.info["cmdline"] or [])
+    stale = [d for d in candidates if str(d / "connection.json") not in in_use]
+    for directory in stale:
+        KernelFiles(directory, directory.with_suffix(".log")).remove()
+    return stale
