@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,14 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from kernel_service.api import create_app
+    from kernel_service.kernel.sandbox import SandboxUnavailable
 
+    try:
+        app = create_app(settings)
+    except SandboxUnavailable as exc:
+        sys.exit(f"kernel-service: refusing to start: the sandbox is not available: {exc}")
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),

@@ -1,6 +1,7 @@
 """Settings, read from KERNEL_SERVICE_* variables; passed in, never global."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -60,6 +61,27 @@ class Settings(BaseSettings):
     images_per_session: PositiveInt = Field(
         100, description="Images kept per session for their URLs (oldest dropped first)."
     )
+    sandbox: Literal["bubblewrap", "none"] = Field(
+        "bubblewrap",
+        description="How kernels are isolated; `none` runs them as plain processes (unsafe).",
+    )
+    sandbox_memory_mb: PositiveInt = Field(
+        2048, description="Address space per kernel (RLIMIT_AS); past it: MemoryError."
+    )
+    sandbox_processes: PositiveInt = Field(
+        256, description="Processes and threads per kernel (RLIMIT_NPROC of its own uid)."
+    )
+    sandbox_file_mb: PositiveInt = Field(
+        1024, description="Largest file a kernel may write (RLIMIT_FSIZE)."
+    )
+    sandbox_open_files: PositiveInt = Field(1024, description="Open files per kernel.")
+    sandbox_tmp_mb: PositiveInt = Field(
+        256, description="Size of each kernel's private /tmp (memory-backed)."
+    )
+    sandbox_uid_base: int = Field(
+        210000, ge=1000, description="First of the uids given to kernels, one per live kernel."
+    )
+    sandbox_uid_count: PositiveInt = Field(10000, description="How many uids kernels may use.")
     preload_modules: str = Field(
         "numpy,pandas,matplotlib.pyplot",
         description="Modules each kernel imports at start (comma-separated; empty for none).",

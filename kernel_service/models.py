@@ -208,7 +208,8 @@ class Health(BaseModel):
     version: str
     sessions: int
     max_sessions: int
-    sandbox: str
+    sandbox: str = Field(description="The isolation of kernels: `bubblewrap` or `none`.")
+    isolation: dict[str, Any] = Field(description="What is isolated and the limits in force.")
 
 
 class ErrorBody(BaseModel):

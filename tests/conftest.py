@@ -46,6 +46,15 @@ def alive(pid: int) -> bool:
         return False
 
 
+def processes_running(*argv: str) -> list[psutil.Process]:
+    """Host processes whose command line is exactly `argv` (pids inside a sandbox differ)."""
+    return [
+        p
+        for p in psutil.process_iter(["cmdline", "status"])
+        if p.info["cmdline"] == list(argv) and p.info["status"] != psutil.STATUS_ZOMBIE
+    ]
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
     """Poll `condition` until it holds or `timeout` passes; its last value."""
     deadline = time.monotonic() + timeout

@@ -13,7 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Server, alive, kernel_processes, running_server, wait_for
+from tests.conftest import (
+    Server,
+    alive,
+    kernel_processes,
+    processes_running,
+    running_server,
+    wait_for,
+)
 
 
 def test_idle_sessions_are_culled(tmp_path: Path) -> None:
@@ -41,17 +48,16 @@ def test_delete_ends_the_kernel_and_what_it_started(server: Server) -> None:
     before = {p.pid for p in kernel_processes(server.connection_dir)}
     session_id = server.new_session()
     [kernel] = [p.pid for p in kernel_processes(server.connection_dir) if p.pid not in before]
-    result = server.execute(
+    server.execute(
         "import subprocess\n"
-        "child = subprocess.Popen(['sleep', '300'])\n"
-        "escaped = subprocess.Popen(['sleep', '301'], start_new_session=True)\n"
-        "print(child.pid, escaped.pid)",
+        "child = subprocess.Popen(['sleep', '300.2'])\n"
+        "escaped = subprocess.Popen(['sleep', '300.3'], start_new_session=True)",
         session_id,
     )
-    pids = [kernel, *(int(p) for p in result["stdout"].split())]
-    assert all(alive(pid) for pid in pids)
+    children = [*processes_running("sleep", "300.2"), *processes_running("sleep", "300.3")]
+    assert len(children) == 2
     assert server.client.delete(f"/sessions/{session_id}").status_code == 204
-    assert wait_for(lambda: not any(alive(pid) for pid in pids))
+    assert wait_for(lambda: not alive(kernel) and not any(c.is_running() for c in children))
     assert not (server.settings.work_dir.resolve() / session_id).exists()
 
 

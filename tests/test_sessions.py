@@ -108,7 +108,8 @@ def test_tools_and_health(server: Server) -> None:
     assert "persist" in function["description"]
     health = server.client.get("/healthz").json()
     assert health["status"] == "ok"
-    assert health["sandbox"] == "none"
+    assert health["sandbox"] == "bubblewrap"
+    assert health["isolation"]["memory_mb"] == server.settings.sandbox_memory_mb
     assert health["max_sessions"] == server.settings.max_sessions
 
 

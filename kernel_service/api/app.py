@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from kernel_service import __version__
 from kernel_service.api.errors import BodySizeLimit, install_error_handlers
 from kernel_service.api.routes import router
-from kernel_service.config import Settings
+from kernel_service.config import MIB, Settings
 from kernel_service.kernel import (
     Kernel,
     KernelLauncher,
@@ -23,6 +23,12 @@ from kernel_service.kernel import (
     zmq_context,
 )
 from kernel_service.kernel.fonts import prepare_font_cache
+from kernel_service.kernel.kernel import STARTUP_FILE
+from kernel_service.kernel.sandbox import (
+    BubblewrapLauncher,
+    SandboxLimits,
+    default_read_only_paths,
+)
 from kernel_service.sessions import SessionRegistry
 
 log = logging.getLogger(__name__)
@@ -32,9 +38,12 @@ _BODY_OVERHEAD = 64 * 1024
 
 
 def create_app(settings: Settings | None = None, launcher: KernelLauncher | None = None) -> FastAPI:
-    """A ready-to-serve app; kernels start on demand and all end when the app shuts down."""
+    """A ready-to-serve app; kernels start on demand and all end when the app shuts down.
+
+    Raises SandboxUnavailable when the configured sandbox cannot work on this host.
+    """
     settings = settings or Settings()
-    launcher = launcher or SubprocessLauncher()
+    launcher = launcher or make_launcher(settings)
     options = KernelOptions(
         connection_dir=settings.connection_dir.resolve(),
         matplotlib_dir=settings.matplotlib_dir.resolve(),
@@ -52,9 +61,10 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
             log.info("removed stale connection file %s", path.name)
         await prepare_font_cache(options.matplotlib_dir)
         log.info(
-            "kernel-service %s ready: isolation=%s, connection files in %s, max %d sessions",
+            "kernel-service %s ready: isolation=%s %s, connection files in %s, max %d sessions",
             __version__,
             launcher.isolation,
+            launcher.describe(),
             options.connection_dir,
             settings.max_sessions,
         )
@@ -78,11 +88,31 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
     )
     app.state.settings = settings
     app.state.registry = registry
-    app.state.isolation = launcher.isolation
+    app.state.launcher = launcher
     install_error_handlers(app)
     app.include_router(router)
     app.add_middleware(BodySizeLimit, limit=settings.max_code_bytes * 6 + _BODY_OVERHEAD)
     return app
+
+
+def make_launcher(settings: Settings) -> KernelLauncher:
+    """The launcher the settings ask for, checked to work here."""
+    if settings.sandbox == "none":
+        return SubprocessLauncher()
+    launcher = BubblewrapLauncher(
+        SandboxLimits(
+            memory_bytes=settings.sandbox_memory_mb * MIB,
+            processes=settings.sandbox_processes,
+            file_bytes=settings.sandbox_file_mb * MIB,
+            open_files=settings.sandbox_open_files,
+            tmp_bytes=settings.sandbox_tmp_mb * MIB,
+        ),
+        first_uid=settings.sandbox_uid_base,
+        uid_count=settings.sandbox_uid_count,
+        read_only_paths=default_read_only_paths(STARTUP_FILE),
+    )
+    launcher.verify()
+    return launcher
 
 
 async def _start_kernel(launcher: KernelLauncher, options: KernelOptions, work_dir: Path) -> Kernel:

@@ -120,5 +120,6 @@ async def healthz(request: Request, registry: Registry, settings: Config) -> Hea
         version=__version__,
         sessions=len(registry),
         max_sessions=settings.max_sessions,
-        sandbox=request.app.state.isolation,
+        sandbox=request.app.state.launcher.isolation,
+        isolation=request.app.state.launcher.describe(),
     )

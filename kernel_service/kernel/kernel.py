@@ -33,6 +33,7 @@ _DEATH_DRAIN = 0.05
 # Between kernel_info requests while waiting for a new kernel to be ready.
 _READY_RETRY = 0.25
 _LOG_TAIL = 2000
+STARTUP_FILE = Path(__file__).with_name("startup.py")
 _PROBE_LIMITS = OutputLimits(text=1000, rich=1000)
 
 Ending = Literal["done", "interrupted", "killed", "died", "output_lost"]
@@ -173,7 +174,9 @@ class Kernel:
             if ending == "done":
                 return
             if ending == "died":
-                raise KernelStartError(f"the kernel died while starting: {self._exit_words()}")
+                raise KernelStartError(
+                    f"the kernel died while starting: {self._exit_words()}.{self._log_excerpt()}"
+                )
             if loop.time() >= deadline:
                 raise KernelStartError(
                     f"the kernel did not answer within {timeout:g} s.{self._log_excerpt()}"
@@ -344,9 +347,12 @@ class Kernel:
 
 
 def _kernel_args(options: KernelOptions) -> list[str]:
+    # Run from its file in a namespace of its own: the kernel may not see our package (in a
+    # sandbox only this file is mounted) and user code should not see the startup's names.
     startup = (
-        '__import__("kernel_service.kernel.startup").kernel.startup'
-        f".prepare({list(options.preload_modules)!r})"
+        f"exec(compile(open({str(STARTUP_FILE)!r}).read(), {str(STARTUP_FILE)!r}, 'exec'), "
+        f"{{'__name__': '__kernel_service_startup__', "
+        f"'PRELOAD': {list(options.preload_modules)!r}}})"
     )
     return [
         f"--IPKernelApp.exec_lines={json.dumps([startup])}",

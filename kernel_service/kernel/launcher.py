@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -76,6 +77,10 @@ class KernelLauncher(ABC):
     @abstractmethod
     async def launch(self, spec: LaunchSpec) -> KernelProcess: ...
 
+    def describe(self) -> dict[str, Any]:
+        """What this launcher isolates and limits, for the start-up log and /healthz."""
+        return {"sandbox": self.isolation}
+
 
 class SubprocessLauncher(KernelLauncher):
     """ipykernel as a plain child process in a process group of its own (no sandbox)."""
@@ -111,8 +116,11 @@ class SubprocessLauncher(KernelLauncher):
 class PopenKernelProcess(KernelProcess):
     """A child process watched through a pidfd, so its death is seen at once."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], exit_status_of_child: bool = False) -> None:
+        """`exit_status_of_child`: the process is a wrapper (bwrap) that exits with its
+        child's status, 128 + N for a child ended by signal N."""
         self._popen = popen
+        self._wrapper = exit_status_of_child
         self._loop = asyncio.get_running_loop()
         self._exited: asyncio.Future[int] = self._loop.create_future()
         self._callbacks: list[Callable[[int], None]] = []
@@ -130,7 +138,10 @@ class PopenKernelProcess(KernelProcess):
 
     @property
     def returncode(self) -> int | None:
-        return self._popen.returncode
+        returncode = self._popen.returncode
+        if self._wrapper and returncode is not None and 128 < returncode < 128 + 65:
+            return 128 - returncode
+        return returncode
 
     def on_exit(self, callback: Callable[[int], None]) -> None:
         if self._exited.done():
@@ -163,7 +174,9 @@ class PopenKernelProcess(KernelProcess):
             self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = None
-        returncode = self._popen.wait()
+        self._popen.wait()
+        returncode = self.returncode
+        assert returncode is not None
         self._kill_group()  # what a kernel that died by itself left running in its group
         if not self._exited.done():
             self._exited.set_result(returncode)

@@ -1,7 +1,7 @@
 """Runs inside each kernel at start: preload the data stack and make plots ready (CJK included).
 
-Imported by the kernel through `IPKernelApp.exec_lines`; it must stay cheap to import and
-must never fail the kernel's start.
+The kernel executes this file (`IPKernelApp.exec_lines`) in a namespace of its own, with
+`PRELOAD` set; it must never fail the kernel's start.
 """
 
 import importlib
@@ -45,3 +45,7 @@ def _configure_matplotlib() -> None:
         # the families named in font.family, so the CJK ones are named there.
         families = [f for f in rcParams["font.family"] if f not in cjk]
         rcParams["font.family"] = [*families, *cjk]
+
+
+if __name__ == "__kernel_service_startup__":
+    prepare(globals().get("PRELOAD", []))

@@ -1,0 +1,256 @@
+"""The bubblewrap launcher: every kernel in its own namespaces, as its own unprivileged user.
+
+Each kernel gets a private network namespace (it reaches the service only through the ipc
+sockets in its bind-mounted directory), its own PID namespace, a read-only system and
+Python, a private size-capped /tmp, its session's work directory as /workspace, a clean
+environment, a uid of its own (so per-uid limits are per kernel), no capabilities, no new
+privileges, a seccomp filter and rlimits.
+
+bubblewrap runs as root *without* a user namespace and the kernel drops to its uid inside
+(setpriv): an unprivileged bwrap could not reach a Python installed under a 0700 /root,
+and a uid mapped inside a user namespace created by root is root on the host. Without a
+user namespace of its own, the seccomp filter is what keeps the kernel from making one.
+"""
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kernel_service.kernel.launcher import (
+    KernelLauncher,
+    KernelProcess,
+    LaunchSpec,
+    PopenKernelProcess,
+)
+from kernel_service.kernel.seccomp import build_filter
+
+log = logging.getLogger(__name__)
+
+WORKSPACE = Path("/workspace")
+# Only what Python, SSL, fonts and user lookups need from /etc.
+_ETC_FILES = (
+    "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "ssl", "ca-certificates", "fonts",
+    "localtime", "mime.types", "nsswitch.conf", "passwd", "group", "hosts", "alternatives",
+)  # fmt: skip
+_MIB = 1024 * 1024
+
+
+class SandboxUnavailable(Exception):
+    """The sandbox cannot be set up here; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    memory_bytes: int  # RLIMIT_AS: past it allocations fail with MemoryError
+    processes: int  # RLIMIT_NPROC for the kernel's own uid: processes and threads
+    file_bytes: int  # RLIMIT_FSIZE: the largest file it may write
+    open_files: int  # RLIMIT_NOFILE
+    tmp_bytes: int  # size of its private /tmp (RAM)
+
+
+class BubblewrapLauncher(KernelLauncher):
+    """Starts each kernel under bubblewrap; see the module docstring for what that means."""
+
+    isolation = "bubblewrap"
+
+    def __init__(self, limits: SandboxLimits, first_uid: int, uid_count: int,
+                 read_only_paths: tuple[Path, ...] = ()) -> None:  # fmt: skip
+        self._limits = limits
+        self._uids = _UidPool(first_uid, uid_count)
+        self._read_only = read_only_paths
+        bwrap, setpriv, prlimit = (shutil.which(t) for t in ("bwrap", "setpriv", "prlimit"))
+        if not (bwrap and setpriv and prlimit):
+            raise SandboxUnavailable(
+                "bubblewrap, setpriv and prlimit are needed (Debian: apt-get install "
+                "bubblewrap util-linux); or run without a sandbox: KERNEL_SERVICE_SANDBOX=none"
+            )
+        if os.geteuid() != 0:
+            raise SandboxUnavailable(
+                "the sandbox gives each kernel a uid of its own, which needs the service "
+                "to run as root; or run without a sandbox: KERNEL_SERVICE_SANDBOX=none"
+            )
+        self._bwrap, self._setpriv, self._prlimit = bwrap, setpriv, prlimit
+        try:
+            self._seccomp = build_filter()
+        except OSError as exc:
+            raise SandboxUnavailable(f"the seccomp filter could not be built: {exc}") from exc
+
+    def describe(self) -> dict[str, Any]:
+        limits = self._limits
+        return {
+            "sandbox": self.isolation,
+            "network": "none (private network namespace, ipc transport only)",
+            "processes": "own PID namespace",
+            "filesystem": "system and Python read-only; /workspace and a private /tmp writable",
+            "user": "a uid of its own per kernel, no capabilities, no new privileges",
+            "seccomp": True,
+            "memory_mb": limits.memory_bytes // _MIB,
+            "max_processes": limits.processes,
+            "max_file_mb": limits.file_bytes // _MIB,
+            "max_open_files": limits.open_files,
+            "tmp_mb": limits.tmp_bytes // _MIB,
+            "cgroups": "not used (rlimits only)",
+        }
+
+    def verify(self) -> None:
+        """Start a sandbox once, so a host that refuses namespaces is found at start-up."""
+        probe = subprocess.run(
+            [self._bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
+             "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+             "--symlink", "usr/bin", "/bin", "--", "/bin/true"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        if probe.returncode != 0:
+            raise SandboxUnavailable(
+                f"bubblewrap could not create namespaces here: {probe.stderr.strip()}; "
+                "or run without a sandbox: KERNEL_SERVICE_SANDBOX=none"
+            )
+
+    async def launch(self, spec: LaunchSpec) -> KernelProcess:
+        uid = self._uids.take()
+        try:
+            # The kernel's files become its own; a walk that never follows its symlinks.
+            await asyncio.to_thread(_chown_tree, spec.files.directory, uid)
+            await asyncio.to_thread(_chown_tree, spec.work_dir, uid)
+            seccomp_fd = os.memfd_create("kernel-seccomp")
+            try:
+                os.write(seccomp_fd, self._seccomp)
+                os.lseek(seccomp_fd, 0, os.SEEK_SET)
+                argv = self._argv(spec, uid, seccomp_fd)
+                # Started on the event loop's thread: bwrap's --die-with-parent is tied to
+                # the thread that spawned it, and this one lives as long as the service.
+                with spec.files.log_file.open("ab") as log_stream:
+                    popen = subprocess.Popen(  # noqa: ASYNC220 (a fork+exec: ~1 ms)
+                        argv,
+                        env={"PATH": "/usr/bin:/bin"},
+                        stdin=subprocess.DEVNULL,
+                        stdout=log_stream,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        close_fds=True,
+                        pass_fds=(seccomp_fd,),
+                    )
+            finally:
+                os.close(seccomp_fd)
+        except BaseException:
+            self._uids.give_back(uid)
+            raise
+        process = PopenKernelProcess(popen, exit_status_of_child=True)
+        process.on_exit(lambda _: self._uids.give_back(uid))
+        log.debug("sandboxed kernel pid=%d uid=%d in %s", popen.pid, uid, spec.files.directory)
+        return process
+
+    def _argv(self, spec: LaunchSpec, uid: int, seccomp_fd: int) -> list[str]:
+        limits = self._limits
+        env = {
+            **spec.env,
+            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+            "HOME": str(WORKSPACE),
+            "USER": f"kernel{uid}",
+            "TMPDIR": "/tmp",
+            "IPYTHONDIR": "/tmp/ipython",
+            "JUPYTER_RUNTIME_DIR": "/tmp/jupyter",
+            "MPLCONFIGDIR": "/tmp/matplotlib",
+            # Fewer malloc arenas keep the address space (what RLIMIT_AS counts) small;
+            # one BLAS thread keeps thread pools from eating the process limit.
+            "MALLOC_ARENA_MAX": "2",
+            "OPENBLAS_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
+        argv = [
+            self._prlimit,
+            f"--as={limits.memory_bytes}",
+            f"--nproc={limits.processes}",
+            f"--fsize={limits.file_bytes}",
+            f"--nofile={limits.open_files}",
+            "--core=0",
+            "--",
+            self._bwrap,
+            "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--hostname", "sandbox",
+            "--die-with-parent", "--new-session",
+            "--ro-bind", "/usr", "/usr",
+            "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
+            "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+            "--perms", "0755", "--dir", "/etc",
+        ]  # fmt: skip
+        for name in _ETC_FILES:
+            argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+        argv += [
+            "--proc", "/proc", "--dev", "/dev",
+            "--perms", "1777", "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp",
+            "--perms", "1777", "--size", str(16 * _MIB), "--tmpfs", "/dev/shm",
+            "--perms", "1777", "--dir", "/tmp/matplotlib",
+        ]  # fmt: skip
+        matplotlib_dir = Path(spec.env.get("MPLCONFIGDIR", "/nonexistent"))
+        for cache in sorted(matplotlib_dir.glob("fontlist-*.json")):
+            argv += ["--ro-bind", str(cache), f"/tmp/matplotlib/{cache.name}"]
+        for path in self._read_only:
+            argv += [*_parents(path, "0755"), "--ro-bind", str(path), str(path)]
+        argv += _parents(spec.files.directory, "0711")
+        argv += ["--bind", str(spec.files.directory), str(spec.files.directory)]
+        argv += ["--perms", "0755", "--dir", str(WORKSPACE)]
+        argv += ["--bind", str(spec.work_dir), str(WORKSPACE)]
+        argv += ["--remount-ro", "/", "--chdir", str(WORKSPACE), "--clearenv"]
+        for key, value in env.items():
+            argv += ["--setenv", key, value]
+        argv += [
+            "--seccomp", str(seccomp_fd),
+            "--",
+            self._setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
+            "--",
+            *spec.ipykernel_argv(),
+        ]  # fmt: skip
+        return argv
+
+
+def default_read_only_paths(startup_file: Path) -> tuple[Path, ...]:
+    """The Python environment the kernel runs in, and the one file of ours it executes."""
+    paths = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), startup_file.resolve()}
+    return tuple(sorted(p for p in paths if not p.is_relative_to("/usr")))
+
+
+def _parents(path: Path, mode: str) -> list[str]:
+    """Mount points' parents, created traversable (bwrap makes them 0700 as root)."""
+    args: list[str] = []
+    for parent in reversed(path.parents):
+        if parent != Path("/"):
+            args += ["--perms", mode, "--dir", str(parent)]
+    return args
+
+
+def _chown_tree(root: Path, uid: int) -> None:
+    for path in _walk(root):
+        os.chown(path, uid, uid, follow_symlinks=False)
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    yield root
+    for directory, dirnames, filenames in os.walk(root):  # never follows symlinks
+        for name in (*dirnames, *filenames):
+            yield Path(directory, name)
+
+
+class _UidPool:
+    """Uids for kernels, one per live kernel, so per-uid limits and files are theirs alone."""
+
+    def __init__(self, first: int, count: int) -> None:
+        self._free = list(range(first + count - 1, first - 1, -1))
+
+    def take(self) -> int:
+        if not self._free:
+            raise OSError("no free sandbox uid left: raise KERNEL_SERVICE_SANDBOX_UID_COUNT")
+        return self._free.pop()
+
+    def give_back(self, uid: int) -> None:
+        if uid not in self._free:
+            self._free.append(uid)
