@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     sandbox_tmp_mb: PositiveInt = Field(
         256, description="Size of each kernel's private /tmp (memory-backed)."
     )
+    sandbox_work_dir_mb: int = Field(
+        1024,
+        ge=0,
+        description="Size of each session's work directory, its own filesystem (0: no cap).",
+    )
     sandbox_uid_base: int = Field(
         210000, ge=1000, description="First of the uids given to kernels, one per live kernel."
     )

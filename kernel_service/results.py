@@ -122,6 +122,11 @@ def build_result(
                 ename="ExecutionAborted", evalue="The kernel aborted this execution."
             )
         status = "error" if error is not None else "ok"
+        if error is not None and error.ename == "MemoryError":
+            notices.append(
+                "Out of memory: the code needed more memory than this session may use. The "
+                "kernel survived; free memory (del large objects) or work on smaller pieces."
+            )
         if error is not None and not any(isinstance(o, ErrorOutput) for o in outputs):
             notices.append(f"{error.ename}: {error.evalue}")
         if outcome.ending == "output_lost":

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import contextlib
 import logging
-import shutil
 import time
 import uuid
 from collections import OrderedDict
@@ -37,6 +36,7 @@ from kernel_service.models import (
     SessionStatus,
 )
 from kernel_service.results import STATE_LOST, build_result, image_payloads, png_size
+from kernel_service.workspaces import WorkspaceError, Workspaces
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,12 @@ class Session:
     def __init__(
         self,
         session_id: str,
+        *,
         kernel: Kernel,
         work_dir: Path,
         start_kernel: KernelFactory,
         settings: Settings,
+        workspaces: Workspaces,
     ) -> None:
         self.session_id = session_id
         self.work_dir = work_dir
@@ -80,6 +82,7 @@ class Session:
         self._replacing: asyncio.Task[Kernel] | None = None
         self._start_kernel = start_kernel
         self._settings = settings
+        self._workspaces = workspaces
         self._limits = OutputLimits(text=settings.output_limit, rich=settings.rich_output_limit)
         self._lock = asyncio.Lock()
         self._images: OrderedDict[str, StoredImage] = OrderedDict()
@@ -190,7 +193,7 @@ class Session:
             await self._kernel.shutdown()
             self._kernel = None
         self._images.clear()
-        await asyncio.to_thread(shutil.rmtree, self.work_dir, True)
+        await self._workspaces.remove(self.work_dir)
 
     # ------------------------------------------------------------ kernel replacement
 
@@ -285,9 +288,12 @@ class Session:
 class SessionRegistry:
     """All live sessions, their creation within limits, and the culling of idle ones."""
 
-    def __init__(self, settings: Settings, start_kernel: KernelFactory) -> None:
+    def __init__(
+        self, settings: Settings, start_kernel: KernelFactory, workspaces: Workspaces
+    ) -> None:
         self._settings = settings
         self._start_kernel = start_kernel
+        self.workspaces = workspaces
         self._sessions: dict[str, Session] = {}
         self._reserved: set[str] = set()
 
@@ -311,18 +317,25 @@ class SessionRegistry:
         if len(self._sessions) + len(self._reserved) >= self._settings.max_sessions:
             raise TooManySessions(self._settings.max_sessions)
         self._reserved.add(session_id)
-        work_dir = self._settings.work_dir.resolve() / session_id
+        work_dir = self.workspaces.path(session_id)
         try:
-            work_dir.mkdir(parents=True, exist_ok=True)
+            work_dir = await self.workspaces.create(session_id)
             kernel = await self._start_kernel(work_dir)
         except BaseException as exc:
-            await asyncio.to_thread(shutil.rmtree, work_dir, True)
-            if isinstance(exc, KernelStartError):
+            await self.workspaces.remove(work_dir)
+            if isinstance(exc, KernelStartError | WorkspaceError):
                 raise KernelUnavailable(str(exc)) from exc
             raise
         finally:
             self._reserved.discard(session_id)
-        session = Session(session_id, kernel, work_dir, self._start_kernel, self._settings)
+        session = Session(
+            session_id,
+            kernel=kernel,
+            work_dir=work_dir,
+            start_kernel=self._start_kernel,
+            settings=self._settings,
+            workspaces=self.workspaces,
+        )
         self._sessions[session_id] = session
         log.info("session %s created (kernel %s)", session_id, kernel.kernel_id)
         return session

@@ -3,6 +3,8 @@
 Every server's shutdown is checked: no kernel process and no connection file may remain.
 """
 
+import os
+import shutil
 import socket
 import threading
 import time
@@ -18,6 +20,12 @@ import uvicorn
 
 from kernel_service.api import create_app
 from kernel_service.config import Settings
+
+# The sandbox needs root and bubblewrap; elsewhere the suite runs unsandboxed and the attack
+# suite is skipped (CI has both).
+SANDBOXED = os.geteuid() == 0 and shutil.which("bwrap") is not None
+# A secret in the service's environment that no kernel may read (the attack suite checks).
+os.environ.setdefault("KERNEL_SERVICE_TEST_SECRET", "sk-test-secret-0123456789")
 
 
 def kernel_processes(connection_dir: Path) -> list[psutil.Process]:
@@ -134,6 +142,8 @@ def make_settings(tmp: Path, **overrides: Any) -> Settings:
         "connection_dir": tmp / "connection",
         "work_dir": tmp / "work",
         "log_level": "warning",
+        "sandbox": "bubblewrap" if SANDBOXED else "none",
+        "sandbox_work_dir_mb": 256,
     }
     values.update(overrides)
     return Settings(**values)

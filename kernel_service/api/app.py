@@ -30,6 +30,7 @@ from kernel_service.kernel.sandbox import (
     default_read_only_paths,
 )
 from kernel_service.sessions import SessionRegistry
+from kernel_service.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,17 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
         zmq_context=zmq_context(settings.max_message_bytes),
         preload_modules=tuple(m.strip() for m in settings.preload_modules.split(",") if m.strip()),
     )
-    registry = SessionRegistry(settings, partial(_start_kernel, launcher, options))
+    workspaces = Workspaces(
+        settings.work_dir, settings.sandbox_work_dir_mb * MIB if settings.sandbox != "none" else 0
+    )
+    registry = SessionRegistry(settings, partial(_start_kernel, launcher, options), workspaces)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         options.connection_dir.mkdir(parents=True, exist_ok=True)
         settings.work_dir.mkdir(parents=True, exist_ok=True)
+        for path in await workspaces.remove_stale():
+            log.info("removed stale work directory %s", path.name)
         for path in await asyncio.to_thread(remove_stale_files, options.connection_dir):
             log.info("removed stale connection file %s", path.name)
         await prepare_font_cache(options.matplotlib_dir)
@@ -64,7 +70,7 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
             "kernel-service %s ready: isolation=%s %s, connection files in %s, max %d sessions",
             __version__,
             launcher.isolation,
-            launcher.describe(),
+            {**launcher.describe(), "work_dir": workspaces.describe()},
             options.connection_dir,
             settings.max_sessions,
         )
@@ -89,6 +95,7 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
     app.state.settings = settings
     app.state.registry = registry
     app.state.launcher = launcher
+    app.state.workspaces = workspaces
     install_error_handlers(app)
     app.include_router(router)
     app.add_middleware(BodySizeLimit, limit=settings.max_code_bytes * 6 + _BODY_OVERHEAD)

@@ -121,5 +121,8 @@ async def healthz(request: Request, registry: Registry, settings: Config) -> Hea
         sessions=len(registry),
         max_sessions=settings.max_sessions,
         sandbox=request.app.state.launcher.isolation,
-        isolation=request.app.state.launcher.describe(),
+        isolation={
+            **request.app.state.launcher.describe(),
+            "work_dir": request.app.state.workspaces.describe(),
+        },
     )

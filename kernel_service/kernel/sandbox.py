@@ -13,6 +13,7 @@ user namespace of its own, the seccomp filter is what keeps the kernel from maki
 """
 
 import asyncio
+import collections
 import logging
 import os
 import shutil
@@ -241,16 +242,24 @@ def _walk(root: Path) -> Iterator[Path]:
 
 
 class _UidPool:
-    """Uids for kernels, one per live kernel, so per-uid limits and files are theirs alone."""
+    """Uids for kernels, one per live kernel, so per-uid limits and files are theirs alone.
+
+    A uid given back is taken again last: the processes of a killed kernel take a moment to
+    be reaped, and until then they still count against RLIMIT_NPROC for their uid.
+    """
 
     def __init__(self, first: int, count: int) -> None:
-        self._free = list(range(first + count - 1, first - 1, -1))
+        self._free = collections.deque(range(first, first + count))
+        self._taken: set[int] = set()
 
     def take(self) -> int:
         if not self._free:
             raise OSError("no free sandbox uid left: raise KERNEL_SERVICE_SANDBOX_UID_COUNT")
-        return self._free.pop()
+        uid = self._free.popleft()
+        self._taken.add(uid)
+        return uid
 
     def give_back(self, uid: int) -> None:
-        if uid not in self._free:
+        if uid in self._taken:
+            self._taken.discard(uid)
             self._free.append(uid)

@@ -1,0 +1,90 @@
+"""Sessions' work directories: the kernel's cwd and home, kept across kernel restarts.
+
+Where the service can (root, with mkfs.ext4 and loop devices), each one is a filesystem
+of its own, an ext4 image of a fixed size mounted nosuid,nodev on the directory, so a
+session that fills its disk gets ENOSPC and nobody else notices. Elsewhere it is a plain
+directory and its size is not capped (said at start-up and in /healthz).
+"""
+
+import asyncio
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class WorkspaceError(Exception):
+    """A work directory could not be made; the message says why."""
+
+
+class Workspaces:
+    def __init__(self, root: Path, size_bytes: int) -> None:
+        """`size_bytes` 0 means no cap."""
+        self.root = root.resolve()
+        self._size = size_bytes
+        self._mkfs = shutil.which("mkfs.ext4")
+        self.capped = bool(size_bytes and os.geteuid() == 0 and self._mkfs)
+
+    def describe(self) -> str:
+        if self.capped:
+            return f"{self._size // (1024 * 1024)} MiB per session (own ext4 filesystem)"
+        return "not capped (needs root and mkfs.ext4)"
+
+    def path(self, session_id: str) -> Path:
+        return self.root / session_id
+
+    async def create(self, session_id: str) -> Path:
+        path = self.path(session_id)
+        path.mkdir(parents=True, exist_ok=True)
+        if not self.capped:
+            return path
+        image = self._image(path)
+        try:
+            with image.open("wb") as file:
+                file.truncate(self._size)
+            await _run(self._mkfs or "mkfs.ext4", "-q", "-F", "-m", "0", str(image))
+            await _run("mount", "-o", "loop,nosuid,nodev", str(image), str(path))
+            await asyncio.to_thread(shutil.rmtree, path / "lost+found", True)
+        except BaseException:
+            await self.remove(path)
+            raise
+        return path
+
+    async def remove(self, path: Path) -> None:
+        """Unmount (if mounted) and delete a work directory and everything in it."""
+        if os.path.ismount(path):  # noqa: ASYNC240 (one stat)
+            try:
+                await _run("umount", str(path))
+            except WorkspaceError:
+                await _run("umount", "-l", str(path))  # busy: detach now, free when unused
+        await asyncio.to_thread(shutil.rmtree, path, True)
+        image = self._image(path)
+        if image.exists():
+            image.unlink()
+
+    async def remove_stale(self) -> list[Path]:
+        """Remove the work directories a service that died left mounted (none is live yet)."""
+        stale = [p for p in self.root.glob("*") if os.path.ismount(p)]  # noqa: ASYNC240
+        stale += [
+            p.parent / p.name[1:-4]
+            for p in self.root.glob(".*.img")
+            if not (p.parent / p.name[1:-4]).exists()
+        ]
+        for path in stale:
+            await self.remove(path)
+        return stale
+
+    @staticmethod
+    def _image(path: Path) -> Path:
+        return path.parent / f".{path.name}.img"
+
+
+async def _run(*argv: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await process.communicate()
+    if process.returncode != 0:
+        raise WorkspaceError(f"{argv[0]} failed: {output.decode(errors='replace').strip()}")
