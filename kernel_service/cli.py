@@ -1,6 +1,7 @@
 """The `kernel-service` command: parse flags over KERNEL_SERVICE_* settings, run uvicorn."""
 
 import argparse
+import ipaddress
 import logging
 import sys
 from pathlib import Path
@@ -30,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--default-timeout", type=float, help="execution timeout in seconds")
     serve.add_argument("--max-timeout", type=float, help="cap on a caller's timeout")
     serve.add_argument("--log-level", help="debug, info, warning, error")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback --host without an API key",
+    )
     return parser
 
 
@@ -46,6 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     from kernel_service.api import create_app
     from kernel_service.kernel.sandbox import SandboxUnavailable
 
+    if not settings.api_keys() and not settings.insecure and not _is_loopback(settings.host):
+        sys.exit(
+            f"kernel-service: refusing to listen on {settings.host} without an API key: set "
+            "KERNEL_SERVICE_API_KEY, or pass --insecure if something else guards the service"
+        )
     try:
         app = create_app(settings)
     except SandboxUnavailable as exc:
@@ -57,3 +69,12 @@ def main(argv: list[str] | None = None) -> None:
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=5,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

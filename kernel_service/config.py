@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -30,6 +30,17 @@ class Settings(BaseSettings):
     )
 
     max_sessions: PositiveInt = Field(64, description="Live sessions at most; more get 429.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="One or more API keys, comma-separated; when set, every endpoint but "
+        "GET /healthz needs `Authorization: Bearer <key>`.",
+    )
+    max_sessions_per_key: PositiveInt = Field(
+        16, description="Live sessions one API key may hold (with API keys set)."
+    )
+    insecure: bool = Field(
+        False, description="Allow listening on a non-loopback address without an API key."
+    )
     session_ttl: float = Field(
         1800.0, ge=0, description="Seconds of inactivity before a session is culled (0: never)."
     )
@@ -97,6 +108,12 @@ class Settings(BaseSettings):
         if self.default_timeout > self.max_timeout:
             raise ValueError("default_timeout must not exceed max_timeout")
         return self
+
+    def api_keys(self) -> list[str]:
+        """The configured keys (never logged)."""
+        if self.api_key is None:
+            return []
+        return [key.strip() for key in self.api_key.get_secret_value().split(",") if key.strip()]
 
     def effective_timeout(self, asked: float | None) -> float:
         """The timeout an execution gets: what was asked, or the default, capped by max_timeout."""

@@ -32,11 +32,19 @@ class SessionExists(ServiceError):
 class TooManySessions(ServiceError):
     code = "too_many_sessions"
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_key: bool = False) -> None:
+        whose = "this API key already has its" if per_key else "the service already runs its"
         super().__init__(
-            f"The service already runs its maximum of {limit} sessions. Delete a session you "
+            f"Too many sessions: {whose} maximum of {limit} sessions. Delete a session you "
             "no longer need (DELETE /sessions/{id}) or try again later."
         )
+
+
+class Unauthorized(ServiceError):
+    code = "unauthorized"
+
+    def __init__(self) -> None:
+        super().__init__("Missing or wrong API key: send the header `Authorization: Bearer <key>`.")
 
 
 class CodeTooLarge(ServiceError):

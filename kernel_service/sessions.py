@@ -66,6 +66,7 @@ class Session:
         self,
         session_id: str,
         *,
+        owner: str | None,
         kernel: Kernel,
         work_dir: Path,
         start_kernel: KernelFactory,
@@ -73,6 +74,7 @@ class Session:
         workspaces: Workspaces,
     ) -> None:
         self.session_id = session_id
+        self.owner = owner  # who may see it: a digest of the API key that made it
         self.work_dir = work_dir
         self.created_at = datetime.now(UTC)
         self.last_activity = self.created_at
@@ -294,32 +296,39 @@ class SessionRegistry:
         self._settings = settings
         self._start_kernel = start_kernel
         self.workspaces = workspaces
+        # Keyed by owner and id together: each API key has a namespace of its own.
         self._sessions: dict[str, Session] = {}
-        self._reserved: set[str] = set()
+        self._reserved: dict[str, str | None] = {}  # being made or ended: key → owner
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, owner: str | None = None) -> Session:
         try:
-            return self._sessions[session_id]
+            return self._sessions[_key(session_id, owner)]
         except KeyError:
             raise SessionNotFound(session_id) from None
 
-    def sessions(self) -> list[Session]:
-        return list(self._sessions.values())
+    def sessions(self, owner: str | None = None) -> list[Session]:
+        return [s for s in self._sessions.values() if s.owner == owner]
 
-    async def create(self, session_id: str | None = None) -> Session:
+    async def create(self, session_id: str | None = None, owner: str | None = None) -> Session:
         """A new session with a ready kernel; on any failure nothing of it remains."""
         session_id = session_id or uuid.uuid4().hex
-        if session_id in self._sessions or session_id in self._reserved:
+        key = _key(session_id, owner)
+        if key in self._sessions or key in self._reserved:
             raise SessionExists(session_id)
         if len(self._sessions) + len(self._reserved) >= self._settings.max_sessions:
             raise TooManySessions(self._settings.max_sessions)
-        self._reserved.add(session_id)
-        work_dir = self.workspaces.path(session_id)
+        if owner is not None:
+            owned = sum(s.owner == owner for s in self._sessions.values())
+            owned += sum(o == owner for o in self._reserved.values())
+            if owned >= self._settings.max_sessions_per_key:
+                raise TooManySessions(self._settings.max_sessions_per_key, per_key=True)
+        self._reserved[key] = owner
+        work_dir = self.workspaces.path(key)
         try:
-            work_dir = await self.workspaces.create(session_id)
+            work_dir = await self.workspaces.create(key)
             kernel = await self._start_kernel(work_dir)
         except BaseException as exc:
             await self.workspaces.remove(work_dir)
@@ -327,28 +336,30 @@ class SessionRegistry:
                 raise KernelUnavailable(str(exc)) from exc
             raise
         finally:
-            self._reserved.discard(session_id)
+            self._reserved.pop(key, None)
         session = Session(
             session_id,
+            owner=owner,
             kernel=kernel,
             work_dir=work_dir,
             start_kernel=self._start_kernel,
             settings=self._settings,
             workspaces=self.workspaces,
         )
-        self._sessions[session_id] = session
+        self._sessions[key] = session
         log.info("session %s created (kernel %s)", session_id, kernel.kernel_id)
         return session
 
-    async def close(self, session_id: str) -> None:
-        session = self._sessions.pop(session_id, None)
+    async def close(self, session_id: str, owner: str | None = None) -> None:
+        key = _key(session_id, owner)
+        session = self._sessions.pop(key, None)
         if session is None:
             raise SessionNotFound(session_id)
-        self._reserved.add(session_id)  # the id stays taken until its work dir is gone
+        self._reserved[key] = owner  # the id stays taken until its work dir is gone
         try:
             await session.close()
         finally:
-            self._reserved.discard(session_id)
+            self._reserved.pop(key, None)
         log.info("session %s closed", session_id)
 
     async def close_all(self) -> None:
@@ -362,15 +373,15 @@ class SessionRegistry:
         if ttl <= 0:
             return []
         culled: list[str] = []
-        for session_id in [s.session_id for s in self._sessions.values() if s.idle_seconds() > ttl]:
+        for key in [k for k, s in self._sessions.items() if s.idle_seconds() > ttl]:
             # checked again at its turn: closing the ones before took time
-            session = self._sessions.get(session_id)
+            session = self._sessions.get(key)
             if session is None or session.idle_seconds() <= ttl:
                 continue
             with contextlib.suppress(SessionNotFound):
-                await self.close(session_id)
-                culled.append(session_id)
-                log.info("session %s culled after %.0f s idle", session_id, ttl)
+                await self.close(session.session_id, session.owner)
+                culled.append(session.session_id)
+                log.info("session %s culled after %.0f s idle", session.session_id, ttl)
         return culled
 
     async def run_culler(self) -> None:
@@ -385,3 +396,8 @@ class SessionRegistry:
                 await self.cull_idle()
             except Exception:
                 log.exception("culling failed")
+
+
+def _key(session_id: str, owner: str | None) -> str:
+    """Where a session is filed, and the name of its work directory."""
+    return session_id if owner is None else f"{owner}.{session_id}"

@@ -113,7 +113,7 @@ def test_limits(tmp_path: Path) -> None:
             server.client.post("/execute", json={"code": "1"}),
         ):
             detail = error_of(attempt, 429, "too_many_sessions")
-            assert "maximum of 2 sessions" in str(detail)
+            assert "service already runs its maximum of 2 sessions" in str(detail)
         assert len(server.client.get("/sessions").json()["sessions"]) == 2
         assert len(kernel_processes(server.connection_dir)) == 2
         assert len(list(server.connection_dir.glob("*/connection.json"))) == 2

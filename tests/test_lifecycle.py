@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import (
+    SANDBOXED,
     Server,
     alive,
     kernel_processes,
@@ -62,8 +63,11 @@ def test_delete_ends_the_kernel_and_what_it_started(server: Server) -> None:
 
 
 @contextmanager
-def service_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """The real `python -m kernel_service serve` on a free loopback port."""
+def service_process(
+    tmp_path: Path, log_level: str = "warning", env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """The real `python -m kernel_service serve` on a free loopback port; log in service.log."""
+    log_file = tmp_path / "service.log"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -80,10 +84,15 @@ def service_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], s
             "--work-dir",
             str(tmp_path / "work"),
             "--log-level",
-            "warning",
+            log_level,
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log_file.open("wb"),
+        env={
+            **os.environ,
+            **({} if SANDBOXED else {"KERNEL_SERVICE_SANDBOX": "none"}),
+            **(env or {}),
+        },
     )
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -93,7 +102,7 @@ def service_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], s
                 httpx.get(f"{base_url}/healthz", timeout=1)
                 break
             except httpx.TransportError:
-                assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                assert process.poll() is None, log_file.read_text()
                 assert time.monotonic() < deadline, "service did not start"
                 time.sleep(0.1)
         yield process, base_url

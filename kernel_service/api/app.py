@@ -11,6 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from kernel_service import __version__
+from kernel_service.api.auth import ApiKeyAuth
 from kernel_service.api.errors import BodySizeLimit, install_error_handlers
 from kernel_service.api.routes import router
 from kernel_service.config import MIB, Settings
@@ -99,6 +100,8 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
     install_error_handlers(app)
     app.include_router(router)
     app.add_middleware(BodySizeLimit, limit=settings.max_code_bytes * 6 + _BODY_OVERHEAD)
+    if settings.api_keys():
+        app.add_middleware(ApiKeyAuth, keys=settings.api_keys())  # outermost: checked first
     return app
 
 

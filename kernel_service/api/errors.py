@@ -18,11 +18,13 @@ from kernel_service.errors import (
     SessionExists,
     SessionNotFound,
     TooManySessions,
+    Unauthorized,
 )
 
 log = logging.getLogger(__name__)
 
 STATUS_OF: dict[type[ServiceError], int] = {
+    Unauthorized: 401,
     SessionNotFound: 404,
     ImageNotFound: 404,
     SessionExists: 409,

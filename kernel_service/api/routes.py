@@ -22,7 +22,7 @@ from kernel_service.tool import openai_tool
 
 router = APIRouter()
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (404, 409, 413, 422, 429, 503)
+    code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 429, 503)
 }
 
 
@@ -36,8 +36,15 @@ def settings_of(request: Request) -> Settings:
     return settings
 
 
+def owner_of(request: Request) -> str | None:
+    """Whose sessions this request may see: set by the API key check, None without keys."""
+    owner: str | None = getattr(request.state, "owner", None)
+    return owner
+
+
 Registry = Annotated[SessionRegistry, Depends(registry_of)]
 Config = Annotated[Settings, Depends(settings_of)]
+Owner = Annotated[str | None, Depends(owner_of)]
 SessionId = Annotated[str, Path(description="The session's id.")]
 
 
@@ -47,62 +54,72 @@ def _json(model: ExecutionResult | SessionInfo) -> Response:
 
 
 @router.post("/execute", response_model=ExecutionResult, responses=_ERRORS)
-async def execute(body: ExecuteRequest, registry: Registry, settings: Config) -> Response:
+async def execute(
+    body: ExecuteRequest, registry: Registry, settings: Config, owner: Owner
+) -> Response:
     """Run code in a session (a new one when `session_id` is null) and return all it produced."""
     size = len(body.code.encode())
     if size > settings.max_code_bytes:
         raise CodeTooLarge(size, settings.max_code_bytes)
     if body.session_id is not None:
-        session = registry.get(body.session_id)
+        session = registry.get(body.session_id, owner)
     else:
-        session = await registry.create()
+        session = await registry.create(owner=owner)
     return _json(await session.execute(body.code, body.timeout))
 
 
 @router.post(
     "/sessions", status_code=status.HTTP_201_CREATED, response_model=SessionInfo, responses=_ERRORS
 )
-async def create_session(registry: Registry, body: CreateSessionRequest | None = None) -> Response:
-    session = await registry.create(body.session_id if body else None)
+async def create_session(
+    registry: Registry, owner: Owner, body: CreateSessionRequest | None = None
+) -> Response:
+    session = await registry.create(body.session_id if body else None, owner)
     response = _json(session.info())
     response.status_code = status.HTTP_201_CREATED
     return response
 
 
 @router.get("/sessions", response_model=SessionList)
-async def list_sessions(registry: Registry) -> SessionList:
-    return SessionList(sessions=[s.info() for s in registry.sessions()])
+async def list_sessions(registry: Registry, owner: Owner) -> SessionList:
+    return SessionList(sessions=[s.info() for s in registry.sessions(owner)])
 
 
 @router.get("/sessions/{session_id}", response_model=SessionInfo, responses=_ERRORS)
-async def get_session(session_id: SessionId, registry: Registry) -> SessionInfo:
-    return registry.get(session_id).info()
+async def get_session(session_id: SessionId, registry: Registry, owner: Owner) -> SessionInfo:
+    return registry.get(session_id, owner).info()
 
 
 @router.delete("/sessions/{session_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS)
-async def delete_session(session_id: SessionId, registry: Registry) -> Response:
-    await registry.close(session_id)
+async def delete_session(session_id: SessionId, registry: Registry, owner: Owner) -> Response:
+    await registry.close(session_id, owner)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/sessions/{session_id}/interrupt", response_model=InterruptResult, responses=_ERRORS)
-async def interrupt_session(session_id: SessionId, registry: Registry) -> InterruptResult:
+async def interrupt_session(
+    session_id: SessionId, registry: Registry, owner: Owner
+) -> InterruptResult:
     """Interrupt the running execution (KeyboardInterrupt in the kernel); state is kept."""
-    return InterruptResult(session_id=session_id, interrupted=registry.get(session_id).interrupt())
+    return InterruptResult(
+        session_id=session_id, interrupted=registry.get(session_id, owner).interrupt()
+    )
 
 
 @router.post("/sessions/{session_id}/restart", response_model=SessionInfo, responses=_ERRORS)
-async def restart_session(session_id: SessionId, registry: Registry) -> SessionInfo:
+async def restart_session(session_id: SessionId, registry: Registry, owner: Owner) -> SessionInfo:
     """Replace the session's kernel by a fresh one: all its variables are gone."""
-    session = registry.get(session_id)
+    session = registry.get(session_id, owner)
     await session.restart()
     return session.info()
 
 
 @router.get("/sessions/{session_id}/images/{image_id}", responses=_ERRORS)
-async def get_image(session_id: SessionId, image_id: str, registry: Registry) -> Response:
+async def get_image(
+    session_id: SessionId, image_id: str, registry: Registry, owner: Owner
+) -> Response:
     """An image a session's code displayed, as long as the session lives."""
-    image = registry.get(session_id).image(image_id)
+    image = registry.get(session_id, owner).image(image_id)
     # An SVG is a document written by user code: never let it run script on our origin.
     headers = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
     return Response(image.content(), media_type=image.mime, headers=headers)

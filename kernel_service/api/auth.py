@@ -1,0 +1,45 @@
+"""API keys: who may use the service, and whose sessions a request may see.
+
+With keys configured, every request but `GET /healthz` must carry `Authorization: Bearer
+<key>`. The key is compared with every configured key in constant time; the request's
+`owner` (a digest of its key, never the key) decides which sessions it can see.
+"""
+
+import hashlib
+import hmac
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from kernel_service.api.errors import error_response
+from kernel_service.errors import Unauthorized
+
+_OPEN = {("GET", "/healthz")}
+
+
+def owner_of_key(key: bytes) -> str:
+    """A stable, non-secret name for the holder of a key."""
+    return hashlib.sha256(b"kernel-service owner:" + key).hexdigest()[:16]
+
+
+class ApiKeyAuth:
+    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+        self._app = app
+        self._keys = [key.encode() for key in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (scope["method"], scope["path"]) in _OPEN:
+            await self._app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        matched: bytes | None = None
+        for key in self._keys:  # every key is compared, so timing tells nothing
+            if hmac.compare_digest(token.strip(), key):
+                matched = key
+        if matched is None or scheme.lower() != b"bearer":
+            response = error_response(401, str(Unauthorized()), Unauthorized.code)
+            response.headers["WWW-Authenticate"] = "Bearer"
+            await response(scope, receive, send)
+            return
+        scope.setdefault("state", {})["owner"] = owner_of_key(matched)
+        await self._app(scope, receive, send)
