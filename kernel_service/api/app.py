@@ -19,6 +19,7 @@ from kernel_service.kernel import (
     Kernel,
     KernelLauncher,
     KernelOptions,
+    KernelStartError,
     SubprocessLauncher,
     remove_stale_files,
     zmq_context,
@@ -49,7 +50,8 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
     options = KernelOptions(
         connection_dir=settings.connection_dir.resolve(),
         matplotlib_dir=settings.matplotlib_dir.resolve(),
-        start_timeout=settings.kernel_start_timeout,
+        # two tries fit in the configured time: a stuck kernel is replaced once
+        start_timeout=settings.kernel_start_timeout / 2,
         zmq_context=zmq_context(settings.max_message_bytes),
         preload_modules=tuple(m.strip() for m in settings.preload_modules.split(",") if m.strip()),
     )
@@ -126,4 +128,11 @@ def make_launcher(settings: Settings) -> KernelLauncher:
 
 
 async def _start_kernel(launcher: KernelLauncher, options: KernelOptions, work_dir: Path) -> Kernel:
+    """A ready kernel. One that runs but never answers is ended and launched once more."""
+    try:
+        return await Kernel.start(launcher, options, work_dir)
+    except KernelStartError as exc:
+        if not exc.stuck:
+            raise
+        log.warning("a kernel never answered; launching another: %s", exc)
     return await Kernel.start(launcher, options, work_dir)

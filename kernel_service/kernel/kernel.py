@@ -40,7 +40,14 @@ Ending = Literal["done", "interrupted", "killed", "died", "output_lost"]
 
 
 class KernelStartError(Exception):
-    """A kernel did not become ready; the message says why (its own log included)."""
+    """A kernel did not become ready; the message says why (its own log included).
+
+    `stuck`: its process ran but never answered (as opposed to dying or not launching).
+    """
+
+    def __init__(self, message: str, stuck: bool = False) -> None:
+        super().__init__(message)
+        self.stuck = stuck
 
 
 @dataclass(frozen=True)
@@ -179,7 +186,8 @@ class Kernel:
                 )
             if loop.time() >= deadline:
                 raise KernelStartError(
-                    f"the kernel did not answer within {timeout:g} s.{self._log_excerpt()}"
+                    f"the kernel did not answer within {timeout:g} s.{self._log_excerpt()}",
+                    stuck=True,
                 )
 
     async def shutdown(self) -> None:
