@@ -108,3 +108,20 @@ def test_keys_never_reach_the_log(tmp_path: Path) -> None:
         log = (tmp_path / "service.log").read_text()
     assert "Uvicorn running" in log or "Application startup" in log
     assert KEY_A not in log
+
+
+def test_without_a_sandbox_the_service_refuses_to_start(tmp_path: Path) -> None:
+    # no bubblewrap on this PATH: the sandbox cannot be set up
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    refused = subprocess.run(
+        [sys.executable, "-m", "kernel_service", "serve", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": str(empty)},
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "refusing to start: the sandbox is not available" in refused.stderr
+    assert "KERNEL_SERVICE_SANDBOX=none" in refused.stderr
