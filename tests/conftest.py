@@ -3,6 +3,7 @@
 Every server's shutdown is checked: no kernel process and no connection file may remain.
 """
 
+import itertools
 import os
 import shutil
 import socket
@@ -137,8 +138,18 @@ class Server:
         assert sorted(p.name for p in self.connection_dir.iterdir()) == []
 
 
+_servers_made = itertools.count()
+
+
+def fresh_uid_base() -> int:
+    """Kernel uids of their own for each server: servers that run at once must not share."""
+    return 220000 + 1000 * next(_servers_made)
+
+
 def make_settings(tmp: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
+        "sandbox_uid_base": fresh_uid_base(),
+        "sandbox_uid_count": 1000,
         "connection_dir": tmp / "connection",
         "work_dir": tmp / "work",
         "log_level": "warning",

@@ -17,6 +17,7 @@ from tests.conftest import (
     SANDBOXED,
     Server,
     alive,
+    fresh_uid_base,
     kernel_processes,
     processes_running,
     running_server,
@@ -91,6 +92,8 @@ def service_process(
         env={
             **os.environ,
             **({} if SANDBOXED else {"KERNEL_SERVICE_SANDBOX": "none"}),
+            "KERNEL_SERVICE_SANDBOX_UID_BASE": str(fresh_uid_base()),
+            "KERNEL_SERVICE_SANDBOX_UID_COUNT": "1000",
             **(env or {}),
         },
     )

@@ -1,11 +1,10 @@
-"""A kernel's files on the host: its directory (connection file and ZMQ ipc sockets) and log.
+"""A kernel's files on the host: its directory, with its connection file and ZMQ ipc sockets.
 
 The connection file says `"transport": "ipc"`: the kernel and the service meet on Unix
 sockets in the kernel's own directory, which a sandbox can bind-mount as the only way
 out. Nothing listens on a TCP port.
 """
 
-import contextlib
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ _MAX_SOCKET_PATH = 100
 @dataclass(frozen=True)
 class KernelFiles:
     directory: Path  # 0700: connection.json and the ipc sockets s-1 … s-5
-    log_file: Path  # the kernel process's own stdout and stderr
 
     @property
     def connection_file(self) -> Path:
@@ -30,7 +28,7 @@ class KernelFiles:
     @classmethod
     def create(cls, connection_dir: Path, kernel_id: str) -> "KernelFiles":
         """A fresh directory with a connection file (0600) for one kernel."""
-        files = cls(connection_dir / f"k-{kernel_id}", connection_dir / f"k-{kernel_id}.log")
+        files = cls(connection_dir / f"k-{kernel_id}")
         socket_base = files.directory / "s"
         if len(str(socket_base)) + 3 > _MAX_SOCKET_PATH:
             raise ValueError(
@@ -48,12 +46,10 @@ class KernelFiles:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.log_file.unlink()
 
 
 def remove_stale_files(connection_dir: Path) -> list[Path]:
-    """Remove kernel directories (and logs) that no live kernel process uses.
+    """Remove kernel directories that no live kernel process uses.
 
     They are what a service killed outright leaves behind. A directory whose kernel still
     runs (another service on the same connection directory, say) is kept.
@@ -66,5 +62,5 @@ def remove_stale_files(connection_dir: Path) -> list[Path]:
         in_use.update(process.info["cmdline"] or [])
     stale = [d for d in candidates if str(d / "connection.json") not in in_use]
     for directory in stale:
-        KernelFiles(directory, directory.with_suffix(".log")).remove()
+        KernelFiles(directory).remove()
     return stale

@@ -347,10 +347,7 @@ class Kernel:
         return describe_exit(returncode) if returncode is not None else "it stopped answering"
 
     def _log_excerpt(self) -> str:
-        try:
-            tail = self.files.log_file.read_bytes()[-_LOG_TAIL:].decode(errors="replace").strip()
-        except OSError:
-            return ""
+        tail = self.process.output_tail()[-_LOG_TAIL:].strip()
         return f" Kernel log:\n{tail}" if tail else ""
 
 

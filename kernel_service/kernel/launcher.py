@@ -24,6 +24,8 @@ from kernel_service.kernel.files import KernelFiles
 
 log = logging.getLogger(__name__)
 
+_OUTPUT_TAIL = 8192
+
 
 @dataclass(frozen=True)
 class LaunchSpec:
@@ -68,6 +70,10 @@ class KernelProcess(ABC):
     def kill(self) -> None:
         """End the kernel and every process it started, at once."""
 
+    def output_tail(self) -> str:
+        """The end of what the process wrote to its own stdout and stderr (not iopub)."""
+        return ""
+
 
 class KernelLauncher(ABC):
     """Starts kernel processes. `isolation` names what contains them, for /healthz."""
@@ -98,23 +104,26 @@ class SubprocessLauncher(KernelLauncher):
             # ipykernel's parent poller ends the kernel if the service dies without cleanup.
             "JPY_PARENT_PID": str(os.getpid()),
         }
-        with spec.files.log_file.open("ab") as log_stream:
-            popen = subprocess.Popen(  # noqa: ASYNC220 (a fork+exec: ~1 ms)
-                spec.ipykernel_argv(),
-                env=env,
-                cwd=spec.work_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log_stream,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-            )
+        popen = subprocess.Popen(  # noqa: ASYNC220 (a fork+exec: ~1 ms)
+            spec.ipykernel_argv(),
+            env=env,
+            cwd=spec.work_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
         log.debug("launched kernel pid=%d in %s", popen.pid, spec.files.directory.name)
         return PopenKernelProcess(popen)
 
 
 class PopenKernelProcess(KernelProcess):
-    """A child process watched through a pidfd, so its death is seen at once."""
+    """A child process watched through a pidfd, so its death is seen at once.
+
+    Its stdout and stderr come through a pipe of which only the last few KiB are kept: a
+    kernel that writes without end costs neither memory nor the host's disk.
+    """
 
     def __init__(self, popen: subprocess.Popen[bytes], exit_status_of_child: bool = False) -> None:
         """`exit_status_of_child`: the process is a wrapper (bwrap) that exits with its
@@ -126,6 +135,10 @@ class PopenKernelProcess(KernelProcess):
         self._callbacks: list[Callable[[int], None]] = []
         self._pidfd: int | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._output = bytearray()
+        if popen.stdout is not None:
+            os.set_blocking(popen.stdout.fileno(), False)
+            self._loop.add_reader(popen.stdout.fileno(), self._read_output)
         try:
             self._pidfd = os.pidfd_open(popen.pid)
             self._loop.add_reader(self._pidfd, self._reap)
@@ -168,6 +181,25 @@ class PopenKernelProcess(KernelProcess):
         # Safe after the kernel is reaped: Linux reuses no pid that still names a live group.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._popen.pid, signal.SIGKILL)
+
+    def output_tail(self) -> str:
+        return self._output.decode(errors="replace")
+
+    def _read_output(self) -> None:
+        stream = self._popen.stdout
+        assert stream is not None
+        try:
+            chunk = os.read(stream.fileno(), 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:  # every writer is gone
+            self._loop.remove_reader(stream.fileno())
+            stream.close()
+            return
+        self._output += chunk
+        del self._output[:-_OUTPUT_TAIL]
 
     def _reap(self) -> None:
         if self._pidfd is not None:

@@ -14,6 +14,7 @@ user namespace of its own, the seccomp filter is what keeps the kernel from maki
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import shutil
@@ -23,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from kernel_service.kernel.launcher import (
     KernelLauncher,
@@ -113,6 +116,13 @@ class BubblewrapLauncher(KernelLauncher):
                 f"bubblewrap could not create namespaces here: {probe.stderr.strip()}; "
                 "or run without a sandbox: KERNEL_SERVICE_SANDBOX=none"
             )
+        in_use = self._uids.in_use_on_host()
+        if in_use:
+            raise SandboxUnavailable(
+                f"processes already run as uid {in_use[0]}, one of the uids this service "
+                "gives its kernels (another kernel-service?): two services must not share "
+                "uids; set KERNEL_SERVICE_SANDBOX_UID_BASE to a free range"
+            )
 
     async def launch(self, spec: LaunchSpec) -> KernelProcess:
         uid = self._uids.take()
@@ -127,17 +137,16 @@ class BubblewrapLauncher(KernelLauncher):
                 argv = self._argv(spec, uid, seccomp_fd)
                 # Started on the event loop's thread: bwrap's --die-with-parent is tied to
                 # the thread that spawned it, and this one lives as long as the service.
-                with spec.files.log_file.open("ab") as log_stream:
-                    popen = subprocess.Popen(  # noqa: ASYNC220 (a fork+exec: ~1 ms)
-                        argv,
-                        env={"PATH": "/usr/bin:/bin"},
-                        stdin=subprocess.DEVNULL,
-                        stdout=log_stream,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                        close_fds=True,
-                        pass_fds=(seccomp_fd,),
-                    )
+                popen = subprocess.Popen(  # noqa: ASYNC220 (a fork+exec: ~1 ms)
+                    argv,
+                    env={"PATH": "/usr/bin:/bin"},
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=(seccomp_fd,),
+                )
             finally:
                 os.close(seccomp_fd)
         except BaseException:
@@ -249,8 +258,17 @@ class _UidPool:
     """
 
     def __init__(self, first: int, count: int) -> None:
-        self._free = collections.deque(range(first, first + count))
+        self._range = range(first, first + count)
+        self._free = collections.deque(self._range)
         self._taken: set[int] = set()
+
+    def in_use_on_host(self) -> list[int]:
+        """Uids of the range that some process on the host runs as."""
+        uids = set()
+        for process in psutil.process_iter(["uids"]):
+            with contextlib.suppress(TypeError):
+                uids.add(process.info["uids"].real)
+        return sorted(uid for uid in uids if uid in self._range)
 
     def take(self) -> int:
         if not self._free:
