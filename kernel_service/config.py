@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     images_per_session: PositiveInt = Field(
         100, description="Images kept per session for their URLs (oldest dropped first)."
     )
+    image_store_mb: PositiveInt = Field(
+        32, description="Bytes of images (base64) kept per session for their URLs."
+    )
     sandbox: Literal["bubblewrap", "none"] = Field(
         "bubblewrap",
         description="How kernels are isolated; `none` runs them as plain processes (unsafe).",

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kernel_service.collector import OutputLimits
-from kernel_service.config import Settings
+from kernel_service.config import MIB, Settings
 from kernel_service.errors import (
     ImageNotFound,
     KernelUnavailable,
@@ -89,6 +89,7 @@ class Session:
         self._lock = asyncio.Lock()
         self._images: OrderedDict[str, StoredImage] = OrderedDict()
         self._image_seq = 0
+        self._image_bytes = 0
         self._closed = False
 
     # ------------------------------------------------------------ views
@@ -272,8 +273,12 @@ class Session:
             self._image_seq += 1
             image_id = f"{self._image_seq}.{_EXTENSIONS.get(payload.mime, 'bin')}"
             self._images[image_id] = StoredImage(payload.mime, payload.data)
-            while len(self._images) > self._settings.images_per_session:
-                self._images.popitem(last=False)
+            self._image_bytes += len(payload.data)
+            while len(self._images) > self._settings.images_per_session or (
+                self._image_bytes > self._settings.image_store_mb * MIB and len(self._images) > 1
+            ):
+                _, dropped = self._images.popitem(last=False)
+                self._image_bytes -= len(dropped.data)
             size = png_size(payload.data) if payload.mime == "image/png" else None
             images.append(
                 Image(

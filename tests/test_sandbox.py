@@ -102,7 +102,8 @@ def test_connection_files_of_others_cannot_be_read(server: Server, attacker: str
     readable = [
         v for v in eval(result["stdout"]) if v not in ("FileNotFoundError", "PermissionError")
     ]
-    assert len(readable) == 1, "only its own connection file is visible"
+    # not even its own: once the kernel runs, its directory is the service's again
+    assert readable == []
     listing = run(server, attacker, f"import os\nos.listdir({str(server.connection_dir)!r})")
     assert listing["error"]["ename"] == "PermissionError"
 
@@ -291,3 +292,78 @@ def test_huge_stdout_and_input_inside_the_sandbox(server: Server, attacker: str)
     assert len(flood["stdout"]) < server.settings.output_limit + 200
     asked = run(server, attacker, "input('password: ')")
     assert asked["error"]["ename"] == "StdinNotImplementedError"
+
+
+def test_its_own_directory_is_locked_once_the_kernel_runs(server: Server, attacker: str) -> None:
+    result = run(
+        server,
+        attacker,
+        "import sys, os\n"
+        "cf = sys.argv[sys.argv.index('-f') + 1]\nd = os.path.dirname(cf)\nresults = {}\n"
+        "attempts = {\n"
+        "    'swap a socket for a symlink': lambda: (os.rename(d + '/s-4', d + '/old'),"
+        " os.symlink('/run/elsewhere.sock', d + '/s-4')),\n"
+        "    'rewrite the connection file': lambda: open(cf, 'w').write('{}'),\n"
+        "    'add a file': lambda: open(d + '/new', 'w'),\n"
+        "}\n"
+        "for name, attempt in attempts.items():\n"
+        "    try:\n        attempt(); results[name] = 'done'\n"
+        "    except OSError as e:\n        results[name] = type(e).__name__\n"
+        "print(sorted(set(results.values())))",
+    )
+    assert result["stdout"].strip() == "['PermissionError']"
+    assert run(server, attacker, "1 + 1")["result"] == "2"
+
+
+def test_code_planted_in_the_work_dir_does_not_run_at_kernel_start(
+    server: Server, attacker: str
+) -> None:
+    run(
+        server,
+        attacker,
+        "for name in ('ipykernel_launcher.py', 'sitecustomize.py', 'usercustomize.py'):\n"
+        "    open(name, 'w').write('import os; os._exit(42)')",
+    )
+    assert server.client.post(f"/sessions/{attacker}/restart").status_code == 200
+    assert run(server, attacker, "1 + 1")["result"] == "2"
+
+
+def test_netlink_is_routing_only(server: Server, attacker: str) -> None:
+    result = run(
+        server,
+        attacker,
+        "import socket\n"
+        "route = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0); route.close()\n"
+        "socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 15)  # NETLINK_KOBJECT_UEVENT",
+    )
+    assert result["error"]["ename"] == "OSError"
+    assert "Protocol not supported" in result["error"]["evalue"]
+
+
+def test_deep_directories_do_not_break_the_session(server: Server, attacker: str) -> None:
+    run(server, attacker, "import os\nfor _ in range(1500):\n    os.mkdir('d'); os.chdir('d')")
+    assert server.client.post(f"/sessions/{attacker}/restart").status_code == 200
+    assert run(server, attacker, "1 + 1")["result"] == "2"
+
+
+def test_forked_memory_counts_against_one_limit(server: Server, attacker: str) -> None:
+    # each child stays under RLIMIT_AS; together they pass the kernel's memory cgroup
+    result = run(
+        server,
+        attacker,
+        "import os, signal\nchildren = []\nfor _ in range(3):\n    pid = os.fork()\n"
+        "    if pid == 0:\n        block = b'x' * (1200 * 1024**2)\n        os._exit(0)\n"
+        "    children.append(pid)\n"
+        "ends = [os.waitpid(pid, 0)[1] for pid in children]\n"
+        "print(sum(os.WIFSIGNALED(s) and os.WTERMSIG(s) == signal.SIGKILL for s in ends))",
+        timeout=60,
+    )
+    health = server.client.get("/healthz").json()["isolation"]
+    if health["memory_cgroup_mb"] is None:
+        pytest.skip("no memory cgroups on this host")
+    if result["status"] == "ok":
+        killed = int(result["stdout"])
+        assert killed >= 1, f"{killed} of 3 children (1.2 GiB each) killed by the OOM killer"
+    else:  # the OOM killer chose the kernel itself
+        assert "out of memory" in result["text"]
+    assert run(server, attacker, "1 + 1")["result"] == "2"

@@ -86,6 +86,7 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
             culler.cancel()
             await asyncio.wait([culler])
             await registry.close_all()
+            await launcher.close()
             options.zmq_context.destroy(linger=0)
             log.info("all sessions closed")
 

@@ -7,6 +7,7 @@ With keys configured, every request but `GET /healthz` must carry `Authorization
 
 import hashlib
 import hmac
+import secrets
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -16,9 +17,14 @@ from kernel_service.errors import Unauthorized
 _OPEN = {("GET", "/healthz")}
 
 
+# Owner names appear in paths a kernel can see: keyed with a secret of this process, they
+# tell nothing about the API key (a plain hash of a weak key could be brute-forced).
+_OWNER_SECRET = secrets.token_bytes(32)
+
+
 def owner_of_key(key: bytes) -> str:
-    """A stable, non-secret name for the holder of a key."""
-    return hashlib.sha256(b"kernel-service owner:" + key).hexdigest()[:16]
+    """A name for the holder of a key, stable for the life of this process."""
+    return hmac.new(_OWNER_SECRET, key, hashlib.sha256).hexdigest()[:16]
 
 
 class ApiKeyAuth:

@@ -5,10 +5,12 @@ sockets in the kernel's own directory, which a sandbox can bind-mount as the onl
 out. Nothing listens on a TCP port.
 """
 
+import os
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 from jupyter_client.connect import write_connection_file
@@ -20,6 +22,9 @@ _MAX_SOCKET_PATH = 100
 @dataclass(frozen=True)
 class KernelFiles:
     directory: Path  # 0700: connection.json and the ipc sockets s-1 … s-5
+    # What the connection file says, kept here: the service never reads back a file the
+    # kernel could have rewritten.
+    connection_info: dict[str, Any]
 
     @property
     def connection_file(self) -> Path:
@@ -28,21 +33,32 @@ class KernelFiles:
     @classmethod
     def create(cls, connection_dir: Path, kernel_id: str) -> "KernelFiles":
         """A fresh directory with a connection file (0600) for one kernel."""
-        files = cls(connection_dir / f"k-{kernel_id}")
-        socket_base = files.directory / "s"
+        directory = connection_dir / f"k-{kernel_id}"
+        socket_base = directory / "s"
         if len(str(socket_base)) + 3 > _MAX_SOCKET_PATH:
             raise ValueError(
                 f"the connection directory {connection_dir} is too long a path for Unix "
                 f"sockets (at most {_MAX_SOCKET_PATH - 20} characters): choose a shorter one"
             )
-        files.directory.mkdir(mode=0o700, parents=True)
-        write_connection_file(
-            str(files.connection_file),
+        directory.mkdir(mode=0o700, parents=True)
+        _, info = write_connection_file(
+            str(directory / "connection.json"),
             transport="ipc",
             ip=str(socket_base),
             key=uuid.uuid4().hex.encode(),
         )
-        return files
+        return cls(directory, dict(info))
+
+    def lock(self) -> None:
+        """Take the directory back from the kernel once its sockets are bound.
+
+        A kernel that owns it could swap a socket for a symlink elsewhere, and the service
+        (root, outside every namespace) would follow it when ZMQ reconnects.
+        """
+        os.chown(self.directory, 0, 0)
+        os.chmod(self.directory, 0o711)
+        connection_file = self.connection_file
+        os.chown(connection_file, 0, 0, follow_symlinks=False)
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -62,5 +78,5 @@ def remove_stale_files(connection_dir: Path) -> list[Path]:
         in_use.update(process.info["cmdline"] or [])
     stale = [d for d in candidates if str(d / "connection.json") not in in_use]
     for directory in stale:
-        KernelFiles(directory).remove()
+        shutil.rmtree(directory, ignore_errors=True)
     return stale

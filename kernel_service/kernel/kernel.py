@@ -101,6 +101,9 @@ def zmq_context(max_message_bytes: int) -> zmq.asyncio.Context:
     context = zmq.asyncio.Context()
     # Oversized messages (a flood of output) are dropped instead of filling our memory.
     context.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    # ...and few are queued: a kernel can send faster than we parse, and each queued
+    # message is held in our memory.
+    context.setsockopt(zmq.RCVHWM, 4)
     # Reconnect fast: a new kernel binds its ports a few ms after we connect.
     context.setsockopt(zmq.RECONNECT_IVL, 10)
     context.setsockopt(zmq.LINGER, 0)
@@ -127,6 +130,7 @@ class Kernel:
         self._pumps: list[asyncio.Task[None]] = []
         self._killed_by_us = False
         self._closed = False
+        self._bad_messages = 0
         process.on_exit(self._on_exit)
 
     # ------------------------------------------------------------ lifecycle
@@ -160,6 +164,7 @@ class Kernel:
         try:
             kernel._start_channels()
             await kernel._wait_ready(options.start_timeout)
+            await launcher.on_ready(spec)
         except BaseException:
             await kernel.shutdown()
             raise
@@ -282,7 +287,7 @@ class Kernel:
 
     def _new_client(self) -> AsyncKernelClient:
         client = AsyncKernelClient(context=self._context)
-        client.load_connection_file(str(self.files.connection_file))
+        client.load_connection_info(self.files.connection_info)  # type: ignore[arg-type]
         return client
 
     def _start_channels(self) -> None:
@@ -319,7 +324,11 @@ class Kernel:
             except Exception:  # a malformed or unsigned message must not stop the pump
                 if not channel.is_alive():
                     return
-                log.exception("kernel %s: unreadable message", self.kernel_id)
+                self._bad_messages += 1
+                if self._bad_messages & (self._bad_messages - 1) == 0:  # 1, 2, 4, 8, ...
+                    log.warning(
+                        "kernel %s: %d unreadable messages", self.kernel_id, self._bad_messages
+                    )
                 await asyncio.sleep(0)
                 continue
             active = self._active

@@ -39,6 +39,8 @@ class LaunchSpec:
     def ipykernel_argv(self) -> list[str]:
         return [
             sys.executable,
+            # isolated: neither the work dir nor PYTHON* variables shape the kernel's start
+            "-I",
             "-m",
             "ipykernel_launcher",
             "-f",
@@ -82,6 +84,12 @@ class KernelLauncher(ABC):
 
     @abstractmethod
     async def launch(self, spec: LaunchSpec) -> KernelProcess: ...
+
+    async def on_ready(self, spec: LaunchSpec) -> None:  # noqa: B027 (optional hook)
+        """Called once the kernel answers, before user code can run in it."""
+
+    async def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release what the launcher holds once every kernel has ended."""
 
     def describe(self) -> dict[str, Any]:
         """What this launcher isolates and limits, for the start-up log and /healthz."""

@@ -27,6 +27,7 @@ from typing import Any
 
 import psutil
 
+from kernel_service.kernel.cgroups import MemoryCgroups
 from kernel_service.kernel.launcher import (
     KernelLauncher,
     KernelProcess,
@@ -81,6 +82,10 @@ class BubblewrapLauncher(KernelLauncher):
                 "to run as root; or run without a sandbox: KERNEL_SERVICE_SANDBOX=none"
             )
         self._bwrap, self._setpriv, self._prlimit = bwrap, setpriv, prlimit
+        self._cgroups = MemoryCgroups.detect()
+        # Above RLIMIT_AS, so one process growing gets MemoryError first; /tmp and /dev/shm
+        # are memory too and count here.
+        self._cgroup_limit = limits.memory_bytes + limits.tmp_bytes + 16 * _MIB + 128 * _MIB
         try:
             self._seccomp = build_filter()
         except OSError as exc:
@@ -100,7 +105,10 @@ class BubblewrapLauncher(KernelLauncher):
             "max_file_mb": limits.file_bytes // _MIB,
             "max_open_files": limits.open_files,
             "tmp_mb": limits.tmp_bytes // _MIB,
-            "cgroups": "not used (rlimits only)",
+            "memory_cgroup_mb": self._cgroup_limit // _MIB if self._cgroups else None,
+            "cgroups": "memory (v1), all of a kernel's processes together"
+            if self._cgroups
+            else "not available here (rlimits only: memory is limited per process)",
         }
 
     def verify(self) -> None:
@@ -126,6 +134,7 @@ class BubblewrapLauncher(KernelLauncher):
 
     async def launch(self, spec: LaunchSpec) -> KernelProcess:
         uid = self._uids.take()
+        cgroup = spec.files.directory.name
         try:
             # The kernel's files become its own; a walk that never follows its symlinks.
             await asyncio.to_thread(_chown_tree, spec.files.directory, uid)
@@ -135,6 +144,10 @@ class BubblewrapLauncher(KernelLauncher):
                 os.write(seccomp_fd, self._seccomp)
                 os.lseek(seccomp_fd, 0, os.SEEK_SET)
                 argv = self._argv(spec, uid, seccomp_fd)
+                if self._cgroups is not None:
+                    procs = self._cgroups.create(cgroup, self._cgroup_limit)
+                    # joins the cgroup before anything forks, then becomes prlimit → bwrap
+                    argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs), *argv]
                 # Started on the event loop's thread: bwrap's --die-with-parent is tied to
                 # the thread that spawned it, and this one lives as long as the service.
                 popen = subprocess.Popen(  # noqa: ASYNC220 (a fork+exec: ~1 ms)
@@ -151,11 +164,34 @@ class BubblewrapLauncher(KernelLauncher):
                 os.close(seccomp_fd)
         except BaseException:
             self._uids.give_back(uid)
+            if self._cgroups is not None:
+                self._cgroups.remove(cgroup)
             raise
         process = PopenKernelProcess(popen, exit_status_of_child=True)
-        process.on_exit(lambda _: self._uids.give_back(uid))
+        process.on_exit(lambda _: self._release(uid, cgroup))
         log.debug("sandboxed kernel pid=%d uid=%d in %s", popen.pid, uid, spec.files.directory)
         return process
+
+    def _release(self, uid: int, cgroup: str) -> None:
+        self._uids.give_back(uid)
+        if self._cgroups is not None:
+            asyncio.get_running_loop().create_task(self._remove_cgroup(cgroup))
+
+    async def _remove_cgroup(self, name: str) -> None:
+        assert self._cgroups is not None
+        for _ in range(100):  # the namespace's last processes take a moment to go
+            if self._cgroups.remove(name):
+                return
+            await asyncio.sleep(0.05)
+        log.warning("cgroup %s still busy; left for the service's exit", name)
+
+    async def close(self) -> None:
+        if self._cgroups is not None:
+            await self._cgroups.close()
+
+    async def on_ready(self, spec: LaunchSpec) -> None:
+        # Its sockets are bound: from now on the kernel may not change its directory.
+        spec.files.lock()
 
     def _argv(self, spec: LaunchSpec, uid: int, seccomp_fd: int) -> list[str]:
         limits = self._limits
@@ -244,10 +280,21 @@ def _chown_tree(root: Path, uid: int) -> None:
 
 
 def _walk(root: Path) -> Iterator[Path]:
-    yield root
-    for directory, dirnames, filenames in os.walk(root):  # never follows symlinks
-        for name in (*dirnames, *filenames):
-            yield Path(directory, name)
+    """Every path below `root`, without following symlinks and without recursion (a kernel
+    may nest directories deeper than Python's recursion limit)."""
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        yield directory
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(Path(entry.path))
+            else:
+                yield Path(entry.path)
 
 
 class _UidPool:

@@ -39,6 +39,7 @@ _NAMESPACE_FLAGS = (
 _ALLOWED_FAMILIES = {socket.AF_UNIX, socket.AF_INET, socket.AF_INET6, socket.AF_NETLINK}
 _AF_MAX = 46
 _TIOCSTI = 0x5412
+_NETLINK_ROUTE = 0
 
 
 def build_filter() -> bytes:
@@ -59,6 +60,14 @@ def build_filter() -> bytes:
             if family not in _ALLOWED_FAMILIES:
                 sandbox.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), call, sc.Arg(0, sc.EQ, family))
         sandbox.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), call, sc.Arg(0, sc.GE, _AF_MAX))
+    # Of netlink, only routing (what libc's getaddrinfo and ifaddrs use): uevents would
+    # show the host's devices coming and going.
+    sandbox.add_rule(
+        sc.ERRNO(errno.EPROTONOSUPPORT),
+        "socket",
+        sc.Arg(0, sc.EQ, socket.AF_NETLINK),
+        sc.Arg(2, sc.NE, _NETLINK_ROUTE),
+    )
     memfd = os.memfd_create("seccomp")
     try:
         with os.fdopen(os.dup(memfd), "rb+") as program:
