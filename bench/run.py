@@ -89,6 +89,8 @@ async def sandbox_cost(rounds: int, executions: int) -> None:
                 ready[name].append(start)
                 trips[name].extend(round_trips)
     finally:
+        for launcher in launchers.values():
+            await launcher.close()
         shutil.rmtree(options.connection_dir, ignore_errors=True)
         options.zmq_context.destroy(linger=0)
     print(f"\nSandbox cost: {rounds} kernels each (numpy, pandas, matplotlib preloaded), "
