@@ -9,23 +9,30 @@ TOOL_NAME = "code_interpreter"
 
 def tool_description(settings: Settings) -> str:
     """What a model needs to know to use the tool well."""
-    return (
+    lines = [
         "Run Python code in a persistent IPython kernel (like a Jupyter notebook cell) and "
         "get back what it printed, the value of the last expression, any error with its "
-        "traceback, and plots as images.\n"
+        "traceback, and plots as images.",
         "- State persists between calls: variables, imports and functions defined in one "
-        "call are available in the next.\n"
-        "- Use print() for what you want to see; the value of the last line is shown too.\n"
+        "call are available in the next.",
+        "- Use print() for what you want to see; the value of the last line is shown too.",
         "- numpy, pandas and matplotlib are installed; a matplotlib figure (plt.show() or a "
-        "figure as the last expression) comes back as an image.\n"
-        "- There is no keyboard: input() fails; do not wait for user input.\n"
-        "- Files are read and written in the current working directory.\n"
+        "figure as the last expression) comes back as an image.",
+        "- There is no keyboard: input() fails; do not wait for user input.",
+    ]
+    if settings.sandbox != "none":
+        lines.append(
+            "- There is no network access: pip install and downloads fail; use what is installed."
+        )
+    lines += [
+        "- Files are read and written in the current working directory.",
         f"- Each call may run at most {settings.default_timeout:g} seconds; longer code is "
         "interrupted (and if it ignores the interrupt the kernel restarts and earlier state "
-        "is lost).\n"
+        "is lost).",
         "- Long output is cut in the middle: print summaries (df.head(), len(x)) rather than "
-        "whole data sets."
-    )
+        "whole data sets.",
+    ]
+    return "\n".join(lines)
 
 
 def tool_parameters() -> dict[str, Any]:

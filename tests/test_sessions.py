@@ -106,6 +106,7 @@ def test_tools_and_health(server: Server) -> None:
     assert function["name"] == "code_interpreter"
     assert function["parameters"]["required"] == ["code"]
     assert "persist" in function["description"]
+    assert ("no network access" in function["description"]) == (server.settings.sandbox != "none")
     health = server.client.get("/healthz").json()
     assert health["status"] == "ok"
     assert health["sandbox"] == "bubblewrap"
