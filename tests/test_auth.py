@@ -1,5 +1,5 @@
-"""API keys: 401 without the right one, sessions private to the key that made them, and
-no public listening without a key."""
+"""API keys: 401 without the right one, sessions private to the key that made them; and the
+start-up refusals: no public listening without a key, no start without the sandbox."""
 
 import subprocess
 import sys

@@ -197,12 +197,13 @@ def test_timeout_of_uninterruptible_code_restarts_the_kernel(
     assert after["state_lost"] is False
 
 
-def test_timeout_is_capped_by_the_configured_maximum(server: Server, session: str) -> None:
-    response = server.client.post(
-        "/execute", json={"code": "1", "session_id": session, "timeout": 10**9}
-    )
-    assert response.status_code == 200
-    assert response.json()["status"] == "ok"
+def test_timeout_is_capped_by_the_configured_maximum(tmp_path: Path) -> None:
+    with running_server(tmp_path, default_timeout=1, max_timeout=1) as server:
+        started = time.monotonic()
+        result = server.execute("import time\ntime.sleep(30)", timeout=10**9)
+        assert result["status"] == "timeout"
+        assert time.monotonic() - started < 10
+        assert "1 s time limit (the most this service allows)" in result["text"]
 
 
 @pytest.mark.parametrize(

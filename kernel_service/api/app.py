@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
         settings.work_dir, settings.sandbox_work_dir_mb * MIB if settings.sandbox != "none" else 0
     )
     registry = SessionRegistry(settings, partial(_start_kernel, launcher, options), workspaces)
+    isolation = {**launcher.describe(), "work_dir": workspaces.describe()}  # fixed from here on
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -73,7 +74,7 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
             "kernel-service %s ready: isolation=%s %s, connection files in %s, max %d sessions",
             __version__,
             launcher.isolation,
-            {**launcher.describe(), "work_dir": workspaces.describe()},
+            isolation,
             options.connection_dir,
             settings.max_sessions,
         )
@@ -98,8 +99,8 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
     )
     app.state.settings = settings
     app.state.registry = registry
-    app.state.launcher = launcher
-    app.state.workspaces = workspaces
+    app.state.sandbox = launcher.isolation
+    app.state.isolation = isolation
     install_error_handlers(app)
     app.include_router(router)
     app.add_middleware(BodySizeLimit, limit=settings.max_code_bytes * 6 + _BODY_OVERHEAD)

@@ -137,9 +137,6 @@ async def healthz(request: Request, registry: Registry, settings: Config) -> Hea
         version=__version__,
         sessions=len(registry),
         max_sessions=settings.max_sessions,
-        sandbox=request.app.state.launcher.isolation,
-        isolation={
-            **request.app.state.launcher.describe(),
-            "work_dir": request.app.state.workspaces.describe(),
-        },
+        sandbox=request.app.state.sandbox,
+        isolation=request.app.state.isolation,
     )
