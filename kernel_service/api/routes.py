@@ -2,7 +2,8 @@
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from kernel_service import __version__
 from kernel_service.config import Settings
@@ -18,7 +19,7 @@ from kernel_service.models import (
     SessionList,
 )
 from kernel_service.sessions import SessionRegistry
-from kernel_service.tool import openai_tool
+from kernel_service.tool import ToolFormat, render_tool, tool_spec
 
 router = APIRouter()
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -125,10 +126,31 @@ async def get_image(
     return Response(image.content(), media_type=image.mime, headers=headers)
 
 
-@router.get("/tools")
-async def tools(settings: Config) -> list[dict[str, Any]]:
-    """The `code_interpreter` tool in the OpenAI `tools` format, ready to pass to a model."""
-    return [openai_tool(settings)]
+@router.get(
+    "/tools",
+    response_model=list[dict[str, Any]],
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        422: {"model": ErrorBody},
+    },
+)
+async def tools(
+    settings: Config,
+    fmt: Annotated[
+        ToolFormat,
+        Query(
+            alias="format",
+            description="`openai` (default): the `tools` list of the OpenAI API, vLLM, SGLang "
+            "and Ollama; `qwen`: Qwen-Agent's form; `toolbench`: ToolBench's form; `react` or "
+            "`react_zh`: a ReAct system prompt, as text.",
+        ),
+    ] = "openai",
+) -> Response:
+    """The `code_interpreter` tool, ready to pass to a model."""
+    rendered = render_tool(tool_spec(settings), fmt)
+    if isinstance(rendered, str):
+        return PlainTextResponse(rendered)
+    return JSONResponse([rendered])
 
 
 @router.get("/healthz", response_model=Health)

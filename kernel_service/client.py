@@ -1,0 +1,428 @@
+"""A Python client for kernel-service, sync and async, on httpx.
+
+    from kernel_service.client import Client
+
+    with Client("http://127.0.0.1:8000", api_key=None) as client, client.session() as session:
+        session.execute("x = 6 * 7")
+        print(session.execute("x").text)          # Out[2]: 42
+
+Results are the server's own models (`kernel_service.models.ExecutionResult`).
+
+A session that the service no longer has (deleted, culled after idling, or lost in a
+restart: 404 `session_not_found`) is handled here, once: the code runs in a new session
+(with the same id when the caller chose it) and the result says that earlier state is gone
+(`state_lost` true and a notice at the top of `text`), so an agent's history stays true.
+
+The protocol logic is written once, without I/O, as generators that yield the HTTP
+requests to send and receive the responses (`_Flow`); `Client` drives them with httpx's
+sync client and `AsyncClient` with its async one.
+"""
+
+import asyncio
+import threading
+from collections.abc import Generator
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from kernel_service.models import ExecutionResult, Health, SessionInfo, SessionList
+from kernel_service.tool import ToolFormat, ToolSpec
+
+T = TypeVar("T")
+# A protocol step: yields requests, is sent their responses, returns its value.
+_Flow = Generator[httpx.Request, httpx.Response, T]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+# Executions can legitimately take as long as the server's time limit: the server enforces
+# it, so reads wait; connecting and the other calls are bounded.
+_TIMEOUT = httpx.Timeout(60.0)
+_EXECUTE_TIMEOUT = httpx.Timeout(60.0, read=None)
+
+
+class KernelServiceError(Exception):
+    """An error answer of the service: `status` (HTTP), `code` (machine-readable), message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def lost_state_notice(old_id: str, new_id: str) -> str:
+    """What a result says when its code ran in a new session because the old one was gone."""
+    same = "a new session with the same id" if old_id == new_id else f"new session {new_id!r}"
+    return (
+        f"[Session {old_id!r} had expired (deleted, or culled after being idle), so this code "
+        f"ran in {same}: variables, imports and files from earlier calls are gone. Re-run "
+        "whatever this code depends on.]"
+    )
+
+
+def _check(response: httpx.Response) -> httpx.Response:
+    if response.is_success:
+        return response
+    try:
+        body = response.json()
+        code, detail = str(body.get("code", "http_error")), body.get("detail", response.text)
+    except ValueError:
+        code, detail = "http_error", response.text
+    message = detail if isinstance(detail, str) else str(detail)
+    raise KernelServiceError(response.status_code, code, message)
+
+
+def _parse(model: type[BaseModel], response: httpx.Response) -> Any:
+    return model.model_validate_json(_check(response).content)
+
+
+class _Protocol:
+    """Builds requests and reads answers; shared by the sync and async clients."""
+
+    def __init__(self, base_url: str, api_key: str | None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Request:
+        """A request for `path` under the base URL (or for an absolute URL of the service)."""
+        timeout = kwargs.pop("timeout", _TIMEOUT)
+        return httpx.Request(
+            method,
+            self.url(path),
+            headers=self.headers,
+            extensions={"timeout": timeout.as_dict()},
+            **kwargs,
+        )
+
+    def url(self, path: str) -> str:
+        """An absolute URL for a path the service returned (an image's `url`)."""
+        return path if "://" in path else self.base_url + path
+
+
+class _SessionState:
+    """What a session handle knows: its id once it has one, and whether it has run code."""
+
+    def __init__(self, protocol: _Protocol, session_id: str | None) -> None:
+        self.protocol = protocol
+        self.id = session_id
+        self.chosen_id = session_id  # the caller's id is kept when the session is remade
+        self.used = False
+
+    def execute(self, code: str, timeout: float | None) -> _Flow[ExecutionResult]:
+        body = {"code": code, "session_id": self.id, "timeout": timeout}
+        response = yield self._execute_request(body)
+        if not _is_session_gone(response):
+            return self._ran(_parse(ExecutionResult, response))
+        old_id = self.id
+        if self.chosen_id is not None:
+            yield from self._create(self.chosen_id)
+        else:
+            self.id = None
+        body["session_id"] = self.id
+        result: ExecutionResult = _parse(ExecutionResult, (yield self._execute_request(body)))
+        if self.used and old_id is not None:
+            notice = lost_state_notice(old_id, result.session_id)
+            result = result.model_copy(
+                update={"state_lost": True, "text": f"{notice}\n{result.text}"}
+            )
+        return self._ran(result)
+
+    def interrupt(self) -> _Flow[bool]:
+        if self.id is None:
+            return False
+        response = yield self.protocol.request("POST", f"/sessions/{self.id}/interrupt")
+        if _is_session_gone(response):
+            return False
+        return bool(_check(response).json()["interrupted"])
+
+    def restart(self) -> _Flow[SessionInfo]:
+        if self.id is not None:
+            response = yield self.protocol.request("POST", f"/sessions/{self.id}/restart")
+            if not _is_session_gone(response):
+                info: SessionInfo = _parse(SessionInfo, response)
+                return info
+        self.id = None
+        return (yield from self._create(self.chosen_id))
+
+    def info(self) -> _Flow[SessionInfo]:
+        if self.id is None:
+            yield from self._create(self.chosen_id)
+        info: SessionInfo = _parse(
+            SessionInfo, (yield self.protocol.request("GET", f"/sessions/{self.id}"))
+        )
+        return info
+
+    def close(self) -> _Flow[None]:
+        if self.id is None:
+            return
+        response = yield self.protocol.request("DELETE", f"/sessions/{self.id}")
+        if not _is_session_gone(response):
+            _check(response)
+        self.id = None
+
+    def _create(self, session_id: str | None) -> _Flow[SessionInfo]:
+        response = yield self.protocol.request("POST", "/sessions", json={"session_id": session_id})
+        if response.status_code == 409 and session_id is not None:  # made by a racing call
+            self.id = session_id
+            info: SessionInfo = _parse(
+                SessionInfo, (yield self.protocol.request("GET", f"/sessions/{session_id}"))
+            )
+            return info
+        info = _parse(SessionInfo, response)
+        self.id = info.session_id
+        return info
+
+    def _execute_request(self, body: dict[str, Any]) -> httpx.Request:
+        return self.protocol.request("POST", "/execute", json=body, timeout=_EXECUTE_TIMEOUT)
+
+    def _ran(self, result: ExecutionResult) -> ExecutionResult:
+        self.id = result.session_id
+        self.used = True
+        return result
+
+
+def _is_session_gone(response: httpx.Response) -> bool:
+    if response.status_code != 404:
+        return False
+    try:
+        return bool(response.json().get("code") == "session_not_found")
+    except ValueError:
+        return False
+
+
+def _tool_spec(protocol: _Protocol) -> _Flow[ToolSpec]:
+    response = yield protocol.request("GET", "/tools")
+    return ToolSpec.from_openai(_check(response).json()[0])
+
+
+def _tools(protocol: _Protocol, fmt: ToolFormat) -> _Flow[Any]:
+    response = _check((yield protocol.request("GET", "/tools", params={"format": fmt})))
+    return response.text if fmt.startswith("react") else response.json()
+
+
+def _image(protocol: _Protocol, url: str) -> _Flow[bytes]:
+    return _check((yield protocol.request("GET", url))).content
+
+
+def _sessions(protocol: _Protocol) -> _Flow[list[SessionInfo]]:
+    listing: SessionList = _parse(SessionList, (yield protocol.request("GET", "/sessions")))
+    return listing.sessions
+
+
+def _health(protocol: _Protocol) -> _Flow[Health]:
+    health: Health = _parse(Health, (yield protocol.request("GET", "/healthz")))
+    return health
+
+
+# ---------------------------------------------------------------- sync
+
+
+class Client:
+    """A connection to kernel-service. `session()` gives a handle on one kernel session."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        *,
+        http: httpx.Client | None = None,
+    ) -> None:
+        self._protocol = _Protocol(base_url, api_key)
+        self._http = http or httpx.Client(timeout=_TIMEOUT)
+
+    def session(self, session_id: str | None = None) -> "Session":
+        """A session handle. Nothing is started until it is used; with `session_id`, that
+        session is used (and made when it does not exist yet, e.g. one per conversation id)."""
+        return Session(self, _SessionState(self._protocol, session_id))
+
+    def tool_spec(self) -> ToolSpec:
+        """The `code_interpreter` tool as this service describes it (its limits included)."""
+        return self._run(_tool_spec(self._protocol))
+
+    def tools(self, fmt: ToolFormat = "openai") -> Any:
+        """`GET /tools?format=`: a list of tool definitions, or prompt text for ReAct."""
+        return self._run(_tools(self._protocol, fmt))
+
+    def sessions(self) -> list[SessionInfo]:
+        return self._run(_sessions(self._protocol))
+
+    def health(self) -> Health:
+        return self._run(_health(self._protocol))
+
+    def image(self, url: str) -> bytes:
+        """The bytes behind an image's `url`."""
+        return self._run(_image(self._protocol, url))
+
+    def url(self, path: str) -> str:
+        return self._protocol.url(path)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, flow: _Flow[T]) -> T:
+        try:
+            request = next(flow)
+            while True:
+                request = flow.send(self._http.send(request))
+        except StopIteration as done:
+            value: T = done.value
+            return value
+
+
+class Session:
+    """One kernel session: state persists between `execute` calls."""
+
+    def __init__(self, client: Client, state: _SessionState) -> None:
+        self._client = client
+        self._state = state
+        # one call at a time per handle: the first ones may have to make the session
+        self._lock = threading.Lock()
+
+    @property
+    def id(self) -> str | None:
+        """The session's id; None until it is first used (unless the caller chose it)."""
+        return self._state.id
+
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    def execute(self, code: str, timeout: float | None = None) -> ExecutionResult:
+        """Run `code`; `timeout` in seconds (None: the server's default)."""
+        with self._lock:
+            return self._client._run(self._state.execute(code, timeout))
+
+    def interrupt(self) -> bool:
+        """Interrupt the running execution; whether one was running."""
+        # not behind the lock: it is meant for while `execute` runs in another thread
+        return self._client._run(self._state.interrupt())
+
+    def restart(self) -> SessionInfo:
+        """A fresh kernel: every variable is gone."""
+        with self._lock:
+            return self._client._run(self._state.restart())
+
+    def info(self) -> SessionInfo:
+        with self._lock:
+            return self._client._run(self._state.info())
+
+    def close(self) -> None:
+        """End the session and its kernel (nothing happens if it never started)."""
+        with self._lock:
+            self._client._run(self._state.close())
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- async
+
+
+class AsyncClient:
+    """The asyncio twin of `Client`."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        *,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._protocol = _Protocol(base_url, api_key)
+        self._http = http or httpx.AsyncClient(timeout=_TIMEOUT)
+
+    def session(self, session_id: str | None = None) -> "AsyncSession":
+        """As `Client.session`."""
+        return AsyncSession(self, _SessionState(self._protocol, session_id))
+
+    async def tool_spec(self) -> ToolSpec:
+        return await self._run(_tool_spec(self._protocol))
+
+    async def tools(self, fmt: ToolFormat = "openai") -> Any:
+        return await self._run(_tools(self._protocol, fmt))
+
+    async def sessions(self) -> list[SessionInfo]:
+        return await self._run(_sessions(self._protocol))
+
+    async def health(self) -> Health:
+        return await self._run(_health(self._protocol))
+
+    async def image(self, url: str) -> bytes:
+        return await self._run(_image(self._protocol, url))
+
+    def url(self, path: str) -> str:
+        return self._protocol.url(path)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _run(self, flow: _Flow[T]) -> T:
+        try:
+            request = next(flow)
+            while True:
+                request = flow.send(await self._http.send(request))
+        except StopIteration as done:
+            value: T = done.value
+            return value
+
+
+class AsyncSession:
+    """The asyncio twin of `Session`."""
+
+    def __init__(self, client: AsyncClient, state: _SessionState) -> None:
+        self._client = client
+        self._state = state
+        self._lock = asyncio.Lock()
+
+    @property
+    def id(self) -> str | None:
+        return self._state.id
+
+    @property
+    def client(self) -> AsyncClient:
+        return self._client
+
+    async def execute(self, code: str, timeout: float | None = None) -> ExecutionResult:
+        async with self._lock:
+            return await self._client._run(self._state.execute(code, timeout))
+
+    async def interrupt(self) -> bool:
+        return await self._client._run(self._state.interrupt())
+
+    async def restart(self) -> SessionInfo:
+        async with self._lock:
+            return await self._client._run(self._state.restart())
+
+    async def info(self) -> SessionInfo:
+        async with self._lock:
+            return await self._client._run(self._state.info())
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._client._run(self._state.close())
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
