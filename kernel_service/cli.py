@@ -1,8 +1,12 @@
-"""The `kernel-service` command: parse flags over KERNEL_SERVICE_* settings, run uvicorn."""
+"""The `kernel-service` command: parse flags over KERNEL_SERVICE_* settings, then run the HTTP
+service under uvicorn (`serve`) or the MCP server over stdio (`mcp`)."""
 
 import argparse
+import asyncio
+import contextlib
 import ipaddress
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,21 +25,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the HTTP service")
+    shared = argparse.ArgumentParser(add_help=False)  # how kernels run, for both commands
+    shared.add_argument("--connection-dir", type=Path, help="where connection files go")
+    shared.add_argument("--work-dir", type=Path, help="parent of the sessions' work dirs")
+    shared.add_argument("--max-sessions", type=int, help="live sessions at most")
+    shared.add_argument("--session-ttl", type=float, help="idle seconds before culling (0: never)")
+    shared.add_argument("--default-timeout", type=float, help="execution timeout in seconds")
+    shared.add_argument("--max-timeout", type=float, help="cap on a caller's timeout")
+    shared.add_argument("--log-level", help="debug, info, warning, error")
+    serve = commands.add_parser("serve", parents=[shared], help="run the HTTP service")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
-    serve.add_argument("--connection-dir", type=Path, help="where connection files go")
-    serve.add_argument("--work-dir", type=Path, help="parent of the sessions' work dirs")
-    serve.add_argument("--max-sessions", type=int, help="live sessions at most")
-    serve.add_argument("--session-ttl", type=float, help="idle seconds before culling (0: never)")
-    serve.add_argument("--default-timeout", type=float, help="execution timeout in seconds")
-    serve.add_argument("--max-timeout", type=float, help="cap on a caller's timeout")
-    serve.add_argument("--log-level", help="debug, info, warning, error")
     serve.add_argument(
         "--insecure",
         action="store_true",
         default=None,
         help="allow a non-loopback --host without an API key",
+    )
+    commands.add_parser(
+        "mcp",
+        parents=[shared],
+        help="run the MCP server over stdin and stdout (for desktop clients); logs go to stderr",
     )
     return parser
 
@@ -50,18 +60,26 @@ def main(argv: list[str] | None = None) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from kernel_service.api import create_app
     from kernel_service.kernel.sandbox import SandboxUnavailable
+
+    try:
+        if args.command == "mcp":
+            _serve_mcp(settings)
+        else:
+            _serve_http(settings)
+    except SandboxUnavailable as exc:
+        sys.exit(f"kernel-service: refusing to start: the sandbox is not available: {exc}")
+
+
+def _serve_http(settings: Settings) -> None:
+    from kernel_service.api import create_app
 
     if not settings.api_keys() and not settings.insecure and not _is_loopback(settings.host):
         sys.exit(
             f"kernel-service: refusing to listen on {settings.host} without an API key: set "
             "KERNEL_SERVICE_API_KEY, or pass --insecure if something else guards the service"
         )
-    try:
-        app = create_app(settings)
-    except SandboxUnavailable as exc:
-        sys.exit(f"kernel-service: refusing to start: the sandbox is not available: {exc}")
+    app = create_app(settings)
     uvicorn.run(
         app,
         host=settings.host,
@@ -69,6 +87,23 @@ def main(argv: list[str] | None = None) -> None:
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=5,
     )
+
+
+def _serve_mcp(settings: Settings) -> None:
+    from kernel_service.mcp_server import serve_stdio
+    from kernel_service.runtime import Runtime
+
+    runtime = Runtime(settings)
+
+    async def until_signalled() -> None:
+        # SIGTERM, like SIGINT, unwinds the server, so every kernel and work dir is cleaned up
+        main = asyncio.current_task()
+        assert main is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+        await serve_stdio(runtime)
+
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        asyncio.run(until_signalled())
 
 
 def _is_loopback(host: str) -> bool:

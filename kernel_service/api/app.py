@@ -1,10 +1,11 @@
-"""The app factory: the service's runtime (launcher, session registry) behind the routes; the
-app's lifespan runs it and ends every kernel at shutdown."""
+"""The app factory: the service's runtime (launcher, session registry) behind the routes and
+the MCP server at `/mcp`; the app's lifespan runs them and ends every kernel at shutdown."""
 
 import contextlib
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from starlette.routing import Route
 
 from kernel_service import __version__
 from kernel_service.api.auth import ApiKeyAuth
@@ -12,6 +13,7 @@ from kernel_service.api.errors import BodySizeLimit, install_error_handlers
 from kernel_service.api.routes import router
 from kernel_service.config import Settings
 from kernel_service.kernel import KernelLauncher
+from kernel_service.mcp_server import McpServer
 from kernel_service.runtime import Runtime
 
 # Room for JSON escaping around the code (a "\u0000" is six bytes for one).
@@ -25,10 +27,13 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
     """
     settings = settings or Settings()
     runtime = Runtime(settings, launcher)
+    mcp = McpServer(settings, runtime.registry)
+    mcp_app = mcp.http_app(settings.host)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        async with runtime.running():
+        # MCP sessions end first, closing their kernel sessions; then every other one
+        async with runtime.running(), mcp.serving_http():
             yield
 
     app = FastAPI(
@@ -43,6 +48,8 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
     app.state.isolation = runtime.isolation
     install_error_handlers(app)
     app.include_router(router)
+    # MCP (streamable HTTP): inside the API key check like every route but /healthz
+    app.router.routes.append(Route("/mcp", mcp_app, include_in_schema=False))
     app.add_middleware(BodySizeLimit, limit=settings.max_code_bytes * 6 + _BODY_OVERHEAD)
     if settings.api_keys():
         app.add_middleware(ApiKeyAuth, keys=settings.api_keys())  # outermost: checked first

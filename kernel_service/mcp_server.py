@@ -1,0 +1,345 @@
+"""The `code_interpreter` tool over the Model Context Protocol: at `/mcp` of the HTTP app
+(streamable HTTP) and over stdio (`kernel-service mcp`), on the same session registry.
+
+Built on the SDK's low-level `Server`. Each MCP session is a conversation with a kernel
+session of its own, made at its first call and closed when the MCP session ends (over HTTP
+the MCP session is the `Mcp-Session-Id`; over stdio it is the life of the process). A call
+may name another session with `session_id` instead, for clients that hide the MCP session.
+"""
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from mcp.server import Server, ServerRequestContext
+from mcp.server.connection import Connection
+from mcp.server.stdio import stdio_server
+from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp.types import (
+    CallToolRequestParams,
+    CallToolResult,
+    ContentBlock,
+    DiscoverResult,
+    ImageContent,
+    ListToolsResult,
+    PaginatedRequestParams,
+    RequestParams,
+    TextContent,
+    Tool,
+)
+from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.types import ASGIApp
+
+from kernel_service import __version__
+from kernel_service.config import Settings
+from kernel_service.errors import CodeTooLarge, ServiceError, SessionNotFound
+from kernel_service.models import ExecuteRequest, ExecutionResult
+from kernel_service.runtime import Runtime
+from kernel_service.sessions import Session, SessionRegistry
+from kernel_service.tool import TOOL_NAME, tool_description, tool_parameters
+
+log = logging.getLogger(__name__)
+
+_PROGRESS_INTERVAL = 1.0  # seconds between progress notifications during a run
+_CONVERSATION = "kernel_service.conversation"  # its key in the MCP connection's state
+
+Context = ServerRequestContext[Any, Any]
+
+
+@dataclass
+class _Conversation:
+    """The kernel session one MCP session runs its calls in, made at its first call."""
+
+    owner: str | None  # the API key's owner name that opened it (None without keys)
+    session_id: str | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class McpServer:
+    """The MCP face of the service: one tool, `code_interpreter`, on the session registry.
+
+    An instance serves one transport: `http_app()` with `serving_http()`, or stdio
+    (`serve_stdio()`).
+    """
+
+    def __init__(
+        self, settings: Settings, registry: SessionRegistry, *, stdio: bool = False
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._tool = _tool(settings)
+        # A stdio server has one client for its whole life, whichever protocol version it
+        # speaks (2026-07-28 has no session): all its calls share one conversation.
+        self._stdio_conversation = _Conversation(owner=None) if stdio else None
+        self._closing: set[asyncio.Task[None]] = set()
+        self._manager: StreamableHTTPSessionManager | None = None
+        self.server: Server[Any] = Server(
+            "kernel-service",
+            version=__version__,
+            on_list_tools=self._list_tools,
+            on_call_tool=self._call_tool,
+        )
+
+    # ------------------------------------------------------------ transports
+
+    def http_app(self, host: str) -> ASGIApp:
+        """The ASGI app to route `/mcp` to; `serving_http()` must run in the app's lifespan.
+
+        Only the initialize handshake has MCP sessions (the 2026-07-28 protocol has none), so
+        `server/discover` advertises the handshake versions: the SDK's clients then fall back
+        to `initialize`, as they do for any stateful server. A client pinned to 2026-07-28 is
+        still served, each of its calls a conversation of its own.
+        """
+        self.server.add_request_handler("server/discover", RequestParams, self._discover)
+        ttl = self._settings.session_ttl
+        self._manager = StreamableHTTPSessionManager(
+            app=self.server,
+            security_settings=_loopback_only(host),
+            # a silent MCP session ends when its kernel session would be culled
+            session_idle_timeout=ttl if ttl > 0 else None,
+        )
+        return StreamableHTTPASGIApp(self._manager)
+
+    @contextlib.asynccontextmanager
+    async def serving_http(self) -> AsyncIterator[None]:
+        """Serve MCP sessions; on exit every one is ended, and with it its kernel session."""
+        if self._manager is None:
+            raise RuntimeError("serving_http() needs http_app() first")
+        try:
+            async with self._manager.run():
+                yield
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """End the stdio conversation, and wait until ended MCP sessions' kernel sessions close."""
+        if self._stdio_conversation is not None:
+            await self._end(self._stdio_conversation)
+        if self._closing:
+            await asyncio.wait(set(self._closing))
+
+    # ------------------------------------------------------------ handlers
+
+    async def _discover(self, ctx: Context, params: RequestParams) -> DiscoverResult:
+        return DiscoverResult(
+            supported_versions=list(HANDSHAKE_PROTOCOL_VERSIONS),
+            capabilities=self.server.get_capabilities(),
+        )
+
+    async def _list_tools(
+        self, ctx: Context, params: PaginatedRequestParams | None
+    ) -> ListToolsResult:
+        return ListToolsResult(tools=[self._tool])
+
+    async def _call_tool(self, ctx: Context, params: CallToolRequestParams) -> CallToolResult:
+        """Run the code; a failure of the call itself comes back as an error result, not a crash."""
+        if params.name != TOOL_NAME:
+            return _error(f"Unknown tool {params.name!r}: the only tool here is {TOOL_NAME!r}.")
+        try:
+            request = ExecuteRequest.model_validate(params.arguments or {})
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in e['loc']) or 'arguments'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            return _error(f"Invalid arguments for {TOOL_NAME}: {problems}")
+        size = len(request.code.encode())
+        owner = _owner_of(ctx)
+        try:
+            if size > self._settings.max_code_bytes:
+                raise CodeTooLarge(size, self._settings.max_code_bytes)
+            session, notice = await self._session_for(ctx, request.session_id, owner)
+            result = await self._execute(ctx, params, session, request)
+        except SessionNotFound as exc:
+            return _error(
+                f"Session {exc.session_id!r} does not exist: it was deleted, culled after being "
+                f"idle, or never created, and its variables are gone. Call {TOOL_NAME} without "
+                "session_id to run in this conversation's own session."
+            )
+        except ServiceError as exc:
+            return _error(str(exc))
+        return _tool_result(result, notice)
+
+    # ------------------------------------------------------------ sessions
+
+    async def _session_for(
+        self, ctx: Context, session_id: str | None, owner: str | None
+    ) -> tuple[Session, str | None]:
+        """The session to run in, and a notice for the model when it is not the one it had."""
+        if session_id is not None:
+            return self._registry.get(session_id, owner), None
+        conversation = self._conversation_of(ctx, owner)
+        async with conversation.lock:  # calls that arrive together make one session
+            notice = None
+            if conversation.session_id is not None:
+                try:
+                    return self._registry.get(conversation.session_id, owner), None
+                except SessionNotFound:
+                    notice = (
+                        f"[Notice: this conversation's session {conversation.session_id} had "
+                        "ended (culled after being idle, or deleted); the code ran in a new "
+                        "session: earlier variables, imports and files are gone.]"
+                    )
+            session = await self._registry.create(owner=owner)
+            conversation.session_id = session.session_id
+            log.info("MCP conversation runs in session %s", session.session_id)
+            return session, notice
+
+    def _conversation_of(self, ctx: Context, owner: str | None) -> _Conversation:
+        if self._stdio_conversation is not None:
+            return self._stdio_conversation
+        connection = _connection_of(ctx)
+        # keyed by owner, as sessions are: another API key on this MCP session has its own
+        key = f"{_CONVERSATION}.{owner}"
+        conversation: _Conversation | None = connection.state.get(key)
+        if conversation is None:
+            conversation = connection.state[key] = _Conversation(owner)
+            # unwound when the MCP session ends: deleted, timed out, broken or shut down
+            connection.exit_stack.push_async_callback(self._end, conversation)
+        return conversation
+
+    async def _end(self, conversation: _Conversation) -> None:
+        """Close the conversation's kernel session, to the end even if the caller stops waiting
+        (the SDK bounds connection clean-up; `aclose` waits for what it left)."""
+        task = asyncio.create_task(self._close(conversation))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        await asyncio.shield(task)
+
+    async def _close(self, conversation: _Conversation) -> None:
+        async with conversation.lock:  # a session being made is closed once it is made
+            session_id, conversation.session_id = conversation.session_id, None
+            if session_id is None:
+                return
+            with contextlib.suppress(SessionNotFound):  # culled or deleted already
+                await self._registry.close(session_id, conversation.owner)
+            log.info("MCP conversation ended; session %s closed", session_id)
+
+    # ------------------------------------------------------------ execution
+
+    async def _execute(
+        self, ctx: Context, params: CallToolRequestParams, session: Session, request: ExecuteRequest
+    ) -> ExecutionResult:
+        """Run the code, telling the client it is alive while it runs if it asked for progress."""
+        if (params.meta or {}).get("progress_token") is None:
+            return await session.execute(request.code, request.timeout)
+        ticker = asyncio.create_task(_report_progress(ctx), name="mcp-progress")
+        try:
+            return await session.execute(request.code, request.timeout)
+        finally:
+            ticker.cancel()
+            await asyncio.wait([ticker])
+
+
+async def serve_stdio(runtime: Runtime) -> None:
+    """`kernel-service mcp`: one client over stdin and stdout, kernels in this process; when
+    the client goes, its kernel session and every other end."""
+    mcp = McpServer(runtime.settings, runtime.registry, stdio=True)
+    # stdout carries the protocol from the start: what starting kernels print goes to stderr
+    async with stdio_server() as (read_stream, write_stream), runtime.running():
+        try:
+            await mcp.server.run(
+                read_stream, write_stream, mcp.server.create_initialization_options()
+            )
+        finally:
+            await mcp.aclose()
+
+
+async def _report_progress(ctx: Context) -> None:
+    """A progress notification every _PROGRESS_INTERVAL, so clients don't time out a long run.
+
+    Notifications are fire-and-forget in the SDK: a client that went away drops them.
+    """
+    started = time.monotonic()
+    while True:
+        await asyncio.sleep(_PROGRESS_INTERVAL)
+        elapsed = time.monotonic() - started
+        await ctx.session.report_progress(elapsed, None, f"running, {elapsed:.0f} s")
+
+
+def _tool(settings: Settings) -> Tool:
+    schema = tool_parameters()
+    schema["properties"] |= {
+        "session_id": {
+            "type": "string",
+            "description": "Leave it out to run in this conversation's own session. Set it to "
+            "run in another existing session: one made with POST /sessions, or another "
+            "conversation's (results name their session in _meta.session_id).",
+        },
+        "timeout": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "description": f"Seconds before the code is interrupted (default "
+            f"{settings.default_timeout:g}, at most {settings.max_timeout:g}).",
+        },
+    }
+    schema["additionalProperties"] = False
+    return Tool(
+        name=TOOL_NAME,
+        title="Python code interpreter",
+        description=tool_description(settings),
+        input_schema=schema,
+    )
+
+
+def _tool_result(result: ExecutionResult, notice: str | None) -> CallToolResult:
+    content: list[ContentBlock] = [TextContent(type="text", text=notice)] if notice else []
+    content.append(TextContent(type="text", text=result.text))
+    content += [
+        ImageContent(type="image", data=image.data, mime_type=image.mime) for image in result.images
+    ]
+    return CallToolResult(
+        content=content,
+        is_error=result.status != "ok",
+        _meta={"session_id": result.session_id},
+    )
+
+
+def _error(message: str) -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)
+
+
+def _owner_of(ctx: Context) -> str | None:
+    """Whose sessions this call may use: set on the HTTP request by the API key check."""
+    request = ctx.request
+    if not isinstance(request, Request):  # stdio: no keys
+        return None
+    owner: str | None = getattr(request.state, "owner", None)
+    return owner
+
+
+def _connection_of(ctx: Context) -> Connection:
+    """The MCP connection the call came on: its `state` and `exit_stack` live as long as it.
+
+    mcp 2.3 builds each request's ServerSession on the Connection but gives handlers no
+    public way to it yet (its migration guide's `ctx.connection` is not there; its own
+    tests read `ctx.session._connection`), so it is read here, in this one place.
+    """
+    connection = getattr(ctx.session, "_connection", None)
+    if not isinstance(connection, Connection):
+        raise RuntimeError("this mcp SDK does not give handlers the connection (mcp 2.3 did)")
+    return connection
+
+
+def _loopback_only(host: str) -> TransportSecuritySettings | None:
+    """On a loopback address, refuse requests for other hosts and origins (DNS rebinding),
+    as the SDK does for servers it builds itself."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        return None
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
+        allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
+    )

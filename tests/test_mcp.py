@@ -1,0 +1,320 @@
+"""The MCP server, driven by the official SDK's client: at /mcp of a real server (streamable
+HTTP) and as `kernel-service mcp` over stdio, with real kernels."""
+
+import asyncio
+import base64
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from mcp import Client, StdioServerParameters
+from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.types import CallToolResult, ImageContent, TextContent
+from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
+
+from kernel_service.config import MIB
+from kernel_service.tool import TOOL_NAME
+from tests.conftest import (
+    descendants,
+    kernel_processes,
+    make_settings,
+    running_server,
+    wait_for,
+)
+
+KEY_A, KEY_B = "mcp-key-alpha-0123456789", "mcp-key-bravo-9876543210"
+
+Connect = Callable[[], AbstractAsyncContextManager[Client]]
+
+
+@asynccontextmanager
+async def http_client(
+    url: str, key: str | None = None, terminate_on_close: bool = True
+) -> AsyncIterator[Client]:
+    """An MCP client on its own MCP session at `url`."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    timeout = httpx2.Timeout(30, read=300)
+    async with httpx2.AsyncClient(headers=headers, timeout=timeout) as http:
+        transport = streamable_http_client(
+            url, http_client=http, terminate_on_close=terminate_on_close
+        )
+        async with Client(transport) as client:
+            # the handshake era: the one with MCP sessions
+            assert client.protocol_version in HANDSHAKE_PROTOCOL_VERSIONS
+            yield client
+
+
+def stdio_env(tmp: Path) -> dict[str, str]:
+    """KERNEL_SERVICE_* for `kernel-service mcp`, as the servers of the other tests get."""
+    settings = make_settings(tmp, log_level="info")
+    names = [
+        "connection_dir",
+        "work_dir",
+        "sandbox",
+        "sandbox_uid_base",
+        "sandbox_uid_count",
+        "sandbox_work_dir_mb",
+        "log_level",
+    ]
+    return {f"KERNEL_SERVICE_{name.upper()}": str(getattr(settings, name)) for name in names}
+
+
+@pytest.fixture(params=["http", "stdio"])
+def connect(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Connect]:
+    """Opens MCP sessions over one transport; afterwards no kernel or process is left."""
+    if request.param == "http":
+        with running_server(tmp_path) as server:
+            yield lambda: http_client(f"{server.base_url}/mcp")
+        return
+    before = descendants()
+    env = stdio_env(tmp_path)
+    log = tmp_path / "mcp.log"
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "kernel_service", "mcp"], env=env
+    )
+
+    @asynccontextmanager
+    async def stdio() -> AsyncIterator[Client]:
+        with log.open("a") as errlog:
+            async with Client(stdio_client(params, errlog=errlog)) as client:
+                yield client
+
+    yield stdio
+    connection_dir = Path(env["KERNEL_SERVICE_CONNECTION_DIR"])
+    # the server ended on its own when its stdin closed, and ended its kernels first
+    assert "all sessions closed" in log.read_text()
+    assert kernel_processes(connection_dir) == []
+    assert list(connection_dir.iterdir()) == []
+    assert wait_for(lambda: not descendants() - before), "processes left behind"
+
+
+def text(result: CallToolResult) -> str:
+    return "\n".join(c.text for c in result.content if isinstance(c, TextContent))
+
+
+def session_of(result: CallToolResult) -> str:
+    assert result.meta is not None
+    session_id: str = result.meta["session_id"]
+    return session_id
+
+
+def test_lists_the_tool_keeps_state_and_returns_images(connect: Connect) -> None:
+    async def scenario() -> None:
+        async with connect() as client:
+            [tool] = (await client.list_tools()).tools
+            assert tool.name == TOOL_NAME
+            assert "persistent IPython kernel" in (tool.description or "")
+            assert tool.input_schema["required"] == ["code"]
+            assert set(tool.input_schema["properties"]) == {"code", "session_id", "timeout"}
+
+            first = await client.call_tool(TOOL_NAME, {"code": "x = 21\nprint('set')"})
+            assert not first.is_error
+            assert text(first) == "set"
+            second = await client.call_tool(TOOL_NAME, {"code": "x * 2"})
+            assert text(second) == "Out[2]: 42"
+            assert session_of(second) == session_of(first)
+
+            plot = await client.call_tool(
+                TOOL_NAME,
+                {"code": "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()"},
+            )
+            assert not plot.is_error
+            [image] = [c for c in plot.content if isinstance(c, ImageContent)]
+            assert image.mime_type == "image/png"
+            assert base64.b64decode(image.data).startswith(b"\x89PNG\r\n\x1a\n")
+            assert "[image: image/png" in text(plot)
+
+    asyncio.run(scenario())
+
+
+def test_progress_notifications_arrive_during_a_long_run(connect: Connect) -> None:
+    arrivals: list[tuple[float, float, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        arrivals.append((time.monotonic(), progress, message))
+
+    async def scenario() -> float:
+        async with connect() as client:
+            result = await client.call_tool(
+                TOOL_NAME,
+                {"code": "import time\ntime.sleep(3.5)\n'done'"},
+                progress_callback=on_progress,
+            )
+            assert text(result) == "Out[1]: 'done'"
+            return time.monotonic()
+
+    finished = asyncio.run(scenario())
+    assert len(arrivals) >= 2, arrivals
+    assert arrivals[0][0] < finished - 1.5  # during the run, not all at its end
+    progress = [p for _, p, _ in arrivals]
+    assert progress == sorted(progress) and progress[0] > 0
+    assert all(
+        m is not None and m.startswith("running, ") and m.endswith(" s") for *_, m in arrivals
+    )
+
+
+def test_bad_calls_are_tool_errors_and_the_session_carries_on(connect: Connect) -> None:
+    async def scenario() -> None:
+        async with connect() as client:
+            cases: list[tuple[dict[str, Any], str]] = [
+                ({"code": "   "}, "code is empty"),
+                ({}, "code: Field required"),
+                ({"code": "1", "timeout": 0}, "timeout: Input should be greater than 0"),
+                ({"code": "1", "colour": "red"}, "colour: Extra inputs are not permitted"),
+                ({"code": "1", "session_id": "nope"}, "Session 'nope' does not exist"),
+                ({"code": "#" * (MIB + 1)}, "the limit is 1,048,576 bytes"),
+            ]
+            for arguments, expected in cases:
+                result = await client.call_tool(TOOL_NAME, arguments)
+                assert result.is_error, arguments
+                assert expected in text(result), (arguments, text(result))
+
+            unknown = await client.call_tool("python", {"code": "1"})
+            assert unknown.is_error
+            assert "the only tool here is 'code_interpreter'" in text(unknown)
+
+            assert not (await client.call_tool(TOOL_NAME, {"code": "kept = 'yes'"})).is_error
+            slow = await client.call_tool(TOOL_NAME, {"code": "while True: pass", "timeout": 1})
+            assert slow.is_error
+            assert "TimeoutError" in text(slow)
+            after = await client.call_tool(TOOL_NAME, {"code": "kept"})
+            assert not after.is_error
+            assert text(after).endswith("'yes'")
+
+    asyncio.run(scenario())
+
+
+def test_explicit_session_id_reaches_a_session_from_another_mcp_session(tmp_path: Path) -> None:
+    with running_server(tmp_path) as server:
+        url = f"{server.base_url}/mcp"
+
+        async def scenario() -> None:
+            async with http_client(url) as other:
+                async with http_client(url) as client:
+                    made = await client.call_tool(TOOL_NAME, {"code": "secret = 42"})
+                    session_id = session_of(made)
+                    reached = await other.call_tool(
+                        TOOL_NAME, {"code": "secret", "session_id": session_id}
+                    )
+                    assert text(reached) == "Out[2]: 42"
+                    # without it, the other MCP session has a kernel session of its own
+                    own = await other.call_tool(TOOL_NAME, {"code": "secret"})
+                    assert own.is_error
+                    assert "NameError" in text(own)
+                    assert session_of(own) != session_id
+
+                # once its MCP session ended, its kernel session is gone
+                assert wait_for(
+                    lambda: server.client.get(f"/sessions/{session_id}").status_code == 404
+                )
+                gone = await other.call_tool(TOOL_NAME, {"code": "1", "session_id": session_id})
+                assert gone.is_error
+                assert f"Session {session_id!r} does not exist" in text(gone)
+
+                # a session made over HTTP is reachable by its id too
+                server.new_session("shared")
+                server.execute("answer = 'from http'", "shared")
+                shared = await other.call_tool(
+                    TOOL_NAME, {"code": "answer", "session_id": "shared"}
+                )
+                assert text(shared) == "Out[2]: 'from http'"
+
+        asyncio.run(scenario())
+
+
+def test_ending_an_mcp_session_ends_its_kernel(tmp_path: Path) -> None:
+    with running_server(tmp_path) as server:
+        url = f"{server.base_url}/mcp"
+
+        async def scenario() -> None:
+            async with http_client(url) as client:
+                session_id = session_of(await client.call_tool(TOOL_NAME, {"code": "1"}))
+                assert len(kernel_processes(server.connection_dir)) == 1
+            assert wait_for(lambda: not kernel_processes(server.connection_dir))
+            assert server.client.get(f"/sessions/{session_id}").status_code == 404
+            assert server.client.get("/sessions").json()["sessions"] == []
+
+            # one that leaves without ending it: the app's shutdown ends it (running_server checks)
+            async with http_client(url, terminate_on_close=False) as client:
+                await client.call_tool(TOOL_NAME, {"code": "1"})
+            assert len(kernel_processes(server.connection_dir)) == 1
+
+        asyncio.run(scenario())
+
+
+def test_a_client_without_mcp_sessions_gets_a_kernel_per_call(tmp_path: Path) -> None:
+    """2026-07-28 has no MCP session: each call runs in a session that ends with it."""
+    with running_server(tmp_path) as server:
+        url = f"{server.base_url}/mcp"
+
+        async def scenario() -> None:
+            transport = streamable_http_client(url)
+            async with Client(transport, mode=MODERN_PROTOCOL_VERSIONS[-1]) as client:
+                assert not (await client.call_tool(TOOL_NAME, {"code": "x = 1"})).is_error
+                assert not kernel_processes(server.connection_dir)
+                forgotten = await client.call_tool(TOOL_NAME, {"code": "x"})
+                assert forgotten.is_error
+                assert "NameError" in text(forgotten)
+            assert server.client.get("/sessions").json()["sessions"] == []
+
+        asyncio.run(scenario())
+
+
+def test_api_keys_guard_mcp_and_own_its_sessions(tmp_path: Path) -> None:
+    with running_server(tmp_path, api_key=f"{KEY_A},{KEY_B}") as server:
+        url = f"{server.base_url}/mcp"
+        initialize = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": HANDSHAKE_PROTOCOL_VERSIONS[-1],
+                "capabilities": {},
+                "clientInfo": {"name": "test", "version": "0"},
+            },
+        }
+        accept = {"Accept": "application/json, text/event-stream"}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY_A}):
+            refused = server.client.post("/mcp", json=initialize, headers={**accept, **headers})
+            assert refused.status_code == 401
+            assert refused.json()["code"] == "unauthorized"
+
+        def listed(key: str) -> list[str]:
+            response = server.client.get("/sessions", headers={"Authorization": f"Bearer {key}"})
+            return [s["session_id"] for s in response.json()["sessions"]]
+
+        async def scenario() -> None:
+            async with http_client(url, KEY_A) as alpha, http_client(url, KEY_B) as bravo:
+                session_id = session_of(await alpha.call_tool(TOOL_NAME, {"code": "n = 1"}))
+                # the key's namespace: its own listing, not another key's
+                assert listed(KEY_A) == [session_id]
+                assert listed(KEY_B) == []
+                refused = await bravo.call_tool(TOOL_NAME, {"code": "n", "session_id": session_id})
+                assert refused.is_error
+                assert "does not exist" in text(refused)
+
+        asyncio.run(scenario())
+
+
+def test_without_a_sandbox_mcp_refuses_to_start(tmp_path: Path) -> None:
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    refused = subprocess.run(
+        [sys.executable, "-m", "kernel_service", "mcp"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": str(empty)},
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "refusing to start: the sandbox is not available" in refused.stderr
+    assert refused.stdout == ""
