@@ -249,6 +249,32 @@ def test_ending_an_mcp_session_ends_its_kernel(tmp_path: Path) -> None:
         asyncio.run(scenario())
 
 
+def test_a_conversation_whose_session_is_gone_goes_on_in_a_new_one(tmp_path: Path) -> None:
+    with running_server(tmp_path) as server:
+        url = f"{server.base_url}/mcp"
+
+        async def scenario() -> None:
+            async with http_client(url) as client:
+                # calls that arrive together at the start make one session
+                first, second = await asyncio.gather(
+                    client.call_tool(TOOL_NAME, {"code": "x = 1"}),
+                    client.call_tool(TOOL_NAME, {"code": "y = 2"}),
+                )
+                session_id = session_of(first)
+                assert session_of(second) == session_id
+                assert len(kernel_processes(server.connection_dir)) == 1
+
+                assert server.client.delete(f"/sessions/{session_id}").status_code == 204
+                again = await client.call_tool(TOOL_NAME, {"code": "'x' in dir()"})
+                assert not again.is_error
+                assert session_of(again) != session_id
+                notice, answer = (c.text for c in again.content if isinstance(c, TextContent))
+                assert f"this conversation's session {session_id} had ended" in notice
+                assert answer == "Out[1]: False"
+
+        asyncio.run(scenario())
+
+
 def test_a_client_without_mcp_sessions_gets_a_kernel_per_call(tmp_path: Path) -> None:
     """2026-07-28 has no MCP session: each call runs in a session that ends with it."""
     with running_server(tmp_path) as server:
