@@ -142,8 +142,9 @@ _servers_made = itertools.count()
 
 
 def fresh_uid_base() -> int:
-    """Kernel uids of their own for each server: servers that run at once must not share."""
-    return 220000 + 1000 * next(_servers_made)
+    """Kernel uids of their own for each server: servers that run at once must not share,
+    in this test run or in another one on the same machine (a block of 100 servers per pid)."""
+    return 220000 + 100_000 * (os.getpid() % 20_000) + 1000 * (next(_servers_made) % 100)
 
 
 def make_settings(tmp: Path, **overrides: Any) -> Settings:
