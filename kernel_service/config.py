@@ -3,7 +3,14 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, model_validator
+from pydantic import (
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -30,6 +37,11 @@ class Settings(BaseSettings):
     )
 
     max_sessions: PositiveInt = Field(64, description="Live sessions at most; more get 429.")
+    pool_size: NonNegativeInt = Field(
+        2,
+        description="Kernels kept started and ready for new sessions (0: none); each is "
+        "used by one session only, and the pool refills in the background.",
+    )
     api_key: SecretStr | None = Field(
         None,
         description="One or more API keys, comma-separated; when set, every endpoint but "

@@ -208,6 +208,7 @@ class Health(BaseModel):
     version: str
     sessions: int
     max_sessions: int
+    warm_kernels: int = Field(description="Kernels started and waiting for new sessions.")
     sandbox: str = Field(description="The isolation of kernels: `bubblewrap` or `none`.")
     isolation: dict[str, Any] = Field(description="What is isolated and the limits in force.")
 

@@ -28,6 +28,7 @@ from kernel_service.kernel.sandbox import (
     SandboxLimits,
     default_read_only_paths,
 )
+from kernel_service.pool import KernelPool
 from kernel_service.sessions import SessionRegistry
 from kernel_service.workspaces import Workspaces
 
@@ -55,9 +56,9 @@ class Runtime:
             settings.work_dir,
             settings.sandbox_work_dir_mb * MIB if settings.sandbox != "none" else 0,
         )
-        self.registry = SessionRegistry(
-            settings, partial(_start_kernel, self.launcher, self.options), self.workspaces
-        )
+        start_kernel = partial(_start_kernel, self.launcher, self.options)
+        self.pool = KernelPool(settings.pool_size, start_kernel, self.workspaces)
+        self.registry = SessionRegistry(settings, start_kernel, self.workspaces, self.pool)
         # fixed from here on
         self.isolation: dict[str, Any] = {
             **self.launcher.describe(),
@@ -87,11 +88,13 @@ class Runtime:
         if self.launcher.isolation == "none":
             log.warning("kernels run UNSANDBOXED: user code has the service user's rights")
         culler = asyncio.create_task(self.registry.run_culler(), name="culler")
+        self.pool.start()
         try:
             yield
         finally:
             culler.cancel()
             await asyncio.wait([culler])
+            await self.pool.close()
             await self.registry.close_all()
             await self.launcher.close()
             options.zmq_context.destroy(linger=0)

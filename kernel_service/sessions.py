@@ -11,7 +11,6 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,12 +34,12 @@ from kernel_service.models import (
     SessionInfo,
     SessionStatus,
 )
+from kernel_service.pool import KernelFactory, KernelPool
 from kernel_service.results import STATE_LOST, build_result, image_payloads, png_size
 from kernel_service.workspaces import WorkspaceError, Workspaces
 
 log = logging.getLogger(__name__)
 
-KernelFactory = Callable[[Path], Awaitable[Kernel]]
 _EXTENSIONS = {
     "image/png": "png",
     "image/jpeg": "jpg",
@@ -296,11 +295,16 @@ class SessionRegistry:
     """All live sessions, their creation within limits, and the culling of idle ones."""
 
     def __init__(
-        self, settings: Settings, start_kernel: KernelFactory, workspaces: Workspaces
+        self,
+        settings: Settings,
+        start_kernel: KernelFactory,
+        workspaces: Workspaces,
+        pool: KernelPool | None = None,
     ) -> None:
         self._settings = settings
         self._start_kernel = start_kernel
         self.workspaces = workspaces
+        self.pool = pool
         # Keyed by owner and id together: each API key has a namespace of its own.
         self._sessions: dict[str, Session] = {}
         self._reserved: dict[str, str | None] = {}  # being made or ended: key → owner
@@ -330,18 +334,22 @@ class SessionRegistry:
             owned += sum(o == owner for o in self._reserved.values())
             if owned >= self._settings.max_sessions_per_key:
                 raise TooManySessions(self._settings.max_sessions_per_key, per_key=True)
-        self._reserved[key] = owner
-        work_dir = self.workspaces.path(key)
-        try:
-            work_dir = await self.workspaces.create(key)
-            kernel = await self._start_kernel(work_dir)
-        except BaseException as exc:
-            await self.workspaces.remove(work_dir)
-            if isinstance(exc, KernelStartError | WorkspaceError):
-                raise KernelUnavailable(str(exc)) from exc
-            raise
-        finally:
-            self._reserved.pop(key, None)
+        warm = self.pool.take() if self.pool is not None else None
+        if warm is not None:  # ready now: no await, so no failure to undo
+            kernel, work_dir = warm.kernel, warm.work_dir
+        else:
+            self._reserved[key] = owner
+            work_dir = self.workspaces.path(key)
+            try:
+                work_dir = await self.workspaces.create(key)
+                kernel = await self._start_kernel(work_dir)
+            except BaseException as exc:
+                await self.workspaces.remove(work_dir)
+                if isinstance(exc, KernelStartError | WorkspaceError):
+                    raise KernelUnavailable(str(exc)) from exc
+                raise
+            finally:
+                self._reserved.pop(key, None)
         session = Session(
             session_id,
             owner=owner,

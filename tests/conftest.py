@@ -156,6 +156,7 @@ def make_settings(tmp: Path, **overrides: Any) -> Settings:
         "log_level": "warning",
         "sandbox": "bubblewrap" if SANDBOXED else "none",
         "sandbox_work_dir_mb": 256,
+        "pool_size": 0,  # the pool's own tests turn it on
     }
     values.update(overrides)
     return Settings(**values)

@@ -159,6 +159,7 @@ async def healthz(request: Request, registry: Registry, settings: Config) -> Hea
         version=__version__,
         sessions=len(registry),
         max_sessions=settings.max_sessions,
+        warm_kernels=len(registry.pool) if registry.pool is not None else 0,
         sandbox=request.app.state.sandbox,
         isolation=request.app.state.isolation,
     )

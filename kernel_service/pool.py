@@ -1,0 +1,115 @@
+"""A warm pool: kernels started ahead of demand, each handed to exactly one new session.
+
+A pooled kernel has run no user code and has a work directory of its own, which goes with
+it to the session that takes it. Kernels are never given back: a session's kernel ends
+with the session, so nothing one session did can reach another. The pool refills itself
+in the background, one kernel at a time, after each take.
+"""
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kernel_service.kernel import Kernel
+from kernel_service.workspaces import Workspaces
+
+log = logging.getLogger(__name__)
+
+# Starts a ready kernel with the given work directory as its cwd and home.
+KernelFactory = Callable[[Path], Awaitable[Kernel]]
+
+# after a failed start, wait this long before trying again (a broken host must not spin)
+_RETRY_DELAY = 5.0
+
+
+@dataclass(frozen=True)
+class WarmKernel:
+    kernel: Kernel
+    work_dir: Path
+
+
+class KernelPool:
+    """Up to `size` ready kernels; `take()` gives one at once or None when it is empty."""
+
+    def __init__(self, size: int, start_kernel: KernelFactory, workspaces: Workspaces) -> None:
+        self.size = size
+        self._start_kernel = start_kernel
+        self._workspaces = workspaces
+        self._ready: deque[WarmKernel] = deque()
+        self._wanted = asyncio.Event()
+        self._filler: asyncio.Task[None] | None = None
+        self._ending: set[asyncio.Task[None]] = set()
+        self.starts_failed = 0
+
+    def __len__(self) -> int:
+        return len(self._ready)
+
+    def start(self) -> None:
+        """Begin filling (on the running loop)."""
+        if self.size > 0 and self._filler is None:
+            self._filler = asyncio.create_task(self._fill(), name="kernel-pool")
+            self._wanted.set()
+
+    def take(self) -> WarmKernel | None:
+        """A ready kernel, now, or None; a kernel that died while waiting is skipped."""
+        while self._ready:
+            warm = self._ready.popleft()
+            self._wanted.set()
+            if warm.kernel.alive:
+                return warm
+            log.warning("pooled kernel %s died while waiting; discarded", warm.kernel.kernel_id)
+            self._discard(warm)
+        self._wanted.set()
+        return None
+
+    async def close(self) -> None:
+        """Stop filling and end every pooled kernel and its work directory."""
+        if self._filler is not None:
+            self._filler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._filler
+            self._filler = None
+        ready, self._ready = list(self._ready), deque()
+        await asyncio.gather(*(self._end(warm) for warm in ready), return_exceptions=True)
+        if self._ending:
+            await asyncio.wait(set(self._ending))
+
+    async def _fill(self) -> None:
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            while len(self._ready) < self.size:
+                warm = await self._start_one()
+                if warm is None:
+                    await asyncio.sleep(_RETRY_DELAY)
+                    continue
+                self._ready.append(warm)
+
+    async def _start_one(self) -> WarmKernel | None:
+        work_dir = self._workspaces.path(f"pool-{uuid.uuid4().hex}")
+        try:
+            work_dir = await self._workspaces.create(work_dir.name)
+            kernel = await self._start_kernel(work_dir)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._workspaces.remove(work_dir))
+            raise
+        except Exception as exc:
+            self.starts_failed += 1
+            log.warning("warm pool: a kernel did not start: %s", exc)
+            await self._workspaces.remove(work_dir)
+            return None
+        return WarmKernel(kernel, work_dir)
+
+    def _discard(self, warm: WarmKernel) -> None:
+        task = asyncio.create_task(self._end(warm))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
+    async def _end(self, warm: WarmKernel) -> None:
+        await warm.kernel.shutdown()
+        await self._workspaces.remove(warm.work_dir)

@@ -1,0 +1,63 @@
+"""The warm pool: ready kernels handed to new sessions, one each, refilled, never reused."""
+
+import os
+import signal
+from pathlib import Path
+
+from tests.conftest import Server, kernel_processes, running_server, wait_for
+
+
+def warm(server: Server) -> int:
+    count: int = server.client.get("/healthz").json()["warm_kernels"]
+    return count
+
+
+def test_new_sessions_take_pooled_kernels_and_the_pool_refills(tmp_path: Path) -> None:
+    with running_server(tmp_path, pool_size=2) as server:
+        assert wait_for(lambda: warm(server) == 2, timeout=60)
+        pooled = {p.pid for p in kernel_processes(server.connection_dir)}
+        assert len(pooled) == 2
+
+        first = server.execute("secret = 'first'\nopen('mine.txt', 'w').write('1')")
+        second = server.execute("import os\nprint('secret' in globals(), os.listdir('.'))")
+        assert first["status"] == "ok"
+        # a clean kernel and an empty work dir of its own
+        assert second["stdout"] == "False []\n"
+
+        # the two sessions run on the kernels that were waiting
+        assert wait_for(lambda: warm(server) == 2, timeout=60)
+        live = {p.pid for p in kernel_processes(server.connection_dir)}
+        assert len(live) == 4
+        assert pooled <= live
+
+        # a deleted session's kernel ends; it never goes back to the pool
+        server.client.delete(f"/sessions/{first['session_id']}")
+        assert wait_for(lambda: len(kernel_processes(server.connection_dir)) == 3)
+        assert warm(server) == 2
+        assert server.execute("'secret' in globals()", second["session_id"])["result"] == "False"
+
+
+def test_a_pooled_kernel_that_died_is_skipped(tmp_path: Path) -> None:
+    with running_server(tmp_path, pool_size=1) as server:
+        assert wait_for(lambda: warm(server) == 1, timeout=60)
+        [pooled] = kernel_processes(server.connection_dir)
+        os.kill(pooled.pid, signal.SIGKILL)
+        assert wait_for(lambda: not pooled.is_running() or pooled.status() == "zombie")
+
+        result = server.execute("print('fresh')")
+        assert result["status"] == "ok"
+        assert result["stdout"] == "fresh\n"
+        assert result["state_lost"] is False
+        assert wait_for(lambda: warm(server) == 1, timeout=60)
+
+
+def test_client_chosen_ids_and_restarts_work_with_the_pool(tmp_path: Path) -> None:
+    with running_server(tmp_path, pool_size=1) as server:
+        assert wait_for(lambda: warm(server) == 1, timeout=60)
+        session_id = server.new_session("chosen")
+        server.execute("open('kept.txt', 'w').write('x')\nv = 1", session_id)
+        restarted = server.client.post(f"/sessions/{session_id}/restart")
+        assert restarted.status_code == 200
+        after = server.execute("import os\nprint('v' in globals(), os.listdir('.'))", session_id)
+        # the work dir goes with the session across kernel restarts; variables do not
+        assert after["stdout"] == "False ['kept.txt']\n"
