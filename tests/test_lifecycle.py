@@ -94,6 +94,7 @@ def service_process(
             **({} if SANDBOXED else {"KERNEL_SERVICE_SANDBOX": "none"}),
             "KERNEL_SERVICE_SANDBOX_UID_BASE": str(fresh_uid_base()),
             "KERNEL_SERVICE_SANDBOX_UID_COUNT": "1000",
+            "KERNEL_SERVICE_POOL_SIZE": "0",
             **(env or {}),
         },
     )

@@ -62,6 +62,7 @@ def stdio_env(tmp: Path) -> dict[str, str]:
         "sandbox_uid_count",
         "sandbox_work_dir_mb",
         "log_level",
+        "pool_size",
     ]
     return {f"KERNEL_SERVICE_{name.upper()}": str(getattr(settings, name)) for name in names}
 

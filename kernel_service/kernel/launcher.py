@@ -77,6 +77,35 @@ class KernelProcess(ABC):
         return ""
 
 
+class OutputTail:
+    """Reads a pipe on the event loop until every writer is gone, keeping its last bytes."""
+
+    def __init__(self, fd: int) -> None:
+        """Takes `fd` over: it is closed once the pipe ends."""
+        self._fd = fd
+        self._loop = asyncio.get_running_loop()
+        self._tail = bytearray()
+        os.set_blocking(fd, False)
+        self._loop.add_reader(fd, self._read)
+
+    def text(self) -> str:
+        return self._tail.decode(errors="replace")
+
+    def _read(self) -> None:
+        try:
+            chunk = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:  # every writer is gone
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            return
+        self._tail += chunk
+        del self._tail[:-_OUTPUT_TAIL]
+
+
 class KernelLauncher(ABC):
     """Starts kernel processes. `isolation` names what contains them, for /healthz."""
 
@@ -143,10 +172,10 @@ class PopenKernelProcess(KernelProcess):
         self._callbacks: list[Callable[[int], None]] = []
         self._pidfd: int | None = None
         self._poller: asyncio.Task[None] | None = None
-        self._output = bytearray()
-        if popen.stdout is not None:
-            os.set_blocking(popen.stdout.fileno(), False)
-            self._loop.add_reader(popen.stdout.fileno(), self._read_output)
+        self._output: OutputTail | None = None
+        if popen.stdout is not None:  # its fd handed to the reader, which owns it
+            self._output = OutputTail(os.dup(popen.stdout.fileno()))
+            popen.stdout.close()
         try:
             self._pidfd = os.pidfd_open(popen.pid)
             self._loop.add_reader(self._pidfd, self._reap)
@@ -191,23 +220,7 @@ class PopenKernelProcess(KernelProcess):
             os.killpg(self._popen.pid, signal.SIGKILL)
 
     def output_tail(self) -> str:
-        return self._output.decode(errors="replace")
-
-    def _read_output(self) -> None:
-        stream = self._popen.stdout
-        assert stream is not None
-        try:
-            chunk = os.read(stream.fileno(), 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
-        if not chunk:  # every writer is gone
-            self._loop.remove_reader(stream.fileno())
-            stream.close()
-            return
-        self._output += chunk
-        del self._output[:-_OUTPUT_TAIL]
+        return self._output.text() if self._output else ""
 
     def _reap(self) -> None:
         if self._pidfd is not None:
