@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     )
 
     max_sessions: PositiveInt = Field(64, description="Live sessions at most; more get 429.")
+    fork_server: bool = Field(
+        True,
+        description="Fork kernels from a process that has imported ipykernel and the preload "
+        "modules once (fast starts, shared memory); false: start each kernel afresh.",
+    )
     pool_size: NonNegativeInt = Field(
         2,
         description="Kernels kept started and ready for new sessions (0: none); each is "

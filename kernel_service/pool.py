@@ -13,6 +13,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from kernel_service.kernel import Kernel
@@ -62,7 +63,6 @@ class KernelPool:
             self._wanted.set()
             if warm.kernel.alive:
                 return warm
-            log.warning("pooled kernel %s died while waiting; discarded", warm.kernel.kernel_id)
             self._discard(warm)
         self._wanted.set()
         return None
@@ -89,6 +89,7 @@ class KernelPool:
                     await asyncio.sleep(_RETRY_DELAY)
                     continue
                 self._ready.append(warm)
+                warm.kernel.process.on_exit(partial(self._died, warm))
 
     async def _start_one(self) -> WarmKernel | None:
         work_dir = self._workspaces.path(f"pool-{uuid.uuid4().hex}")
@@ -104,6 +105,13 @@ class KernelPool:
             await self._workspaces.remove(work_dir)
             return None
         return WarmKernel(kernel, work_dir)
+
+    def _died(self, warm: WarmKernel, _returncode: int) -> None:
+        if warm in self._ready:  # still waiting: replace it
+            log.warning("pooled kernel %s died while waiting; replaced", warm.kernel.kernel_id)
+            self._ready.remove(warm)
+            self._discard(warm)
+            self._wanted.set()
 
     def _discard(self, warm: WarmKernel) -> None:
         task = asyncio.create_task(self._end(warm))

@@ -22,7 +22,13 @@ from kernel_service.kernel import (
     zmq_context,
 )
 from kernel_service.kernel.fonts import prepare_font_cache
-from kernel_service.kernel.kernel import STARTUP_FILE
+from kernel_service.kernel.forkserver import (
+    ForkLauncher,
+    ForkServer,
+    SandboxedForkLauncher,
+    zygote_env,
+)
+from kernel_service.kernel.kernel import STARTUP_FILE, kernel_env
 from kernel_service.kernel.sandbox import (
     BubblewrapLauncher,
     SandboxLimits,
@@ -41,7 +47,6 @@ class Runtime:
     def __init__(self, settings: Settings, launcher: KernelLauncher | None = None) -> None:
         """Raises SandboxUnavailable when the configured sandbox cannot work on this host."""
         self.settings = settings
-        self.launcher = launcher or make_launcher(settings)
         self.options = KernelOptions(
             connection_dir=settings.connection_dir.resolve(),
             matplotlib_dir=settings.matplotlib_dir.resolve(),
@@ -52,6 +57,7 @@ class Runtime:
                 m.strip() for m in settings.preload_modules.split(",") if m.strip()
             ),
         )
+        self.launcher = launcher or make_launcher(settings, self.options)
         self.workspaces = Workspaces(
             settings.work_dir,
             settings.sandbox_work_dir_mb * MIB if settings.sandbox != "none" else 0,
@@ -77,6 +83,7 @@ class Runtime:
         for path in await asyncio.to_thread(remove_stale_files, options.connection_dir):
             log.info("removed stale connection file %s", path.name)
         await prepare_font_cache(options.matplotlib_dir)
+        await self.launcher.prepare()
         log.info(
             "kernel-service %s ready: isolation=%s %s, connection files in %s, max %d sessions",
             __version__,
@@ -101,21 +108,27 @@ class Runtime:
             log.info("all sessions closed")
 
 
-def make_launcher(settings: Settings) -> KernelLauncher:
+def make_launcher(settings: Settings, options: KernelOptions) -> KernelLauncher:
     """The launcher the settings ask for, checked to work here."""
+    server = None
+    if settings.fork_server:
+        env = zygote_env(kernel_env(options))
+        server = ForkServer(options.preload_modules, env, options.connection_dir)
     if settings.sandbox == "none":
-        return SubprocessLauncher()
-    launcher = BubblewrapLauncher(
-        SandboxLimits(
-            memory_bytes=settings.sandbox_memory_mb * MIB,
-            processes=settings.sandbox_processes,
-            file_bytes=settings.sandbox_file_mb * MIB,
-            open_files=settings.sandbox_open_files,
-            tmp_bytes=settings.sandbox_tmp_mb * MIB,
-        ),
-        first_uid=settings.sandbox_uid_base,
-        uid_count=settings.sandbox_uid_count,
-        read_only_paths=default_read_only_paths(STARTUP_FILE),
+        return ForkLauncher(server) if server else SubprocessLauncher()
+    limits = SandboxLimits(
+        memory_bytes=settings.sandbox_memory_mb * MIB,
+        processes=settings.sandbox_processes,
+        file_bytes=settings.sandbox_file_mb * MIB,
+        open_files=settings.sandbox_open_files,
+        tmp_bytes=settings.sandbox_tmp_mb * MIB,
+    )
+    uids = (settings.sandbox_uid_base, settings.sandbox_uid_count)
+    read_only = default_read_only_paths(STARTUP_FILE)
+    launcher = (
+        SandboxedForkLauncher(server, limits, *uids, read_only)
+        if server
+        else BubblewrapLauncher(limits, *uids, read_only)
     )
     launcher.verify()
     return launcher

@@ -21,6 +21,7 @@ import uvicorn
 
 from kernel_service.api import create_app
 from kernel_service.config import Settings
+from kernel_service.kernel.zygote import KERNEL_NAME
 
 # The sandbox needs root and bubblewrap; elsewhere the suite runs unsandboxed and the attack
 # suite is skipped (CI has both).
@@ -32,17 +33,15 @@ os.environ.setdefault("KERNEL_SERVICE_TEST_SECRET", "sk-test-secret-0123456789")
 def kernel_processes(connection_dir: Path) -> list[psutil.Process]:
     """Live kernel processes started on a connection file in `connection_dir`."""
     found = []
-    for process in psutil.process_iter(["cmdline", "status"]):
+    for process in psutil.process_iter(["cmdline", "status", "name"]):
         cmdline = process.info["cmdline"] or []
         if process.info["status"] == psutil.STATUS_ZOMBIE:
             continue
-        # the kernel's own python, not a wrapper that launched it (bwrap, prlimit)
+        # the kernel's own python, not a wrapper that launched it (bwrap, prlimit, the
+        # fork-server's sandbox set-up): started as ipykernel, or forked and named a kernel
         is_python = bool(cmdline) and Path(cmdline[0]).name.startswith("python")
-        if (
-            is_python
-            and "ipykernel_launcher" in cmdline
-            and any(str(connection_dir) in arg for arg in cmdline)
-        ):
+        is_kernel = "ipykernel_launcher" in cmdline or process.info["name"] == KERNEL_NAME
+        if is_python and is_kernel and any(str(connection_dir) in arg for arg in cmdline):
             found.append(process)
     return found
 

@@ -42,7 +42,12 @@ def test_a_pooled_kernel_that_died_is_skipped(tmp_path: Path) -> None:
         assert wait_for(lambda: warm(server) == 1, timeout=60)
         [pooled] = kernel_processes(server.connection_dir)
         os.kill(pooled.pid, signal.SIGKILL)
-        assert wait_for(lambda: not pooled.is_running() or pooled.status() == "zombie")
+
+        def replaced() -> bool:
+            pids = [p.pid for p in kernel_processes(server.connection_dir)]
+            return warm(server) == 1 and len(pids) == 1 and pids != [pooled.pid]
+
+        assert wait_for(replaced, timeout=60)
 
         result = server.execute("print('fresh')")
         assert result["status"] == "ok"

@@ -148,7 +148,7 @@ class Kernel:
         spec = LaunchSpec(
             files=files,
             work_dir=work_dir,
-            env=_kernel_env(options),
+            env=kernel_env(options),
             kernel_args=_kernel_args(options),
         )
         try:
@@ -376,7 +376,7 @@ def _kernel_args(options: KernelOptions) -> list[str]:
     ]
 
 
-def _kernel_env(options: KernelOptions) -> dict[str, str]:
+def kernel_env(options: KernelOptions) -> dict[str, str]:
     """What the kernel needs, whatever the launcher; nothing of the service's own (keys)."""
     return {
         "LANG": "C.UTF-8",

@@ -37,16 +37,12 @@ class LaunchSpec:
     kernel_args: list[str] = field(default_factory=list)
 
     def ipykernel_argv(self) -> list[str]:
-        return [
-            sys.executable,
-            # isolated: neither the work dir nor PYTHON* variables shape the kernel's start
-            "-I",
-            "-m",
-            "ipykernel_launcher",
-            "-f",
-            str(self.files.connection_file),
-            *self.kernel_args,
-        ]
+        # isolated: neither the work dir nor PYTHON* variables shape the kernel's start
+        return [sys.executable, "-I", "-m", "ipykernel_launcher", *self.kernel_argv()]
+
+    def kernel_argv(self) -> list[str]:
+        """The kernel app's own arguments."""
+        return ["-f", str(self.files.connection_file), *self.kernel_args]
 
 
 class KernelProcess(ABC):
@@ -113,6 +109,9 @@ class KernelLauncher(ABC):
 
     @abstractmethod
     async def launch(self, spec: LaunchSpec) -> KernelProcess: ...
+
+    async def prepare(self) -> None:  # noqa: B027 (optional hook)
+        """Called once at the service's start, before any launch (after the font cache)."""
 
     async def on_ready(self, spec: LaunchSpec) -> None:  # noqa: B027 (optional hook)
         """Called once the kernel answers, before user code can run in it."""

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 WORKSPACE = Path("/workspace")
 # Only what Python, SSL, fonts and user lookups need from /etc.
-_ETC_FILES = (
+ETC_FILES = (
     "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "ssl", "ca-certificates", "fonts",
     "localtime", "mime.types", "nsswitch.conf", "passwd", "group", "hosts", "alternatives",
 )  # fmt: skip
@@ -139,27 +139,10 @@ class BubblewrapLauncher(KernelLauncher):
             # The kernel's files become its own; a walk that never follows its symlinks.
             await asyncio.to_thread(_chown_tree, spec.files.directory, uid)
             await asyncio.to_thread(_chown_tree, spec.work_dir, uid)
-            seccomp_fd = os.memfd_create("kernel-seccomp")
+            procs = self._cgroups.create(cgroup, self._cgroup_limit) if self._cgroups else None
+            seccomp_fd = self.seccomp_program()
             try:
-                os.write(seccomp_fd, self._seccomp)
-                os.lseek(seccomp_fd, 0, os.SEEK_SET)
-                argv = self._argv(spec, uid, seccomp_fd)
-                if self._cgroups is not None:
-                    procs = self._cgroups.create(cgroup, self._cgroup_limit)
-                    # joins the cgroup before anything forks, then becomes prlimit → bwrap
-                    argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs), *argv]
-                # Started on the event loop's thread: bwrap's --die-with-parent is tied to
-                # the thread that spawned it, and this one lives as long as the service.
-                popen = subprocess.Popen(  # noqa: ASYNC220 (a fork+exec: ~1 ms)
-                    argv,
-                    env={"PATH": "/usr/bin:/bin"},
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                    pass_fds=(seccomp_fd,),
-                )
+                process = await self._start(spec, uid, procs, seccomp_fd)
             finally:
                 os.close(seccomp_fd)
         except BaseException:
@@ -167,10 +150,38 @@ class BubblewrapLauncher(KernelLauncher):
             if self._cgroups is not None:
                 self._cgroups.remove(cgroup)
             raise
-        process = PopenKernelProcess(popen, exit_status_of_child=True)
         process.on_exit(lambda _: self._release(uid, cgroup))
-        log.debug("sandboxed kernel pid=%d uid=%d in %s", popen.pid, uid, spec.files.directory)
+        log.debug("sandboxed kernel pid=%d uid=%d in %s", process.pid, uid, spec.files.directory)
         return process
+
+    def seccomp_program(self) -> int:
+        """A memfd holding the seccomp BPF program, at offset 0; the caller closes it."""
+        seccomp_fd = os.memfd_create("kernel-seccomp")
+        os.write(seccomp_fd, self._seccomp)
+        os.lseek(seccomp_fd, 0, os.SEEK_SET)
+        return seccomp_fd
+
+    async def _start(
+        self, spec: LaunchSpec, uid: int, cgroup_procs: Path | None, seccomp_fd: int
+    ) -> KernelProcess:
+        """The sandboxed process, its uid, files and cgroup prepared (bubblewrap here)."""
+        argv = self._argv(spec, uid, seccomp_fd)
+        if cgroup_procs is not None:
+            # joins the cgroup before anything forks, then becomes prlimit → bwrap
+            argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup_procs), *argv]
+        # Started on the event loop's thread: bwrap's --die-with-parent is tied to the
+        # thread that spawned it, and this one lives as long as the service.
+        popen = subprocess.Popen(  # noqa: ASYNC220 (a fork+exec: ~1 ms)
+            argv,
+            env={"PATH": "/usr/bin:/bin"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            pass_fds=(seccomp_fd,),
+        )
+        return PopenKernelProcess(popen, exit_status_of_child=True)
 
     def _release(self, uid: int, cgroup: str) -> None:
         self._uids.give_back(uid)
@@ -193,9 +204,9 @@ class BubblewrapLauncher(KernelLauncher):
         # Its sockets are bound: from now on the kernel may not change its directory.
         spec.files.lock()
 
-    def _argv(self, spec: LaunchSpec, uid: int, seccomp_fd: int) -> list[str]:
-        limits = self._limits
-        env = {
+    def kernel_env(self, spec: LaunchSpec, uid: int) -> dict[str, str]:
+        """The whole environment of a sandboxed kernel (nothing of the service's)."""
+        return {
             **spec.env,
             "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
             "HOME": str(WORKSPACE),
@@ -211,6 +222,15 @@ class BubblewrapLauncher(KernelLauncher):
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
         }
+
+    def font_caches(self, spec: LaunchSpec) -> list[Path]:
+        """matplotlib's font list, built once by the service, read-only in every kernel."""
+        matplotlib_dir = Path(spec.env.get("MPLCONFIGDIR", "/nonexistent"))
+        return sorted(matplotlib_dir.glob("fontlist-*.json"))
+
+    def _argv(self, spec: LaunchSpec, uid: int, seccomp_fd: int) -> list[str]:
+        limits = self._limits
+        env = self.kernel_env(spec, uid)
         argv = [
             self._prlimit,
             f"--as={limits.memory_bytes}",
@@ -228,7 +248,7 @@ class BubblewrapLauncher(KernelLauncher):
             "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
             "--perms", "0755", "--dir", "/etc",
         ]  # fmt: skip
-        for name in _ETC_FILES:
+        for name in ETC_FILES:
             argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
         argv += [
             "--proc", "/proc", "--dev", "/dev",
@@ -236,8 +256,7 @@ class BubblewrapLauncher(KernelLauncher):
             "--perms", "1777", "--size", str(16 * _MIB), "--tmpfs", "/dev/shm",
             "--perms", "1777", "--dir", "/tmp/matplotlib",
         ]  # fmt: skip
-        matplotlib_dir = Path(spec.env.get("MPLCONFIGDIR", "/nonexistent"))
-        for cache in sorted(matplotlib_dir.glob("fontlist-*.json")):
+        for cache in self.font_caches(spec):
             argv += ["--ro-bind", str(cache), f"/tmp/matplotlib/{cache.name}"]
         for path in self._read_only:
             argv += [*_parents(path, "0755"), "--ro-bind", str(path), str(path)]

@@ -1,0 +1,365 @@
+"""Kernels forked from a zygote that has imported ipykernel and the data stack once.
+
+A fork is ready in about a tenth of a fresh start and shares the zygote's memory pages.
+`ForkServer` runs the zygote (`zygote.py`) and speaks to it; `ForkLauncher` (no sandbox)
+and `SandboxedForkLauncher` (the same sandbox as bubblewrap's, built by the zygote's
+child) plug it into the launcher seam. If the zygote cannot start, or dies, kernels are
+launched the plain way, with a warning; the zygote is started again for later launches.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from kernel_service.kernel.launcher import (
+    KernelProcess,
+    LaunchSpec,
+    OutputTail,
+    SubprocessLauncher,
+)
+from kernel_service.kernel.sandbox import ETC_FILES, BubblewrapLauncher
+
+log = logging.getLogger(__name__)
+
+ZYGOTE_FILE = Path(__file__).with_name("zygote.py")
+_START_TIMEOUT = 60.0
+_MAX_MESSAGE = 65536
+
+
+class ForkServerError(Exception):
+    """The zygote is not there to fork from."""
+
+
+class ForkServer:
+    """The zygote process and the channel to it."""
+
+    def __init__(self, preload: tuple[str, ...], env: dict[str, str], connection_dir: Path) -> None:
+        self._preload = preload
+        self._env = env
+        self._connection_dir = connection_dir
+        self._process: subprocess.Popen[bytes] | None = None
+        self._channel: socket.socket | None = None
+        self._pending: dict[str, asyncio.Future[int]] = {}
+        self._children: dict[int, ForkedKernelProcess] = {}
+        self._early_exits: dict[int, int] = {}
+        self._next_id = 0
+        self._starting: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    async def ensure_started(self) -> None:
+        if self.running and self._channel is not None:
+            return
+        if self._starting is None:
+            self._starting = asyncio.create_task(self._start())
+        try:
+            await asyncio.shield(self._starting)
+        finally:
+            if self._starting is not None and self._starting.done():
+                self._starting = None
+
+    async def _start(self) -> None:
+        self._drop_channel()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # Started on the event loop's thread: its death signal is tied to this thread.
+            self._process = subprocess.Popen(  # noqa: ASYNC220 (a fork+exec: ~1 ms)
+                [sys.executable, "-I", str(ZYGOTE_FILE), str(theirs.fileno()),
+                 ",".join(self._preload), str(self._connection_dir)],
+                env=self._env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            ready = await asyncio.wait_for(loop.sock_recv(ours, _MAX_MESSAGE), _START_TIMEOUT)
+        except BaseException:
+            ours.close()
+            self._kill_zygote()
+            raise
+        if not ready:
+            ours.close()
+            self._kill_zygote()
+            raise ForkServerError("the zygote exited while importing its modules")
+        self._channel = ours
+        loop.add_reader(ours.fileno(), self._receive)
+        log.info("fork-server ready: zygote pid %d", json.loads(ready)["ready"])
+
+    async def spawn(self, request: dict[str, Any], fds: list[int]) -> int:
+        """Fork a kernel as `request` says; its pid (host pid of the forked child)."""
+        await self.ensure_started()
+        assert self._channel is not None
+        self._next_id += 1
+        request_id = str(self._next_id)
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = answer
+        try:
+            message = json.dumps({**request, "id": request_id}).encode()
+            socket.send_fds(self._channel, [message], fds)
+            return await answer
+        except OSError as exc:
+            raise ForkServerError(f"the zygote is gone: {exc}") from exc
+        finally:
+            self._pending.pop(request_id, None)
+
+    def watch(self, process: "ForkedKernelProcess") -> None:
+        """Deliver the process's exit status to it when the zygote reports it."""
+        status = self._early_exits.pop(process.pid, None)
+        if status is not None:
+            process.exited(status)
+        else:
+            self._children[process.pid] = process
+
+    def close(self) -> None:
+        self._drop_channel()
+        self._kill_zygote()
+
+    def _receive(self) -> None:
+        assert self._channel is not None
+        while True:
+            try:
+                data = self._channel.recv(_MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._lost()
+                return
+            message = json.loads(data)
+            if "exited" in message:
+                pid, status = message["exited"], message["status"]
+                child = self._children.pop(pid, None)
+                if child is not None:
+                    child.exited(status)
+                else:  # ended before its launcher began to watch it
+                    self._early_exits[pid] = status
+            elif (answer := self._pending.get(message["id"])) is not None and not answer.done():
+                if "pid" in message:
+                    answer.set_result(message["pid"])
+                else:
+                    answer.set_exception(ForkServerError(message.get("error", "fork failed")))
+
+    def _lost(self) -> None:
+        """The zygote died: its kernels die with it (their death signal), say so to each."""
+        log.error("the fork-server's zygote died; it is started again at the next launch")
+        self._drop_channel()
+        for answer in self._pending.values():
+            if not answer.done():
+                answer.set_exception(ForkServerError("the zygote died"))
+        children, self._children = self._children, {}
+        for child in children.values():
+            child.exited(-signal.SIGKILL)
+
+    def _drop_channel(self) -> None:
+        if self._channel is not None:
+            with contextlib.suppress(ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(self._channel.fileno())
+            self._channel.close()
+            self._channel = None
+
+    def _kill_zygote(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+
+class ForkedKernelProcess(KernelProcess):
+    """A kernel forked by the zygote: not our child, so its exit comes from the zygote."""
+
+    def __init__(self, pid: int, output_fd: int, wrapper: bool) -> None:
+        """`wrapper`: the pid is a sandbox's outer process, whose status is its kernel's
+        (128 + N for a signal N)."""
+        self._pid = pid
+        self._wrapper = wrapper
+        self._loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[int] = self._loop.create_future()
+        self._callbacks: list[Callable[[int], None]] = []
+        self._output = OutputTail(output_fd)
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._exited.result() if self._exited.done() else None
+
+    def on_exit(self, callback: Callable[[int], None]) -> None:
+        if self._exited.done():
+            self._loop.call_soon(callback, self._exited.result())
+        else:
+            self._callbacks.append(callback)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def kill(self) -> None:
+        descendants: list[psutil.Process] = []
+        if not self._exited.done():
+            with contextlib.suppress(psutil.Error):
+                descendants = psutil.Process(self._pid).children(recursive=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._pid, signal.SIGKILL)
+        for child in descendants:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+
+    def output_tail(self) -> str:
+        return self._output.text()
+
+    def exited(self, status: int) -> None:
+        if self._exited.done():
+            return
+        if self._wrapper and 128 < status < 128 + 65:
+            status = 128 - status
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._pid, signal.SIGKILL)  # what it left running in its group
+        self._exited.set_result(status)
+        for callback in self._callbacks:
+            callback(status)
+
+
+async def _fork(server: ForkServer, request: dict[str, Any], fds: list[int], wrapper: bool
+                ) -> ForkedKernelProcess:  # fmt: skip
+    """Fork a kernel with a fresh output pipe; its process handle."""
+    read_end, write_end = os.pipe()
+    try:
+        pid = await server.spawn(request, [write_end, *fds])
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    process = ForkedKernelProcess(pid, read_end, wrapper)
+    server.watch(process)
+    return process
+
+
+async def _start_or_warn(server: ForkServer) -> None:
+    try:
+        await server.ensure_started()
+    except (ForkServerError, OSError, TimeoutError) as exc:
+        log.warning("the fork-server did not start (%s): kernels start the plain way", exc)
+
+
+def zygote_env(env: dict[str, str]) -> dict[str, str]:
+    """The zygote imports under the kernels' environment (matplotlib's backend, one BLAS
+    thread: no thread may run in it when it forks)."""
+    return {
+        **env,
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": "/nonexistent",
+        "MALLOC_ARENA_MAX": "2",
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+class ForkLauncher(SubprocessLauncher):
+    """Unsandboxed kernels forked from the zygote; a plain launch if it is not there."""
+
+    isolation = "none"
+
+    def __init__(self, server: ForkServer) -> None:
+        self._server = server
+
+    async def launch(self, spec: LaunchSpec) -> KernelProcess:
+        request = {
+            "argv": spec.kernel_argv(),
+            "work_dir": str(spec.work_dir),
+            "env": {
+                **spec.env,
+                "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+                "HOME": str(spec.work_dir),
+                "IPYTHONDIR": str(spec.work_dir / ".ipython"),
+            },
+        }
+        try:
+            return await _fork(self._server, request, [], wrapper=False)
+        except (ForkServerError, OSError) as exc:
+            log.warning("fork-server unavailable (%s); launching the kernel the plain way", exc)
+            return await super().launch(spec)
+
+    async def prepare(self) -> None:
+        await _start_or_warn(self._server)
+
+    async def close(self) -> None:
+        self._server.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "launch": "fork-server"}
+
+
+class SandboxedForkLauncher(BubblewrapLauncher):
+    """Sandboxed kernels forked from the zygote, each in the sandbox bubblewrap would give
+    it; a bubblewrap launch if the zygote is not there."""
+
+    def __init__(self, server: ForkServer, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._server = server
+        self._root = Path("/run/kernel-service-root")
+
+    async def _start(
+        self, spec: LaunchSpec, uid: int, cgroup_procs: Path | None, seccomp_fd: int
+    ) -> KernelProcess:
+        self._root.mkdir(mode=0o700, exist_ok=True)
+        limits = self._limits
+        request = {
+            "argv": spec.kernel_argv(),
+            "work_dir": str(spec.work_dir),
+            "env": self.kernel_env(spec, uid),
+            "sandbox": {
+                "uid": uid,
+                "root": str(self._root),
+                "cgroup_procs": str(cgroup_procs) if cgroup_procs else None,
+                "etc": list(ETC_FILES),
+                "read_only": [str(p) for p in self._read_only],
+                "files_dir": str(spec.files.directory),
+                "font_caches": [str(p) for p in self.font_caches(spec)],
+                "tmp_bytes": limits.tmp_bytes,
+                "limits": {
+                    "memory_bytes": limits.memory_bytes,
+                    "processes": limits.processes,
+                    "file_bytes": limits.file_bytes,
+                    "open_files": limits.open_files,
+                },
+            },
+        }
+        try:
+            return await _fork(self._server, request, [seccomp_fd], wrapper=True)
+        except (ForkServerError, OSError) as exc:
+            log.warning("fork-server unavailable (%s); launching the kernel with bubblewrap", exc)
+            return await super()._start(spec, uid, cgroup_procs, seccomp_fd)
+
+    async def prepare(self) -> None:
+        await _start_or_warn(self._server)
+
+    async def close(self) -> None:
+        self._server.close()
+        await super().close()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "launch": "fork-server"}

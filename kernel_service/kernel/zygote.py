@@ -1,0 +1,401 @@
+"""The fork-server ("zygote"): imports the kernel and the data stack once, then forks a
+kernel per request. Run by the service as `python -I zygote.py FD PRELOAD`, never by hand.
+
+It speaks to the service over a SOCK_SEQPACKET socket (fd FD): each request is one JSON
+message with file descriptors attached (the kernel's output pipe, and for a sandboxed
+kernel its seccomp program); the answers are `{"id", "pid"}` or `{"id", "error"}`, and
+`{"exited": pid, "status": code}` when a kernel process ends.
+
+Only the standard library is imported here besides what is preloaded, and no thread is
+started, so a fork is a clean copy. A sandboxed child builds the same sandbox bubblewrap
+builds (namespaces, a read-only root, its own /tmp, /workspace, uid, rlimits, no
+capabilities, no new privileges, seccomp), keeping the zygote's memory pages shared.
+
+Process tree of a sandboxed kernel: the forked child (host side; it waits and passes on the
+exit status as bwrap does, 128 + N for a signal N) → pid 1 of a new PID namespace (reaps
+orphans) → the kernel (pid 2). Each dies with its parent.
+"""
+
+import ctypes
+import errno
+import importlib
+import json
+import os
+import random
+import resource
+import selectors
+import signal
+import socket
+import struct
+import sys
+import traceback
+from typing import Any
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MNT_DETACH = 2
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_SECCOMP = 1, 38, 24, 22
+PR_SET_NAME = 15
+# Process names (what `ps -o comm` and psutil's name() show): the forked processes share
+# the zygote's command line, the name tells them apart.
+KERNEL_NAME = "ks-kernel"
+SECCOMP_MODE_FILTER = 2
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+CAP_LAST = 63
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+MAX_MESSAGE = 1 << 20
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def _prctl(option: int, arg: int | Any = 0) -> None:
+    _check(_libc.prctl(option, arg, 0, 0, 0), f"prctl({option})")
+
+
+def _set_name(name: str) -> None:
+    _prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()))
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    _check(
+        _libc.mount(
+            source.encode() if source else None,
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {source} on {target}",
+    )
+
+
+# ---------------------------------------------------------------- the server
+
+
+class Zygote:
+    def __init__(self, channel: socket.socket) -> None:
+        self.channel = channel
+        self.children: dict[int, str] = {}  # pid → request id
+        self.wakeup_r, self.wakeup_w = os.pipe()
+        os.set_blocking(self.wakeup_w, False)
+        signal.set_wakeup_fd(self.wakeup_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(channel, selectors.EVENT_READ)
+        self.selector.register(self.wakeup_r, selectors.EVENT_READ)
+
+    def serve(self) -> None:
+        while True:
+            for key, _ in self.selector.select():
+                if key.fileobj is self.channel:
+                    if not self._handle_request():
+                        return
+                else:
+                    os.read(self.wakeup_r, 4096)
+                    self._reap()
+
+    def _handle_request(self) -> bool:
+        message, fds, _, _ = socket.recv_fds(self.channel, MAX_MESSAGE, 4)
+        if not message:  # the service closed its end: it is gone
+            return False
+        request = json.loads(message)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            self._send({"id": request["id"], "error": str(exc)})
+            for fd in fds:
+                os.close(fd)
+            return True
+        if pid == 0:
+            self._become_child(request, fds)  # never returns
+        for fd in fds:
+            os.close(fd)
+        self.children[pid] = request["id"]
+        self._send({"id": request["id"], "pid": pid})
+        return True
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.children.pop(pid, None)
+            self._send({"exited": pid, "status": os.waitstatus_to_exitcode(status)})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self.channel.send(json.dumps(message).encode())
+
+    def _become_child(self, request: dict[str, Any], fds: list[int]) -> None:
+        """In the forked child: drop the zygote's state, then become the kernel."""
+        code = 1
+        try:
+            parent = os.getppid()
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:  # the zygote died before the guard was set
+                os._exit(1)
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            self.selector.close()
+            self.channel.close()
+            os.close(self.wakeup_r)
+            os.close(self.wakeup_w)
+            os.setsid()
+            _set_name("ks-sandbox")
+            output, seccomp = fds[0], (fds[1] if len(fds) > 1 else None)
+            if request.get("sandbox"):
+                code = _sandboxed(request, output, seccomp)
+            else:
+                _become_kernel(request, output, seccomp)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+
+
+# ---------------------------------------------------------------- the sandbox
+
+
+def _sandboxed(request: dict[str, Any], output: int, seccomp: int | None) -> int:
+    """Join the cgroup, enter new namespaces, and wait for the namespace's init; its status."""
+    os.dup2(output, 2)  # errors of the set-up reach the service's output tail
+    sandbox = request["sandbox"]
+    if sandbox.get("cgroup_procs"):
+        with open(sandbox["cgroup_procs"], "w") as procs:
+            procs.write(str(os.getpid()))
+    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+    _check(_libc.unshare(flags | CLONE_NEWCGROUP), "unshare")
+    init = os.fork()  # pid 1 of the new PID namespace
+    if init == 0:
+        _init(request, output, seccomp)
+    os.close(output)
+    if seccomp is not None:
+        os.close(seccomp)
+    _, status = os.waitpid(init, 0)
+    return _wrapper_status(status)
+
+
+def _wrapper_status(status: int) -> int:
+    """A child's wait status as a wrapper passes it on: its exit code, or 128 + signal."""
+    return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def _init(request: dict[str, Any], output: int, seccomp: int | None) -> None:
+    """Pid 1: build the filesystem, start the kernel as pid 2, reap until it ends."""
+    code = 1
+    try:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        _set_name("ks-init")
+        _build_root(request)
+        _check(_libc.sethostname(b"sandbox", 7), "sethostname")
+        _loopback_up()
+        kernel = os.fork()
+        if kernel == 0:
+            _become_kernel(request, output, seccomp)
+        os.close(output)
+        if seccomp is not None:
+            os.close(seccomp)
+        while True:
+            pid, status = os.wait()
+            if pid == kernel:
+                code = _wrapper_status(status)
+                break
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _build_root(request: dict[str, Any]) -> None:  # noqa: PLR0915 (one mount after another)
+    """The kernel's filesystem, as bubblewrap's arguments in the service describe it."""
+    sandbox = request["sandbox"]
+    root: str = sandbox["root"]
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+
+    def at(path: str) -> str:
+        return root + path
+
+    def make_dir(path: str, mode: int = 0o755) -> None:
+        parts = path.strip("/").split("/")
+        for index in range(1, len(parts) + 1):
+            directory = at("/" + "/".join(parts[:index]))
+            if not os.path.isdir(directory):
+                os.mkdir(directory)
+                os.chmod(directory, mode)
+
+    def bind(source: str, target: str, read_only: bool) -> None:
+        if os.path.isdir(source):
+            make_dir(target)
+        else:
+            make_dir(os.path.dirname(target))
+            open(at(target), "a").close()
+        _mount(source, at(target), None, MS_BIND | MS_REC)
+        if read_only:
+            _mount(None, at(target), None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+    bind("/usr", "/usr", True)
+    for name, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"),
+                         ("lib64", "usr/lib64")):  # fmt: skip
+        os.symlink(target, at("/" + name))
+    make_dir("/etc")
+    for name in sandbox["etc"]:
+        if os.path.exists(f"/etc/{name}"):
+            bind(os.path.realpath(f"/etc/{name}"), f"/etc/{name}", True)
+    make_dir("/proc")
+    _mount("proc", at("/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    make_dir("/dev")
+    _mount("tmpfs", at("/dev"), "tmpfs", MS_NOSUID, "mode=0755")
+    for device in DEVICES:
+        if os.path.exists(f"/dev/{device}"):
+            bind(f"/dev/{device}", f"/dev/{device}", False)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):  # fmt: skip
+        os.symlink(target, at(f"/dev/{name}"))
+    make_dir("/dev/shm")
+    _mount("tmpfs", at("/dev/shm"), "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={16 << 20}")
+    make_dir("/tmp")
+    tmp_size = sandbox["tmp_bytes"]
+    _mount("tmpfs", at("/tmp"), "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={tmp_size}")
+    make_dir("/tmp/matplotlib")
+    os.chmod(at("/tmp/matplotlib"), 0o1777)
+    for cache in sandbox["font_caches"]:
+        bind(cache, f"/tmp/matplotlib/{os.path.basename(cache)}", True)
+    for path in sandbox["read_only"]:
+        bind(path, path, True)
+    files_dir = sandbox["files_dir"]
+    make_dir(os.path.dirname(files_dir), 0o711)
+    bind(files_dir, files_dir, False)
+    bind(request["work_dir"], "/workspace", False)
+    os.chdir(root)
+    _check(_libc.syscall(SYS_PIVOT_ROOT[os.uname().machine], b".", b"."), "pivot_root")
+    _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
+    os.chdir("/")
+    _mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _loopback_up() -> None:
+    """ipykernel binds a loopback pipe: `lo` must be up in the empty network namespace."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", _ioctl(sock, SIOCGIFFLAGS, request))[1]
+        _ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def _ioctl(sock: socket.socket, request: int, argument: bytes) -> bytes:
+    import fcntl
+
+    return fcntl.ioctl(sock.fileno(), request, argument)
+
+
+def _drop_privileges(sandbox: dict[str, Any]) -> None:
+    limits = sandbox["limits"]
+    for name, value in (
+        (resource.RLIMIT_AS, limits["memory_bytes"]),
+        (resource.RLIMIT_NPROC, limits["processes"]),
+        (resource.RLIMIT_FSIZE, limits["file_bytes"]),
+        (resource.RLIMIT_NOFILE, limits["open_files"]),
+        (resource.RLIMIT_CORE, 0),
+    ):
+        resource.setrlimit(name, (value, value))
+    for capability in range(CAP_LAST + 1):
+        dropped = _libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) == 0
+        if not dropped and ctypes.get_errno() == errno.EINVAL:
+            break  # past the last capability this kernel knows
+    uid = sandbox["uid"]
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)  # from root to a plain uid: every capability is gone
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _load_seccomp(program_fd: int) -> None:
+    program = b""
+    while chunk := os.read(program_fd, 65536):
+        program += chunk
+    os.close(program_fd)
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_char_p))
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "seccomp")
+
+
+# ---------------------------------------------------------------- the kernel
+
+
+def _become_kernel(request: dict[str, Any], output: int, seccomp: int | None) -> None:
+    sandbox = request.get("sandbox")
+    _set_name(KERNEL_NAME)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    os.close(output)
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    if sandbox:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.setsid()
+        os.chdir("/workspace")
+        _drop_privileges(sandbox)
+        if seccomp is not None:
+            _load_seccomp(seccomp)
+    else:
+        os.chdir(request["work_dir"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _reseed()
+    sys.argv = ["ipykernel_launcher", *request["argv"]]
+    from ipykernel import kernelapp
+
+    kernelapp.launch_new_instance()
+    os._exit(0)
+
+
+def _reseed() -> None:
+    """Every child starts from the zygote's generator state: give each its own."""
+    random.seed()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
+
+
+def main() -> None:
+    channel_fd, preload = int(sys.argv[1]), sys.argv[2]  # argv[3]: the connection dir, for ps
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # dies with the service
+    _set_name("ks-zygote")
+    channel = socket.socket(fileno=channel_fd)
+    # what every kernel imports at start, so each child has it in shared pages
+    kernel_modules = ["ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell"]
+    # (not matplotlib's inline backend: it hooks into the shell that imports it first)
+    for name in [*kernel_modules, *preload.split(",")]:
+        if not name:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            print(f"zygote: could not preload {name}: {exc}", file=sys.stderr)
+    channel.send(json.dumps({"ready": os.getpid()}).encode())
+    Zygote(channel).serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The fork-server: kernels forked from a zygote, each on its own; and the plain launch."""
+
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import SANDBOXED, Server, kernel_processes, running_server, wait_for
+
+RANDOMS = (
+    "import os, random, numpy as np\n"
+    "print(random.random(), np.random.rand(), np.random.default_rng().random(), os.getpid())"
+)
+
+
+def zygotes(server: Server) -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.process_iter(["cmdline", "name"])
+        if p.info["name"] == "ks-zygote" and str(server.connection_dir) in (p.info["cmdline"] or [])
+    ]
+
+
+def test_forked_kernels_have_their_own_random_streams(server: Server) -> None:
+    assert server.client.get("/healthz").json()["isolation"]["launch"] == "fork-server"
+    first = server.execute(RANDOMS)["stdout"].split()
+    second = server.execute(RANDOMS)["stdout"].split()
+    # random, numpy's global state and a new numpy Generator all differ between kernels
+    assert [a != b for a, b in zip(first[:3], second[:3], strict=True)] == [True] * 3
+
+
+def test_a_forked_kernel_has_the_data_stack_ready_and_its_own_work_dir(server: Server) -> None:
+    result = server.execute(
+        "import sys, os\n"
+        "print(all(m in sys.modules for m in ('numpy', 'pandas', 'matplotlib.pyplot')))\n"
+        "print(os.listdir('.'))\n"
+        "import pandas as pd\n"
+        "pd.DataFrame({'a': [1, 2]}).a.sum()"
+    )
+    assert result["stdout"] == "True\n[]\n"
+    assert result["result"] == "np.int64(3)"
+
+
+def test_when_the_zygote_dies_its_kernels_die_and_sessions_go_on(tmp_path: Path) -> None:
+    with running_server(tmp_path) as server:
+        session = server.new_session()
+        server.execute("x = 1", session)
+        [zygote] = zygotes(server)
+        os.kill(zygote.pid, signal.SIGKILL)
+        # the kernels die with it: nothing forked from it is left running
+        assert wait_for(lambda: not kernel_processes(server.connection_dir), timeout=10)
+        after = server.execute("'x' in globals()", session)
+        assert after["state_lost"] is True
+        assert after["result"] == "False"
+        # the zygote is started again for later kernels
+        assert server.execute("print('new session')")["stdout"] == "new session\n"
+        assert len(zygotes(server)) == 1
+
+
+@pytest.mark.parametrize("sandbox", ["bubblewrap", "none"] if SANDBOXED else ["none"])
+def test_the_plain_launch_still_works(tmp_path: Path, sandbox: str) -> None:
+    with running_server(tmp_path, fork_server=False, sandbox=sandbox) as server:
+        assert "launch" not in server.client.get("/healthz").json()["isolation"]
+        assert zygotes(server) == []
+        result = server.execute("import os\nprint(os.getcwd())")
+        assert result["status"] == "ok"
+        expected = "/workspace" if sandbox == "bubblewrap" else str(server.settings.work_dir)
+        assert result["stdout"].startswith(expected)
+        [kernel] = kernel_processes(server.connection_dir)
+        assert "ipykernel_launcher" in kernel.cmdline()
