@@ -324,12 +324,15 @@ def _drop_privileges(sandbox: dict[str, Any]) -> None:
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
-def _load_seccomp(program_fd: int) -> None:
+def _read_program(program_fd: int) -> bytes:
     program = b""
     while chunk := os.read(program_fd, 65536):
         program += chunk
     os.close(program_fd)
+    return program
 
+
+def _load_seccomp(program: bytes) -> None:
     class SockFprog(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
 
@@ -350,13 +353,16 @@ def _become_kernel(request: dict[str, Any], output: int, seccomp: int | None) ->
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
+    program = _read_program(seccomp) if seccomp is not None else None
+    # nothing the zygote had open (its stderr is the service's) goes on into user code
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     if sandbox:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         os.setsid()
         os.chdir("/workspace")
         _drop_privileges(sandbox)
-        if seccomp is not None:
-            _load_seccomp(seccomp)
+        if program is not None:
+            _load_seccomp(program)
     else:
         os.chdir(request["work_dir"])
     os.environ.clear()
