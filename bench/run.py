@@ -1,118 +1,349 @@
-"""Benchmarks, side by side in one run (the machines are noisy: compare ratios, not runs).
+"""The benchmark: one command, one table, everything side by side in one run on this machine.
 
-    scripts/bench            # or: .venv/bin/python -m bench.run [--rounds N]
+    scripts/bench                         # or: .venv/bin/python -m bench.run [options]
+    scripts/bench --only floor,http --launchers bubblewrap --rounds 100     # a quick look
 
-Sandbox cost: a kernel's start-to-ready and a `1+1` round trip (execute_request to
-iopub idle), plain launch vs bubblewrap, interleaved so both see the same machine.
+For each launcher configuration (a column; a configuration is only Settings overrides, see
+LAUNCHERS): the floor (a bare jupyter_client round trip to a kernel started as the service
+starts one) interleaved call by call with the service over HTTP; a plot and a pandas cell;
+new sessions with and without the warm pool; a timeout on code deaf to interrupts; idle
+memory per session; 32-client throughput with the service's CPU share. Then, in one
+configuration, as many idle sessions as asked (bounded by memory and time); then the peers
+(Qwen-Agent, Lagent, from PyPI into bench/.venv-peers). The service always runs as
+`kernel-service serve` in a process of its own on a free loopback port. Every process the
+benchmark starts is ended, also on Ctrl-C. The table goes to stdout and bench/results.md.
+
+The machine is noisy (its CPU swings between a fast and a slow phase): compare ratios
+within a run, and read the noise rows before comparing runs.
 """
 
 import argparse
 import asyncio
+import contextlib
+import datetime
+import logging
 import os
+import platform
+import shlex
 import shutil
-import statistics
+import signal
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
-from kernel_service.collector import OutputLimits
-from kernel_service.config import MIB, Settings
-from kernel_service.kernel import Kernel, KernelLauncher, KernelOptions, zmq_context
-from kernel_service.kernel.fonts import prepare_font_cache
-from kernel_service.kernel.kernel import STARTUP_FILE
-from kernel_service.kernel.launcher import SubprocessLauncher
-from kernel_service.kernel.sandbox import (
-    BubblewrapLauncher,
-    SandboxLimits,
-    default_read_only_paths,
-)
+from bench import latency, load
+from bench.floor import Floor
+from bench.peers import run_peers
+from bench.report import METHOD, TIMEOUT, Column, table
+from bench.service import Service
+from bench.stats import MIB, calibrate
+from kernel_service.config import Settings
 
-LIMITS = OutputLimits(text=100_000, rich=1_000_000)
+SECTIONS = ("floor", "http", "sessions", "timeout", "memory", "throughput", "scale", "peers")
+RESULTS = Path(__file__).with_name("results.md")
 
 
-async def _measure(
-    launcher: KernelLauncher, options: KernelOptions, work: Path, executions: int
-) -> tuple[float, list[float]]:
-    work.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (a mkdir)
-    started = time.perf_counter()
-    kernel = await Kernel.start(launcher, options, work)
-    ready = (time.perf_counter() - started) * 1000
+# The launcher configurations compared, a column each: name → Settings overrides. A launcher
+# mode is only settings, so a new one is one more line here.
+LAUNCHERS: dict[str, dict[str, Any]] = {
+    "plain": {"sandbox": "none", "fork_server": False},
+    "bubblewrap": {"sandbox": "bubblewrap", "fork_server": False},
+    "fork-server": {"sandbox": "bubblewrap", "fork_server": True},  # the service's defaults
+    "fork-plain": {"sandbox": "none", "fork_server": True},
+}
+DEFAULT_LAUNCHERS = ["plain", "bubblewrap", "fork-server"]
+# Kernel uids for the sandboxes the benchmark starts: a block per service, far from the
+# service's default (210000) and from another service on this machine.
+_UID_BASE = 700_000
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, root: Path) -> None:
+        self.args = args
+        self.root = root
+        self.sections = set(args.only)
+        self._uid_next = _UID_BASE
+        self._made = 0
+
+    def _place(self, uids: int = 1000) -> tuple[Path, dict[str, Any]]:
+        """A directory and kernel uids of its own for one service or floor, and the settings
+        that say so."""
+        self._made += 1
+        place = self.root / f"{self._made}"
+        base = self._uid_next
+        self._uid_next += uids
+        return place, {
+            "connection_dir": place / "c",
+            "work_dir": place / "w",
+            "sandbox_uid_base": base,
+            "sandbox_uid_count": uids,
+            "session_ttl": 0,
+        }
+
+    async def column(self, name: str) -> Column:
+        column = Column(name)
+        overrides = LAUNCHERS[name]
+        column.calibration.append(calibrate())
+        try:
+            await self._pooled_service(column, overrides)
+            await self._unpooled_service(column, overrides)
+        except Exception as exc:
+            column.problems.append(_briefly(exc))
+            _say(f"[{name}] failed: {exc}")
+        column.calibration.append(calibrate())
+        return column
+
+    async def _pooled_service(self, column: Column, overrides: dict[str, Any]) -> None:
+        wanted = self.sections & {"floor", "http", "sessions", "timeout", "throughput"}
+        if not wanted:
+            return
+        floor = None
+        if "floor" in wanted:
+            place, values = self._place()
+            settings = Settings(**values, **overrides, pool_size=0)
+            floor = await Floor(settings, place / "floor").__aenter__()
+        try:
+            if wanted == {"floor"}:
+                _say(f"[{column.name}] floor: {self.args.rounds} x 1+1")
+                assert floor is not None
+                column.floor = await latency.floor_alone(floor, self.args.rounds)
+                return
+            place, values = self._place()
+            settings = {**values, **overrides, "pool_size": 2,
+                        "max_sessions": self.args.clients + 8}  # fmt: skip
+            async with _running(Service(column.name, place, settings), column) as service:
+                await service.wait_pool_full()
+                if "http" in wanted:
+                    _say(f"[{column.name}] warm 1+1: {self.args.rounds} rounds, interleaved")
+                    column.warm = await latency.warm_round_trips(floor, service, self.args.rounds)
+                    column.floor = column.warm.floor
+                    _say(f"[{column.name}] plot and pandas cells")
+                    column.cells = await latency.cells(floor, service, self.args.cell_rounds)
+                elif floor is not None:
+                    column.floor = await latency.floor_alone(floor, self.args.rounds)
+                if floor is not None:
+                    await floor.__aexit__(None, None, None)
+                    floor = None
+                if "sessions" in wanted:
+                    _say(f"[{column.name}] new sessions, warm pool")
+                    column.pooled = await latency.new_sessions(
+                        service, self.args.new_rounds, pooled=True
+                    )
+                    _problem(column, column.pooled.errors, "new sessions (pool)")
+                if "timeout" in wanted:
+                    _say(f"[{column.name}] timeouts")
+                    column.timeouts = await latency.timeouts(service, 2, TIMEOUT)
+                    _problem(column, column.timeouts.errors, "timeouts")
+                if "throughput" in wanted:
+                    _say(f"[{column.name}] throughput: {self.args.clients} clients")
+                    column.throughput = await load.throughput(
+                        service, self.args.clients, self.args.duration
+                    )
+                for name, errors in (("warm", column.warm), ("cells", column.cells)):
+                    if errors is not None:
+                        _problem(column, errors.errors, name)
+        finally:
+            if floor is not None:
+                await floor.__aexit__(None, None, None)
+
+    async def _unpooled_service(self, column: Column, overrides: dict[str, Any]) -> None:
+        if not self.sections & {"sessions", "memory"}:
+            return
+        place, values = self._place()
+        settings = {**values, **overrides, "pool_size": 0,
+                    "max_sessions": self.args.memory_sessions + 8}  # fmt: skip
+        async with _running(Service(column.name, place, settings), column) as service:
+            if "sessions" in self.sections:
+                _say(f"[{column.name}] new sessions, no pool")
+                column.unpooled = await latency.new_sessions(
+                    service, self.args.new_rounds, pooled=False
+                )
+                _problem(column, column.unpooled.errors, "new sessions (no pool)")
+            if "memory" in self.sections:
+                _say(f"[{column.name}] memory of {self.args.memory_sessions} idle sessions")
+                column.memory = await load.idle_memory(service, self.args.memory_sessions)
+
+    async def scale(self, column: Column) -> None:
+        count = self.args.sessions
+        place, values = self._place(uids=count + 100)
+        settings = {**values, **LAUNCHERS[column.name], "pool_size": 0, "max_sessions": count + 10}
+        _say(f"[{column.name}] scale: up to {count} idle sessions")
+        service = Service(column.name, place, settings)
+        async with _running(service, column, stop_timeout=300):
+            column.scale = await load.scale(
+                service, count, self.args.memory_floor * 1024 * MIB, self.args.scale_seconds
+            )
+
+
+@contextlib.asynccontextmanager
+async def _running(
+    service: Service, column: Column, stop_timeout: float = 120
+) -> AsyncIterator[Service]:
     try:
-        for _ in range(20):  # warm-up
-            await kernel.execute("1+1", 10, 0.5, LIMITS)
-        trips = []
-        for _ in range(executions):
-            started = time.perf_counter()
-            await kernel.execute("1+1", 10, 0.5, LIMITS)
-            trips.append((time.perf_counter() - started) * 1000)
+        await service.start()
+        yield service
     finally:
-        await kernel.shutdown()
-    return ready, trips
+        leftovers = await service.stop(stop_timeout)
+        if leftovers:
+            column.problems.append(f"had to kill: {'; '.join(leftovers)}")
 
 
-def _row(name: str, ready: list[float], trips: list[float]) -> str:
-    trips = sorted(trips)
-    p99 = trips[int(len(trips) * 0.99) - 1]
+def _problem(column: Column, errors: int, what: str) -> None:
+    if errors:
+        column.problems.append(f"{what}: {errors} unexpected answers")
+
+
+def _briefly(exc: Exception) -> str:
+    """An exception in a line: its message's first and last lines (a log's tail can follow)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _say(text: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
+def _machine() -> str:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False,
+        cwd=Path(__file__).parent,
+    ).stdout.strip()  # fmt: skip
     return (
-        f"| {name:<10} | {statistics.median(ready):>8.0f} | {max(ready):>8.0f} "
-        f"| {statistics.median(trips):>8.2f} | {p99:>8.2f} |"
+        f"{model}, {os.cpu_count()} cores, {memory:.0f} GiB, Linux {platform.release()}; "
+        f"Python {platform.python_version()}, ipykernel {version('ipykernel')}, "
+        f"jupyter_client {version('jupyter_client')}; kernel-service {commit}"
     )
 
 
-async def sandbox_cost(rounds: int, executions: int) -> None:
-    settings = Settings()
-    options = KernelOptions(
-        connection_dir=Path(tempfile.mkdtemp(prefix="ks-bench-")),
-        matplotlib_dir=settings.matplotlib_dir,
-        start_timeout=60,
-        preload_modules=tuple(settings.preload_modules.split(",")),
-        zmq_context=zmq_context(settings.max_message_bytes),
-    )
-    await prepare_font_cache(settings.matplotlib_dir)
-    launchers: dict[str, KernelLauncher] = {"plain": SubprocessLauncher()}
-    if os.geteuid() == 0 and shutil.which("bwrap"):
-        launchers["bubblewrap"] = BubblewrapLauncher(
-            SandboxLimits(2048 * MIB, 256, 1024 * MIB, 1024, 256 * MIB),
-            first_uid=settings.sandbox_uid_base,
-            uid_count=100,
-            read_only_paths=default_read_only_paths(STARTUP_FILE),
-        )
-    else:
-        print("(no sandbox here: needs root and bubblewrap)")
-    ready: dict[str, list[float]] = {name: [] for name in launchers}
-    trips: dict[str, list[float]] = {name: [] for name in launchers}
+async def main_async(args: argparse.Namespace) -> int:
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    root = Path(tempfile.mkdtemp(prefix="ksb-"))
+    bench = Bench(args, root)
+    started = time.monotonic()
+    columns: list[Column] = []
+    peers = []
     try:
-        for round_ in range(rounds):
-            for name, launcher in launchers.items():  # interleaved
-                work = options.connection_dir / f"work-{name}-{round_}"
-                start, round_trips = await _measure(launcher, options, work, executions)
-                ready[name].append(start)
-                trips[name].extend(round_trips)
+        for name in args.launchers:
+            columns.append(await bench.column(name))
+        if "scale" in bench.sections and columns:
+            at = next((c for c in columns if c.name == args.scale_launcher), columns[-1])
+            try:
+                await bench.scale(at)
+            except Exception as exc:
+                at.problems.append(f"scale: {_briefly(exc)}")
+                _say(f"scale failed: {exc}")
+        if "peers" in bench.sections:
+            peers = await run_peers(root / "peers", int(TIMEOUT), root / "peers-install.log")
     finally:
-        for launcher in launchers.values():
-            await launcher.close()
-        shutil.rmtree(options.connection_dir, ignore_errors=True)
-        options.zmq_context.destroy(linger=0)
-    print(f"\nSandbox cost: {rounds} kernels each (numpy, pandas, matplotlib preloaded), "
-          f"{executions} x `1+1` per kernel")  # fmt: skip
-    print("| launch     | ready ms | max ms   | 1+1 p50  | 1+1 p99  |")
-    print("|------------|----------|----------|----------|----------|")
-    for name in launchers:
-        print(_row(name, ready[name], trips[name]))
-    if "bubblewrap" in launchers:
-        slower = statistics.median(ready["bubblewrap"]) / statistics.median(ready["plain"])
-        trip = statistics.median(trips["bubblewrap"]) / statistics.median(trips["plain"])
-        print(f"bubblewrap / plain: start x{slower:.2f}, 1+1 x{trip:.2f}")
+        shutil.rmtree(root, ignore_errors=True)
+    lines, verdicts = table(columns, peers, vars(args))
+    command = "scripts/bench" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
+    problems = [f"- {c.name}: {p}" for c in columns for p in c.problems]
+    for peer in peers:
+        problems += [f"- {peer.name}: {e}" for e in peer.errors]
+    report = [
+        f"`{command}` — {datetime.date.today()}, {time.monotonic() - started:.0f} s",
+        "",
+        f"Machine: {_machine()}",
+        "",
+        *lines,
+        "",
+        "Targets:",
+        *verdicts,
+    ]
+    if problems:
+        report += ["", "Problems:", *problems]
+    text = "\n".join(report) + "\n"
+    print(text)
+    RESULTS.write_text(f"# Benchmark results\n\n{text}\n{METHOD}")
+    return 1 if problems else 0
 
 
 def main() -> None:
+    # the floor's Runtime logs in this process (an unsandboxed launcher warns); the services
+    # log at their default level to files of their own
+    logging.getLogger("kernel_service").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="scripts/bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--rounds", type=int, default=5, help="kernels started per launcher")
-    parser.add_argument("--executions", type=int, default=200, help="1+1 per kernel")
-    args = parser.parse_args()
-    asyncio.run(sandbox_cost(args.rounds, args.executions))
+    parser.add_argument(
+        "--only",
+        type=_names(SECTIONS),
+        default=list(SECTIONS),
+        help=f"sections, comma-separated (default all): {','.join(SECTIONS)}",
+    )
+    parser.add_argument(
+        "--launchers",
+        type=_names(tuple(LAUNCHERS)),
+        default=DEFAULT_LAUNCHERS,
+        help=f"columns, comma-separated: {','.join(LAUNCHERS)} "
+        f"(default {','.join(DEFAULT_LAUNCHERS)})",
+    )
+    parser.add_argument("--rounds", type=int, default=400, help="warm 1+1 round trips (400)")
+    parser.add_argument("--cell-rounds", type=int, default=20, help="plot and pandas cells (20)")
+    parser.add_argument("--new-rounds", type=int, default=10, help="new sessions timed (10)")
+    parser.add_argument("--memory-sessions", type=int, default=10, help="idle sessions (10)")
+    parser.add_argument("--clients", type=int, default=32, help="throughput clients (32)")
+    parser.add_argument("--duration", type=float, default=10, help="throughput seconds (10)")
+    parser.add_argument("--sessions", type=int, default=300, help="scale: sessions (300)")
+    parser.add_argument(
+        "--scale-launcher",
+        default=DEFAULT_LAUNCHERS[-1],
+        help=f"the column that runs the scale section ({DEFAULT_LAUNCHERS[-1]})",
+    )
+    parser.add_argument(
+        "--scale-seconds",
+        type=float,
+        default=300,
+        help="scale: stop making sessions after this long (300)",
+    )
+    parser.add_argument(
+        "--memory-floor",
+        type=float,
+        default=3,
+        help="scale: stop before available memory falls under this, GiB (3)",
+    )
+    args = parser.parse_args()  # fmt: skip
+    sandbox = os.geteuid() == 0 and shutil.which("bwrap") is not None
+    if not sandbox:
+        skipped = [n for n in args.launchers if LAUNCHERS[n].get("sandbox") == "bubblewrap"]
+        if skipped:
+            _say(f"skipping {', '.join(skipped)}: the sandbox needs root and bubblewrap")
+        args.launchers = [n for n in args.launchers if n not in skipped]
+    try:
+        code = asyncio.run(main_async(args))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        _say("interrupted; every process the benchmark started has been ended")
+        code = 130
+    sys.exit(code)
+
+
+def _names(allowed: tuple[str, ...]) -> Any:
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown: {', '.join(unknown)}")
+        return names
+
+    return parse
 
 
 if __name__ == "__main__":

@@ -1,0 +1,163 @@
+"""Latency scenarios against one running service: warm round trips interleaved with the floor,
+a plot and a pandas cell, new sessions (with and without the warm pool), and a timeout on
+code that ignores interrupts."""
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from bench.floor import Floor
+from bench.service import RawHttp, Service
+
+ONE_PLUS_ONE = "1+1"
+PLOT = "import matplotlib.pyplot as plt\nplt.plot(range(10))\nplt.show()"
+PANDAS = (
+    "import pandas as pd\n"
+    "df = pd.DataFrame({'x': range(1000), 'y': [i * i for i in range(1000)]})\n"
+    "df.describe()"
+)
+UNINTERRUPTIBLE = "sum(range(10**10))"
+_WARM_UP = 30
+
+
+@dataclass
+class WarmTrips:
+    """ms per `1+1`, each list in the order measured."""
+
+    floor: list[float] = field(default_factory=list)
+    httpx: list[float] = field(default_factory=list)
+    raw: list[float] = field(default_factory=list)
+    inside: list[float] = field(default_factory=list)  # the service's own duration_ms
+    errors: int = 0
+
+
+async def warm_round_trips(floor: Floor | None, service: Service, rounds: int) -> WarmTrips:
+    """`1+1` on the floor, over httpx and over a bare connection, interleaved call by call
+    (the order rotating), so all three see the same machine."""
+    trips = WarmTrips()
+    session = await service.new_session()
+    raw = await RawHttp.connect(service.port)
+
+    async def over_httpx() -> float:
+        started = time.perf_counter()
+        result = await service.execute(ONE_PLUS_ONE, session)
+        elapsed = (time.perf_counter() - started) * 1000
+        trips.errors += result["result"] != "2"
+        trips.inside.append(result["duration_ms"])
+        return elapsed
+
+    async def over_raw() -> float:
+        started = time.perf_counter()
+        result = await raw.execute(ONE_PLUS_ONE, session)
+        elapsed = (time.perf_counter() - started) * 1000
+        trips.errors += result["result"] != "2"
+        return elapsed
+
+    async def on_floor() -> float:
+        assert floor is not None
+        return await floor.run(ONE_PLUS_ONE)
+
+    targets: list[tuple[list[float], Callable[[], Awaitable[float]]]] = [
+        (trips.httpx, over_httpx),
+        (trips.raw, over_raw),
+    ]
+    if floor is not None:
+        targets.append((trips.floor, on_floor))
+    try:
+        for _ in range(_WARM_UP):
+            for _, measure in targets:
+                await measure()
+        trips.inside.clear()
+        for i in range(rounds):
+            shift = i % len(targets)
+            for samples, measure in targets[shift:] + targets[:shift]:
+                samples.append(await measure())
+    finally:
+        await raw.close()
+        await service.delete(session)
+    return trips
+
+
+async def floor_alone(floor: Floor, rounds: int) -> list[float]:
+    for _ in range(_WARM_UP):
+        await floor.run(ONE_PLUS_ONE)
+    return [await floor.run(ONE_PLUS_ONE) for _ in range(rounds)]
+
+
+@dataclass
+class CellTrips:
+    floor: dict[str, list[float]] = field(default_factory=dict)
+    http: dict[str, list[float]] = field(default_factory=dict)
+    errors: int = 0
+
+
+async def cells(floor: Floor | None, service: Service, rounds: int) -> CellTrips:
+    """A plot and a pandas cell, floor and HTTP (httpx) alternating."""
+    trips = CellTrips()
+    session = await service.new_session()
+    try:
+        for name, code in (("plot", PLOT), ("pandas", PANDAS)):
+            trips.floor[name], trips.http[name] = [], []
+            for i in range(rounds + 2):  # the first two warm up
+                if floor is not None:
+                    elapsed = await floor.run(code)
+                    if i >= 2:
+                        trips.floor[name].append(elapsed)
+                started = time.perf_counter()
+                result = await service.execute(code, session)
+                elapsed = (time.perf_counter() - started) * 1000
+                if i >= 2:
+                    trips.http[name].append(elapsed)
+                wanted = result["images"] if name == "plot" else result["result"]
+                trips.errors += result["status"] != "ok" or not wanted
+    finally:
+        await service.delete(session)
+    return trips
+
+
+@dataclass
+class NewSessions:
+    ms: list[float] = field(default_factory=list)
+    inside: list[float] = field(default_factory=list)  # the first execution's duration_ms
+    errors: int = 0
+
+
+async def new_sessions(service: Service, rounds: int, pooled: bool) -> NewSessions:
+    """ms of POST /execute without a session (a new session and its first result); with the
+    pool, each after the pool is full again. The session is deleted untimed."""
+    trips = NewSessions()
+    for _ in range(rounds):
+        if pooled and not await service.wait_pool_full():
+            trips.errors += 1
+        started = time.perf_counter()
+        result = await service.execute(ONE_PLUS_ONE)
+        trips.ms.append((time.perf_counter() - started) * 1000)
+        trips.inside.append(result["duration_ms"])
+        trips.errors += result["result"] != "2"
+        await service.delete(result["session_id"])
+    return trips
+
+
+@dataclass
+class TimeoutTrips:
+    seconds: list[float] = field(default_factory=list)  # until the timeout's answer
+    next_call_ms: list[float] = field(default_factory=list)  # the following 1+1 (new kernel)
+    errors: int = 0
+
+
+async def timeouts(service: Service, rounds: int, timeout: float) -> TimeoutTrips:
+    trips = TimeoutTrips()
+    session = await service.new_session()
+    try:
+        for _ in range(rounds):
+            started = time.perf_counter()
+            result = await service.execute(UNINTERRUPTIBLE, session, timeout=timeout)
+            trips.seconds.append(time.perf_counter() - started)
+            trips.errors += result["status"] != "timeout" or not result["state_lost"]
+            started = time.perf_counter()
+            result = await service.execute(ONE_PLUS_ONE, session)
+            trips.next_call_ms.append((time.perf_counter() - started) * 1000)
+            trips.errors += result["result"] != "2"
+    finally:
+        await service.delete(session)
+    return trips

@@ -1,0 +1,379 @@
+"""The one table: a column per launcher configuration and per peer, a row per figure, the
+targets with a pass (✓) or fail (✗) mark in each cell they apply to."""
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.latency import CellTrips, NewSessions, TimeoutTrips, WarmTrips
+from bench.load import IdleMemory, Scale, Throughput
+from bench.peers import PEERS, PeerResult
+from bench.stats import MIB, Summary, block_medians
+
+PASS, FAIL = "✓", "✗"
+_GIB = 1024 * MIB
+
+
+@dataclass
+class Column:
+    """Everything measured with one launcher configuration."""
+
+    name: str
+    calibration: list[float] = field(default_factory=list)  # ms, at its start and its end
+    floor: list[float] = field(default_factory=list)  # 1+1 on the floor, in order
+    warm: WarmTrips | None = None
+    cells: CellTrips | None = None
+    pooled: NewSessions | None = None
+    unpooled: NewSessions | None = None
+    timeouts: TimeoutTrips | None = None
+    memory: IdleMemory | None = None
+    throughput: Throughput | None = None
+    scale: Scale | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Cell:
+    text: str
+    verdict: bool | None = None  # None: no target applies here
+
+    def render(self) -> str:
+        if self.verdict is None:
+            return self.text
+        return f"{self.text} {PASS if self.verdict else FAIL}"
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    ours: Callable[[Column], Cell | None]
+    peer: Callable[[PeerResult, Column | None], Cell | None] = lambda _, __: None
+    target: str = ""  # short, in the table
+    goal: str = ""  # the target in words, for the list of passes and fails
+
+
+def ms(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def _p(samples: list[float]) -> str:
+    summary = Summary.of(samples)
+    return f"{ms(summary.p50)} / {ms(summary.p99)}"
+
+
+def _floor(column: Column) -> Cell | None:
+    return Cell(_p(column.floor)) if column.floor else None
+
+
+def _ratio_to_floor(samples: list[float], column: Column) -> str:
+    return (
+        f" (×{Summary.of(samples).p50 / Summary.of(column.floor).p50:.2f})" if column.floor else ""
+    )
+
+
+def _raw(column: Column) -> Cell | None:
+    return Cell(_p(column.warm.raw)) if column.warm and column.warm.raw else None
+
+
+def _ratio(column: Column) -> Cell | None:
+    if not (column.warm and column.floor and column.warm.raw):
+        return None
+    http, floor = Summary.of(column.warm.raw), Summary.of(column.floor)
+    p50, p99 = http.p50 / floor.p50, http.p99 / floor.p99
+    return Cell(f"{p50:.2f} / {p99:.2f}", p50 <= 1.25 and p99 <= 2.0)
+
+
+def _httpx(column: Column) -> Cell | None:
+    if not (column.warm and column.warm.httpx):
+        return None
+    return Cell(_p(column.warm.httpx) + _ratio_to_floor(column.warm.httpx, column))
+
+
+def _inside(column: Column) -> Cell | None:
+    if not (column.warm and column.warm.inside):
+        return None
+    return Cell(_p(column.warm.inside) + _ratio_to_floor(column.warm.inside, column))
+
+
+def _cell(name: str) -> Callable[[Column], Cell | None]:
+    def cell(column: Column) -> Cell | None:
+        if not (column.cells and column.cells.http.get(name)):
+            return None
+        http = statistics.median(column.cells.http[name])
+        if not column.cells.floor.get(name):
+            return Cell(ms(http))
+        floor = statistics.median(column.cells.floor[name])
+        return Cell(f"{ms(floor)} → {ms(http)} (×{http / floor:.2f})")
+
+    return cell
+
+
+def _new(trips: NewSessions) -> str:
+    return f"{_p(trips.ms)} (inside {ms(statistics.median(trips.inside))})"
+
+
+def _pooled(column: Column) -> Cell | None:
+    if not (column.pooled and column.pooled.ms):
+        return None
+    return Cell(_new(column.pooled), Summary.of(column.pooled.ms).p50 <= 30)
+
+
+def _unpooled(column: Column) -> Cell | None:
+    if not (column.unpooled and column.unpooled.ms):
+        return None
+    applies = column.name.startswith("fork-server")
+    verdict = Summary.of(column.unpooled.ms).p50 <= 200 if applies else None
+    return Cell(_new(column.unpooled), verdict)
+
+
+def _timeout(column: Column) -> Cell | None:
+    trips = column.timeouts
+    if not trips or not trips.seconds:
+        return None
+    worst = max(trips.seconds)
+    text = f"{worst:.2f} s; next call {ms(statistics.median(trips.next_call_ms))} ms"
+    return Cell(text, worst <= TIMEOUT + 1 and not trips.errors)
+
+
+def _pss(column: Column) -> Cell | None:
+    if not column.memory:
+        return None
+    each = column.memory.total.pss / column.memory.sessions / MIB
+    return Cell(f"{each:.1f}", each <= 45)
+
+
+def _uss(column: Column) -> Cell | None:
+    if not column.memory:
+        return None
+    return Cell(f"{column.memory.total.uss / column.memory.sessions / MIB:.1f}")
+
+
+def _execs(column: Column) -> Cell | None:
+    load = column.throughput
+    if not load or not load.seconds:
+        return None
+    errors = f", {load.errors} errors" if load.errors else ""
+    return Cell(f"{len(load.latencies) / load.seconds:.0f}{errors}")
+
+
+def _load_latency(column: Column) -> Cell | None:
+    load = column.throughput
+    return Cell(_p(load.latencies)) if load and load.latencies else None
+
+
+def _load_cpu(column: Column) -> Cell | None:
+    load = column.throughput
+    if not load or not load.seconds:
+        return None
+    shares = (load.service_cpu, load.kernels_cpu, load.bench_cpu)
+    return Cell(" / ".join(f"{100 * s / load.seconds:.0f}%" for s in shares))
+
+
+def _scale_live(column: Column) -> Cell | None:
+    scale = column.scale
+    if not scale:
+        return None
+    why = f" (stopped: {scale.stopped_because})" if scale.stopped_because else ""
+    text = f"{scale.live}/{scale.asked} in {scale.create_seconds:.0f} s{why}; "
+    text += f"{len(scale.errors)} errors"
+    return Cell(text, scale.live == scale.asked and not scale.errors)
+
+
+def _scale_trips(column: Column) -> Cell | None:
+    scale = column.scale
+    if not scale or not scale.trips or not scale.at_peak:
+        return None
+    pss = scale.at_peak.pss / max(1, scale.live) / MIB
+    return Cell(f"{_p(scale.trips)}; {pss:.0f} MiB PSS each; service {scale.service_uss / MIB:.0f}")
+
+
+def _scale_end(column: Column) -> Cell | None:
+    scale = column.scale
+    if not scale:
+        return None
+    text = (
+        f"{scale.left} left, deleted in {scale.delete_seconds:.0f} s; swap "
+        f"{scale.swapped // MIB} MiB; available ≥ {scale.min_available / _GIB:.1f} GiB"
+    )
+    return Cell(text, scale.left == 0 and scale.swapped == 0)
+
+
+def _calibration(column: Column) -> Cell | None:
+    if not column.calibration:
+        return None
+    first, last = column.calibration[0], column.calibration[-1]
+    return Cell(f"{ms(first)} → {ms(last)} ({100 * (last / first - 1):+.0f}%)")
+
+
+def _floor_blocks(column: Column) -> Cell | None:
+    if len(column.floor) < 50:
+        return None
+    medians = block_medians(column.floor, 5)
+    spread = 100 * (max(medians) / min(medians) - 1)
+    return Cell(f"{ms(min(medians))}–{ms(max(medians))} ({spread:.0f}%)")
+
+
+# --- the peers' cells
+
+
+def _peer_warm(peer: PeerResult, _: Column | None) -> Cell | None:
+    return Cell(_p(peer.warm)) if peer.warm else None
+
+
+def _peer_ratio(peer: PeerResult, floor: Column | None) -> Cell | None:
+    if not (peer.warm and floor and floor.floor):
+        return None
+    return Cell(f"{Summary.of(peer.warm).p50 / Summary.of(floor.floor).p50:.0f} (p50)")
+
+
+def _peer_cell(name: str) -> Callable[[PeerResult, Column | None], Cell | None]:
+    def cell(peer: PeerResult, _: Column | None) -> Cell | None:
+        samples = getattr(peer, name)
+        return Cell(ms(statistics.median(samples))) if samples else None
+
+    return cell
+
+
+def _peer_new(peer: PeerResult, _: Column | None) -> Cell | None:
+    return Cell(_p(peer.new)) if peer.new else None
+
+
+def _peer_timeout(peer: PeerResult, _: Column | None) -> Cell | None:
+    if not peer.timeout_limit:
+        return None
+    runs_on = {True: ", the code runs on", False: ", stopped", None: ""}[peer.still_running]
+    if peer.timeout_seconds is None:
+        return Cell(f"no answer in {peer.timeout_limit:.0f} s{runs_on}", False)
+    seconds = peer.timeout_seconds
+    return Cell(f"{seconds:.2f} s{runs_on}", seconds <= TIMEOUT + 1 and not peer.still_running)
+
+
+def _peer_memory(kind: str) -> Callable[[PeerResult, Column | None], Cell | None]:
+    def cell(peer: PeerResult, _: Column | None) -> Cell | None:
+        return Cell(f"{getattr(peer.idle, kind) / MIB:.1f}") if peer.idle else None
+
+    return cell
+
+
+TIMEOUT = 2.0  # seconds, the limit asked with the uninterruptible cell
+
+# Headings are formatted with the run's sizes; a row shows only when something filled it.
+ROWS: list[Row | str] = [
+    "**Warm round trips** (ms, p50 / p99)",
+    Row("`1+1`, bare jupyter_client: the floor", _floor),
+    Row("`1+1`, POST /execute, bare HTTP client (peers: their call)", _raw, _peer_warm),
+    Row("… ÷ floor (peers: p50 ÷ the plain floor)", _ratio, _peer_ratio, "≤ 1.25 / ≤ 2",
+        "warm `1+1` over HTTP ÷ floor: p50 ≤ 1.25, p99 ≤ 2"),
+    Row("`1+1`, POST /execute, httpx client (p50 ÷ floor)", _httpx),
+    Row("`1+1`, inside the service: `duration_ms` (p50 ÷ floor)", _inside),
+    Row("plot, p50: floor → HTTP (×)", _cell("plot"), _peer_cell("plot")),
+    Row("pandas `df.describe()`, p50: floor → HTTP (×)", _cell("pandas"), _peer_cell("pandas")),
+    "**New session + first `1+1`**: POST /execute without session_id (ms, p50 / p99)",
+    Row("warm pool has kernels", _pooled, target="p50 ≤ 30",
+        goal="new session with the pool: p50 ≤ 30 ms"),
+    Row("no warm kernel: pool size 0 (peers: a new tool)", _unpooled, _peer_new,
+        "p50 ≤ 200 (fork-server)", "new session, pool empty, fork-server: p50 ≤ 200 ms"),
+    "**Timeout**",
+    Row(f"`sum(range(10**10))`, timeout {TIMEOUT:g} s: answer after (worst)", _timeout,
+        _peer_timeout, f"≤ {TIMEOUT + 1:g} s",
+        f"uninterruptible code, timeout {TIMEOUT:g} s: answer within {TIMEOUT + 1:g} s"),
+    "**Memory per idle session** ({memory_sessions} sessions; numpy, pandas, matplotlib "
+    "loaded; MiB)",
+    Row("PSS: all the service's child processes ÷ sessions", _pss, _peer_memory("pss"),
+        "≤ 45", "idle session PSS ≤ 45 MiB"),
+    Row("USS: the same", _uss, _peer_memory("uss")),
+    "**Throughput** ({clients} clients on {clients} sessions, `1+1` back to back, "
+    "{duration:g} s)",
+    Row("executions/s", _execs),
+    Row("latency, ms p50 / p99", _load_latency),
+    Row("CPU: service process / kernels / clients (% of one core)", _load_cpu),
+    "**Scale** (up to {sessions} idle sessions at once)",
+    Row("sessions live / asked", _scale_live, target="all, no errors",
+        goal="{sessions} idle sessions, no errors"),
+    Row("`1+1` in each, ms p50 / p99; PSS per session; service USS (MiB)", _scale_trips),
+    Row("after deleting all: processes left; swap; available memory", _scale_end,
+        target="0 left, no swap", goal="after deleting all: no process left, no swap"),
+    "**Noise**",
+    Row("CPU calibration loop, ms: start → end of the column", _calibration),
+    Row("floor `1+1` p50 over 5 consecutive blocks, ms", _floor_blocks),
+]  # fmt: skip
+
+
+def table(
+    columns: list[Column], peers: list[PeerResult], sizes: dict[str, Any]
+) -> tuple[list[str], list[str]]:
+    """The markdown lines, and one line per target saying where it passed and failed."""
+    heads = [c.name for c in columns] + [PEERS[p.name] for p in peers]
+    lines = [
+        "| figure | " + " | ".join(heads) + " | target |",
+        "|---|" + "---|" * len(heads) + "---|",
+    ]
+    plain = next((c for c in columns if c.name == "plain"), columns[0] if columns else None)
+    verdicts: dict[str, list[tuple[str, bool]]] = {}
+    heading = ""
+    for row in ROWS:
+        if isinstance(row, str):
+            heading = f"| {row.format(**sizes)} |" + " |" * (len(heads) + 1)
+            continue
+        cells = [row.ours(c) for c in columns] + [row.peer(p, plain) for p in peers]
+        if all(cell is None for cell in cells):
+            continue
+        if heading:  # a section's heading only above figures of it
+            lines.append(heading)
+            heading = ""
+        for head, cell in zip(heads, cells, strict=True):
+            if cell is not None and cell.verdict is not None:
+                goal = (row.goal or f"{row.label}: {row.target}").format(**sizes)
+                verdicts.setdefault(goal, []).append((head, cell.verdict))
+        rendered = [cell.render() if cell else "–" for cell in cells]
+        lines.append(f"| {row.label} | " + " | ".join(rendered) + f" | {row.target} |")
+    summary = []
+    for target, marks in verdicts.items():
+        passed = [head for head, ok in marks if ok]
+        failed = [head for head, ok in marks if not ok]
+        summary.append(
+            f"- {target} — {PASS} {', '.join(passed) or 'none'}"
+            + (f"; {FAIL} {', '.join(failed)}" if failed else "")
+        )
+    return lines, summary
+
+
+METHOD = """\
+How each figure is measured (bench/):
+- Columns are launcher configurations, each only Settings overrides (`LAUNCHERS` in run.py):
+  plain (`sandbox=none, fork_server=false`), bubblewrap (`fork_server=false`), fork-server
+  (the service's defaults: bubblewrap and the fork-server). The service runs as
+  `kernel-service serve` in a process of its own, on a free loopback port, settings from
+  KERNEL_SERVICE_* (its default log level, info, included).
+- Floor: a kernel started by the service's own Runtime and launcher (same sandbox, preloads
+  and kernel options), driven by a bare jupyter_client AsyncKernelClient in the benchmark's
+  process: `execute_request` until the execute_reply and iopub idle. Warm round trips
+  interleave floor, bare HTTP client and httpx call by call (order rotating), after 30 of
+  each to warm up. The bare HTTP client is a keep-alive HTTP/1.1 connection written and
+  parsed by hand, the counterpart of the bare jupyter_client: the target is judged on it.
+  httpx shows what a Python httpx caller sees (the difference is the client's own CPU).
+  `duration_ms` is the service's own time for the execution, HTTP excluded.
+- New session: POST /execute without session_id, until its answer (the session is deleted
+  afterwards, untimed); with the pool, each one after /healthz shows the pool full again.
+  "inside" is the first execution's `duration_ms`.
+- Timeout: `sum(range(10**10))` with `timeout: 2`, worst of 2; then the next `1+1` in the
+  same session (a new kernel).
+- Memory: N sessions made, one `1+1` each, 2 s idle; PSS and USS (psutil
+  memory_full_info) summed over every process the service started (bwrap, init, kernel; a
+  fork-server's zygote and helpers included, so the zygote is counted once and shared
+  across the sessions), divided by N. PSS splits shared pages among their users, so the
+  sum counts nothing twice. Peers: their one kernel process after the warm calls.
+- Throughput: a client per session, each on its own bare HTTP connection, `1+1` back to back
+  for the duration; CPU is user+system time of the service process, of all its child
+  processes, and of the benchmark (the clients), over wall time.
+- Scale: sessions made two at a time until the count, the time limit, or until available
+  memory would fall under the floor (3 GiB); then `1+1` in each; then all deleted, and the
+  service's child processes counted against those before the first session.
+- Peers: qwen-agent 0.0.31 (CodeInterpreter) and lagent 0.2.4 (IPythonInterpreter) from
+  PyPI in bench/.venv-peers, driven by bench/peer_worker.py in a process of their own; a new
+  session is a new tool instance (Lagent: its per-process kernel shut first). Their kernels
+  are unsandboxed, so their ratio is to the plain floor.
+- Noise: a fixed pure-Python loop timed at each column's start and end, and the floor's
+  medians over 5 consecutive blocks of its samples.
+"""
