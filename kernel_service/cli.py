@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -94,13 +95,28 @@ def _serve_mcp(settings: Settings) -> None:
     from kernel_service.runtime import Runtime
 
     runtime = Runtime(settings)
+    signalled = False
+
+    def stopped() -> None:
+        if signalled:
+            # The SDK reads stdin in a thread that a signal cannot cancel: it would hold the
+            # process until stdin closes. Every kernel and work dir is gone by now.
+            logging.shutdown()
+            os._exit(0)
 
     async def until_signalled() -> None:
-        # SIGTERM, like SIGINT, unwinds the server, so every kernel and work dir is cleaned up
+        # SIGTERM and SIGINT unwind the server, so every kernel and work dir is cleaned up
         main = asyncio.current_task()
         assert main is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
-        await serve_stdio(runtime)
+
+        def stop() -> None:
+            nonlocal signalled
+            signalled = True
+            main.cancel()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(signum, stop)
+        await serve_stdio(runtime, on_stopped=stopped)
 
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
         asyncio.run(until_signalled())

@@ -20,7 +20,8 @@ sync client and `AsyncClient` with its async one.
 
 import asyncio
 import threading
-from collections.abc import Generator
+import time
+from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -31,8 +32,13 @@ from kernel_service.models import ExecutionResult, Health, SessionInfo, SessionL
 from kernel_service.tool import ToolFormat, ToolSpec
 
 T = TypeVar("T")
-# A protocol step: yields requests, is sent their responses, returns its value.
-_Flow = Generator[httpx.Request, httpx.Response, T]
+# A protocol step: yields requests and is sent their responses, or yields a number of
+# seconds to wait (and is sent an empty response); returns its value.
+_Flow = Generator[httpx.Request | float, httpx.Response, T]
+_WAITED = httpx.Response(204)
+# How long a chosen id that another call is making (409) is waited for.
+_MAKING_TIMEOUT = 120.0
+_MAKING_POLL = 0.05
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # Executions can legitimately take as long as the server's time limit: the server enforces
@@ -110,15 +116,14 @@ class _SessionState:
         self.used = False
 
     def execute(self, code: str, timeout: float | None) -> _Flow[ExecutionResult]:
+        if self.id is None:  # made first, so that interrupt() can reach this execution
+            yield from self._create(None)
         body = {"code": code, "session_id": self.id, "timeout": timeout}
         response = yield self._execute_request(body)
         if not _is_session_gone(response):
             return self._ran(_parse(ExecutionResult, response))
         old_id = self.id
-        if self.chosen_id is not None:
-            yield from self._create(self.chosen_id)
-        else:
-            self.id = None
+        yield from self._create(self.chosen_id)
         body["session_id"] = self.id
         result: ExecutionResult = _parse(ExecutionResult, (yield self._execute_request(body)))
         if self.used and old_id is not None:
@@ -162,16 +167,24 @@ class _SessionState:
         self.id = None
 
     def _create(self, session_id: str | None) -> _Flow[SessionInfo]:
-        response = yield self.protocol.request("POST", "/sessions", json={"session_id": session_id})
-        if response.status_code == 409 and session_id is not None:  # made by a racing call
-            self.id = session_id
-            info: SessionInfo = _parse(
-                SessionInfo, (yield self.protocol.request("GET", f"/sessions/{session_id}"))
+        """Make the session (with the chosen id, if any). When another call is making or
+        ending a session of that id (409), wait until it is there, or gone and made anew."""
+        waited = 0.0
+        while True:
+            response = yield self.protocol.request(
+                "POST", "/sessions", json={"session_id": session_id}
             )
-            return info
-        info = _parse(SessionInfo, response)
-        self.id = info.session_id
-        return info
+            if response.status_code != 409 or session_id is None:
+                info: SessionInfo = _parse(SessionInfo, response)
+                self.id = info.session_id
+                return info
+            existing = yield self.protocol.request("GET", f"/sessions/{session_id}")
+            if existing.status_code != 404 or waited > _MAKING_TIMEOUT:
+                info = _parse(SessionInfo, existing)
+                self.id = session_id
+                return info
+            yield _MAKING_POLL  # still being made (or ended) by another call
+            waited += _MAKING_POLL
 
     def _execute_request(self, body: dict[str, Any]) -> httpx.Request:
         return self.protocol.request("POST", "/execute", json=body, timeout=_EXECUTE_TIMEOUT)
@@ -180,6 +193,25 @@ class _SessionState:
         self.id = result.session_id
         self.used = True
         return result
+
+
+def _transport(send: Callable[[httpx.Request], httpx.Response], request: httpx.Request
+               ) -> httpx.Response:  # fmt: skip
+    try:
+        return send(request)
+    except httpx.TransportError as exc:
+        raise _unreachable(request, exc) from exc
+
+
+def _unreachable(request: httpx.Request, exc: httpx.TransportError) -> KernelServiceError:
+    """A failure to reach the service, as a service error (status 0)."""
+    return KernelServiceError(
+        0,
+        "service_unreachable",
+        f"kernel-service at {request.url.scheme}://{request.url.netloc.decode()} could not be "
+        f"reached or did not answer ({type(exc).__name__}: {exc}). If it was restarted, "
+        "sessions may have been lost.",
+    )
 
 
 def _is_session_gone(response: httpx.Response) -> bool:
@@ -268,9 +300,13 @@ class Client:
 
     def _run(self, flow: _Flow[T]) -> T:
         try:
-            request = next(flow)
+            step = next(flow)
             while True:
-                request = flow.send(self._http.send(request))
+                if isinstance(step, float):
+                    time.sleep(step)
+                    step = flow.send(_WAITED)
+                else:
+                    step = flow.send(_transport(self._http.send, step))
         except StopIteration as done:
             value: T = done.value
             return value
@@ -376,9 +412,17 @@ class AsyncClient:
 
     async def _run(self, flow: _Flow[T]) -> T:
         try:
-            request = next(flow)
+            step = next(flow)
             while True:
-                request = flow.send(await self._http.send(request))
+                if isinstance(step, float):
+                    await asyncio.sleep(step)
+                    step = flow.send(_WAITED)
+                else:
+                    try:
+                        response = await self._http.send(step)
+                    except httpx.TransportError as exc:
+                        raise _unreachable(step, exc) from exc
+                    step = flow.send(response)
         except StopIteration as done:
             value: T = done.value
             return value

@@ -12,7 +12,7 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +41,7 @@ from starlette.types import ASGIApp
 from kernel_service import __version__
 from kernel_service.config import Settings
 from kernel_service.errors import CodeTooLarge, ServiceError, SessionNotFound
-from kernel_service.models import ExecuteRequest, ExecutionResult
+from kernel_service.models import RASTER_IMAGE_MIMES, ExecuteRequest, ExecutionResult
 from kernel_service.runtime import Runtime
 from kernel_service.sessions import Session, SessionRegistry
 from kernel_service.tool import TOOL_NAME, tool_description, tool_parameters
@@ -102,7 +102,9 @@ class McpServer:
         ttl = self._settings.session_ttl
         self._manager = StreamableHTTPSessionManager(
             app=self.server,
-            security_settings=_loopback_only(host),
+            # DNS rebinding threatens a service that trusts whoever reaches it: one with
+            # API keys does not, and may sit behind a proxy that sends its own Host
+            security_settings=None if self._settings.api_keys() else _loopback_only(host),
             # a silent MCP session ends when its kernel session would be culled
             session_idle_timeout=ttl if ttl > 0 else None,
         )
@@ -239,18 +241,24 @@ class McpServer:
             await asyncio.wait([ticker])
 
 
-async def serve_stdio(runtime: Runtime) -> None:
+async def serve_stdio(runtime: Runtime, on_stopped: Callable[[], None] | None = None) -> None:
     """`kernel-service mcp`: one client over stdin and stdout, kernels in this process; when
-    the client goes, its kernel session and every other end."""
+    the client goes, its kernel session and every other end. `on_stopped` is called once
+    every kernel has ended (before the stdin reader is let go of)."""
     mcp = McpServer(runtime.settings, runtime.registry, stdio=True)
     # stdout carries the protocol from the start: what starting kernels print goes to stderr
-    async with stdio_server() as (read_stream, write_stream), runtime.running():
+    async with stdio_server() as (read_stream, write_stream):
         try:
-            await mcp.server.run(
-                read_stream, write_stream, mcp.server.create_initialization_options()
-            )
+            async with runtime.running():
+                try:
+                    await mcp.server.run(
+                        read_stream, write_stream, mcp.server.create_initialization_options()
+                    )
+                finally:
+                    await mcp.aclose()
         finally:
-            await mcp.aclose()
+            if on_stopped is not None:
+                on_stopped()
 
 
 async def _report_progress(ctx: Context) -> None:
@@ -293,8 +301,12 @@ def _tool(settings: Settings) -> Tool:
 def _tool_result(result: ExecutionResult, notice: str | None) -> CallToolResult:
     content: list[ContentBlock] = [TextContent(type="text", text=notice)] if notice else []
     content.append(TextContent(type="text", text=result.text))
+    # raster images only: clients pass them to models, which take no SVG (a Claude
+    # conversation fails on one); an SVG stays a reference in the text
     content += [
-        ImageContent(type="image", data=image.data, mime_type=image.mime) for image in result.images
+        ImageContent(type="image", data=image.data, mime_type=image.mime)
+        for image in result.images
+        if image.mime in RASTER_IMAGE_MIMES
     ]
     return CallToolResult(
         content=content,

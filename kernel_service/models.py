@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validat
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 IMAGE_URL_TEMPLATE = "/sessions/{session_id}/images/{image_id}"
-IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif", "image/webp", "image/svg+xml")
+RASTER_IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+IMAGE_MIMES = (*RASTER_IMAGE_MIMES, "image/svg+xml")
 
 
 # ---------------------------------------------------------------- outputs

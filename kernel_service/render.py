@@ -4,8 +4,8 @@ last lines, image references, the service's notice; long text cut in the middle.
 from collections.abc import Iterator, Sequence
 
 from kernel_service.collector import cut_middle, strip_ansi
+from kernel_service.images import image_payload
 from kernel_service.models import (
-    IMAGE_MIMES,
     DisplayDataOutput,
     ErrorOutput,
     ExecuteResultOutput,
@@ -47,7 +47,7 @@ def render_text(
 def _render_display(
     output: ExecuteResultOutput | DisplayDataOutput, pending_images: Iterator[Image]
 ) -> str:
-    if any(mime in output.data for mime in IMAGE_MIMES):
+    if image_payload(output) is not None:
         image = next(pending_images, None)
         if image is not None:
             size = f" {image.width}x{image.height}" if image.width and image.height else ""

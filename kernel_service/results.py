@@ -1,17 +1,11 @@
 """Turns how a kernel run ended (RunOutcome) into the ExecutionResult callers receive:
 status, error, the service's notice in plain words, images and the LLM text."""
 
-import base64
-import binascii
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from kernel_service.kernel import RunOutcome
 from kernel_service.models import (
-    IMAGE_MIMES,
-    DisplayDataOutput,
     ErrorOutput,
-    ExecuteResultOutput,
     ExecutionError,
     ExecutionResult,
     Image,
@@ -24,47 +18,6 @@ STATE_LOST = (
     "The kernel was restarted: all variables, imports and definitions from earlier calls "
     "are lost; re-run the code they depend on."
 )
-
-
-@dataclass(frozen=True)
-class ImagePayload:
-    """An image found in an output, before it is stored and given a URL."""
-
-    mime: str
-    data: str
-
-
-def image_payloads(outputs: Sequence[Output]) -> list[ImagePayload]:
-    """One image per output that carries any, the first of IMAGE_MIMES it has."""
-    found: list[ImagePayload] = []
-    for output in outputs:
-        if isinstance(output, DisplayDataOutput | ExecuteResultOutput):
-            for mime in IMAGE_MIMES:
-                value = output.data.get(mime)
-                if not isinstance(value, str):
-                    continue
-                if mime == "image/svg+xml":
-                    data = base64.b64encode(value.encode(errors="replace")).decode()
-                else:
-                    data = value.replace("\n", "")
-                    try:
-                        base64.b64decode(data, validate=True)
-                    except (binascii.Error, ValueError):
-                        continue  # not an image after all; it stays in `outputs` as sent
-                found.append(ImagePayload(mime, data))
-                break
-    return found
-
-
-def png_size(data: str) -> tuple[int, int] | None:
-    """Width and height from a base64 PNG's IHDR chunk, without decoding the whole image."""
-    try:
-        head = base64.b64decode(data[:32])
-    except (binascii.Error, ValueError):
-        return None
-    if len(head) < 24 or not head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return None
-    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
 def build_result(

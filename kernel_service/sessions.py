@@ -24,6 +24,7 @@ from kernel_service.errors import (
     SessionNotFound,
     TooManySessions,
 )
+from kernel_service.images import image_payloads, png_size
 from kernel_service.kernel import Kernel, KernelStartError
 from kernel_service.kernel.kernel import describe_exit
 from kernel_service.models import (
@@ -35,7 +36,7 @@ from kernel_service.models import (
     SessionStatus,
 )
 from kernel_service.pool import KernelFactory, KernelPool
-from kernel_service.results import STATE_LOST, build_result, image_payloads, png_size
+from kernel_service.results import STATE_LOST, build_result
 from kernel_service.workspaces import WorkspaceError, Workspaces
 
 log = logging.getLogger(__name__)

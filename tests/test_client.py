@@ -4,6 +4,7 @@ import asyncio
 import base64
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,41 @@ def test_images_errors_and_timeouts_are_typed_results(server: Server) -> None:
         slow = session.execute("import time\ntime.sleep(30)", timeout=0.5)
         assert slow.status == "timeout"
         assert session.execute("print('still here')").stdout == "still here\n"
+
+
+def test_the_first_execution_can_be_interrupted(server: Server) -> None:
+    with Client(server.base_url) as client, client.session() as session:
+        results = []
+        runner = threading.Thread(
+            target=lambda: results.append(session.execute("import time\ntime.sleep(60)"))
+        )
+        runner.start()
+        assert wait_for(lambda: session.id is not None, timeout=30)
+        server.wait_busy(str(session.id))
+        assert session.interrupt() is True
+        runner.join(timeout=30)
+        [interrupted] = results
+        assert interrupted.error is not None
+        assert interrupted.error.ename == "KeyboardInterrupt"
+
+
+def test_handles_racing_to_make_one_chosen_id_share_it(server: Server) -> None:
+    with Client(server.base_url) as client:
+        handles = [client.session("raced") for _ in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda h: h[1].execute(f"n = {h[0]}\nn"), enumerate(handles)))
+        assert [r.status for r in results] == ["ok"] * 4
+        assert {r.session_id for r in results} == {"raced"}
+        assert [r.state_lost for r in results] == [False] * 4
+        handles[0].close()
+
+
+def test_an_unreachable_service_is_a_service_error() -> None:
+    with Client("http://127.0.0.1:1") as client, pytest.raises(KernelServiceError) as raised:
+        client.session().execute("1")
+    assert raised.value.status == 0
+    assert raised.value.code == "service_unreachable"
+    assert "127.0.0.1:1 could not be reached" in raised.value.message
 
 
 def test_interrupt_from_another_thread_and_restart(server: Server) -> None:

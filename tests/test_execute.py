@@ -348,3 +348,18 @@ def test_a_session_whose_work_dir_was_removed_recovers(server: Server, session: 
     after = server.execute("open('probe.txt', 'w').write('written')", session)
     assert after["status"] == "ok", after["text"]
     assert after["result"] == "7"
+
+
+def test_an_output_with_invalid_image_data_does_not_take_a_real_images_place(
+    server: Server, session: str
+) -> None:
+    result = server.execute(
+        "from IPython.display import display\n"
+        "display({'image/png': 'not an image!!', 'text/plain': 'fake'}, raw=True)\n"
+        "import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.show()",
+        session,
+    )
+    [image] = result["images"]
+    fake, real = result["text"].splitlines()
+    assert fake == "fake"
+    assert real == f"[image: image/png {image['width']}x{image['height']}, {image['url']}]"

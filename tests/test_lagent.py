@@ -8,14 +8,13 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from lagent.actions import ActionExecutor
 from lagent.agents import Internlm2Agent, Internlm2Protocol, ReAct
 from lagent.llms import GPTAPI
 from lagent.schema import ActionReturn, ActionStatusCode
 
-from kernel_service.client import Client
+from kernel_service.client import Client, KernelServiceError
 from kernel_service.integrations.lagent import KernelServiceInterpreter, lagent_description
 from tests.conftest import Server, running_server
 from tests.scripted_llm import ScriptedModel, serving
@@ -273,9 +272,10 @@ def test_service_refusals_and_outages_are_http_errors(tmp_path: Path) -> None:
     closed.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{closed.getsockname()[1]}"
     with closed:
-        with pytest.raises(httpx.ConnectError):  # the description is asked of the service
+        with pytest.raises(KernelServiceError):  # the description is asked of the service
             KernelServiceInterpreter(url)
         with KernelServiceInterpreter(url, description=action.description) as offline:
             down = offline({"code": "1"})
             assert down.state == ActionStatusCode.HTTP_ERROR
-            assert down.errmsg.startswith("kernel-service could not be reached")
+            assert down.errmsg.startswith("kernel-service at http://127.0.0.1:")
+            assert "could not be reached" in down.errmsg

@@ -62,3 +62,19 @@ def test_each_tool_has_its_own_session_and_close_ends_it(server: Server) -> None
     second.close()
     assert server.client.get(f"/sessions/{first.session_id}").status_code == 404
     assert server.client.get(f"/sessions/{second.session_id}").status_code == 404
+
+
+def test_async_calls_work_from_one_event_loop_after_another(server: Server) -> None:
+    tool = KernelServiceTool.from_service(server.base_url)
+    assert asyncio.run(tool.ainvoke({"code": "x = 1\nprint(x)"})) == "1"
+    assert asyncio.run(tool.ainvoke({"code": "print(x + 1)"})) == "2"
+    tool.close()
+    assert server.client.get(f"/sessions/{tool.session_id}").status_code == 404
+
+
+def test_arguments_that_do_not_fit_are_answered_to_the_model(server: Server) -> None:
+    tool = KernelServiceTool.from_service(server.base_url)
+    answer = tool.invoke({"source": "1"})
+    assert "code" in answer
+    assert "Field required" in answer or "field required" in answer.lower()
+    tool.close()

@@ -3,6 +3,9 @@ HTTP) and as `kernel-service mcp` over stdio, with real kernels."""
 
 import asyncio
 import base64
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -131,6 +134,17 @@ def test_lists_the_tool_keeps_state_and_returns_images(connect: Connect) -> None
             assert image.mime_type == "image/png"
             assert base64.b64decode(image.data).startswith(b"\x89PNG\r\n\x1a\n")
             assert "[image: image/png" in text(plot)
+
+            # an SVG is no image block (models behind MCP clients refuse SVG), only text
+            svg = await client.call_tool(
+                TOOL_NAME,
+                {
+                    "code": "from IPython.display import SVG\n"
+                    'SVG(\'<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>\')'
+                },
+            )
+            assert [c for c in svg.content if isinstance(c, ImageContent)] == []
+            assert "[image: image/svg+xml" in text(svg)
 
     asyncio.run(scenario())
 
@@ -312,6 +326,9 @@ def test_api_keys_guard_mcp_and_own_its_sessions(tmp_path: Path) -> None:
             refused = server.client.post("/mcp", json=initialize, headers={**accept, **headers})
             assert refused.status_code == 401
             assert refused.json()["code"] == "unauthorized"
+        # behind a proxy that sends its own Host, the key is the guard
+        proxied = {**accept, "Authorization": f"Bearer {KEY_A}", "Host": "kernels.example.com"}
+        assert server.client.post("/mcp", json=initialize, headers=proxied).status_code == 200
 
         def listed(key: str) -> list[str]:
             response = server.client.get("/sessions", headers={"Authorization": f"Bearer {key}"})
@@ -345,3 +362,72 @@ def test_without_a_sandbox_mcp_refuses_to_start(tmp_path: Path) -> None:
     assert refused.returncode != 0
     assert "refusing to start: the sandbox is not available" in refused.stderr
     assert refused.stdout == ""
+
+
+def test_without_keys_on_loopback_mcp_refuses_other_hosts(tmp_path: Path) -> None:
+    with running_server(tmp_path) as server:
+        initialize = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": HANDSHAKE_PROTOCOL_VERSIONS[-1],
+                "capabilities": {},
+                "clientInfo": {"name": "test", "version": "0"},
+            },
+        }
+        headers = {"Accept": "application/json, text/event-stream"}
+        rebound = server.client.post(
+            "/mcp", json=initialize, headers={**headers, "Host": "attacker.example"}
+        )
+        assert rebound.status_code == 421
+        assert server.client.post("/mcp", json=initialize, headers=headers).status_code == 200
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stdio_server_ends_on_a_signal_with_stdin_still_open(tmp_path: Path, signum: int) -> None:
+    before = descendants()
+    env = {**os.environ, **stdio_env(tmp_path)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "kernel_service", "mcp"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert server.stdin is not None and server.stdout is not None
+    try:
+        messages = [
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": HANDSHAKE_PROTOCOL_VERSIONS[-1],
+                    "capabilities": {},
+                    "clientInfo": {"name": "test", "version": "0"},
+                },
+            },
+            {"jsonrpc": "2.0", "method": "notifications/initialized"},
+            {
+                "jsonrpc": "2.0",
+                "id": 2,
+                "method": "tools/call",
+                "params": {"name": TOOL_NAME, "arguments": {"code": "print('up')"}},
+            },
+        ]
+        for message in messages:
+            server.stdin.write(json.dumps(message).encode() + b"\n")
+        server.stdin.flush()
+        answers = [json.loads(server.stdout.readline()) for _ in range(2)]
+        assert answers[1]["result"]["content"][0]["text"] == "up"
+        assert kernel_processes(tmp_path / "connection")
+
+        server.send_signal(signum)  # stdin stays open
+        assert server.wait(timeout=30) == 0
+    finally:
+        server.kill()
+        server.wait()
+    assert kernel_processes(tmp_path / "connection") == []
+    assert list((tmp_path / "connection").iterdir()) == []
+    assert wait_for(lambda: not descendants() - before)

@@ -94,19 +94,25 @@ def test_openai_sdk_loop_keeps_state_across_turns_and_returns_the_plot(server: S
         assert "persist" in tools[0]["function"]["description"]
 
 
-def test_vision_mode_sends_plots_as_data_urls(server: Server) -> None:
+def test_vision_mode_shows_plots_in_a_user_message(server: Server) -> None:
     with Client(server.base_url) as service, service.session() as session:
         session.execute("x = 5")
-        call = {
-            "id": "c1",
-            "function": {"name": "code_interpreter", "arguments": json.dumps({"code": PLOT})},
-        }
-        message = run_tool_call(call, session, vision=True)
-        text, image = message["content"]
-        assert message["role"] == "tool"
-        assert message["tool_call_id"] == "c1"
+        calls = [
+            {
+                "id": "c1",
+                "function": {"name": "code_interpreter", "arguments": json.dumps({"code": PLOT})},
+            },
+            {"id": "c2", "function": {"name": "code_interpreter", "arguments": '{"code": "x"}'}},
+        ]
+        tool_1, tool_2, images = run_tool_calls(calls, session, vision=True)
+        # tool messages carry text only (the OpenAI API takes images in user messages)
+        assert tool_1["role"] == "tool"
+        assert tool_1["tool_call_id"] == "c1"
+        assert "[image: image/png" in tool_1["content"]
+        assert tool_2["content"] == "Out[3]: 5"
+        assert images["role"] == "user"
+        text, image = images["content"]
         assert text["type"] == "text"
-        assert "[image: image/png" in text["text"]
         assert image["type"] == "image_url"
         prefix = "data:image/png;base64,"
         assert image["image_url"]["url"].startswith(prefix)
@@ -114,9 +120,16 @@ def test_vision_mode_sends_plots_as_data_urls(server: Server) -> None:
             base64.b64decode(image["image_url"]["url"][len(prefix) :])[:8] == b"\x89PNG\r\n\x1a\n"
         )
         # without vision: text only, and the URL is absolute and serves the PNG
-        plain = run_tool_call(call, session)
+        [plain] = run_tool_calls(calls[:1], session)
         [url] = re.findall(r"(http://\S+\.png)", plain["content"])
         assert httpx.get(url).content[:4] == b"\x89PNG"
+        # an SVG is not shown to a vision model
+        svg = "from IPython.display import SVG, display\ndisplay(SVG('<svg xmlns=\"http://www.w3.org/2000/svg\"/>'))"
+        call = {
+            "id": "c3",
+            "function": {"name": "code_interpreter", "arguments": json.dumps({"code": svg})},
+        }
+        assert len(run_tool_calls([call], session, vision=True)) == 1
 
 
 def test_bad_tool_calls_are_answered_for_the_model(server: Server) -> None:

@@ -32,7 +32,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import httpx
 from lagent.actions.base_action import BaseAction, tool_api
 from lagent.actions.parser import JsonParser, ParseError
 from lagent.schema import ActionReturn, ActionStatusCode
@@ -149,11 +148,9 @@ class KernelServiceInterpreter(BaseAction):  # type: ignore[misc]
         try:
             result = self._session.execute(code, self.timeout)
         except KernelServiceError as exc:
+            if exc.code == "service_unreachable":
+                return self._failed(code, f"{exc.message} The code did not run.")
             return self._failed(code, f"kernel-service refused the call: {exc}")
-        except httpx.HTTPError as exc:
-            return self._failed(
-                code, f"kernel-service could not be reached ({exc}); the code did not run."
-            )
         return self.action_return(code, result)
 
     def action_return(self, code: str, result: ExecutionResult) -> ActionReturn:

@@ -14,10 +14,13 @@ reads (printed text, value, error, image URLs); its artifact is the whole
 """
 
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
+import httpx
 from langchain_core.tools import BaseTool
-from pydantic import BaseModel, Field, PrivateAttr, SecretStr
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr, ValidationError
+from pydantic.v1 import ValidationError as ValidationErrorV1
 
 from kernel_service.client import AsyncClient, AsyncSession, Client, Session
 from kernel_service.integrations.common import text_with_urls
@@ -29,6 +32,14 @@ class CodeInput(BaseModel):
     code: str = Field(description="The Python code to run. Its last expression's value is shown.")
 
 
+def _explain_bad_arguments(error: ValidationError | ValidationErrorV1) -> str:
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in e['loc']) or 'arguments'}: {e['msg']}"
+        for e in error.errors()
+    )
+    return f'Invalid arguments ({problems}). Call the tool with {{"code": "<python source>"}}.'
+
+
 class KernelServiceTool(BaseTool):
     """Runs Python in one persistent, sandboxed kernel session of a kernel-service."""
 
@@ -36,6 +47,10 @@ class KernelServiceTool(BaseTool):
     description: str = "Run Python code in a persistent IPython kernel."
     args_schema: type[BaseModel] = CodeInput
     response_format: Literal["content", "content_and_artifact"] = "content_and_artifact"
+    # arguments that do not fit the schema are answered to the model, not raised
+    handle_validation_error: Callable[[ValidationError | ValidationErrorV1], str] = (
+        _explain_bad_arguments
+    )
 
     base_url: str = "http://127.0.0.1:8000"
     api_key: SecretStr | None = None
@@ -75,10 +90,10 @@ class KernelServiceTool(BaseTool):
 
     def close(self) -> None:
         """End the kernel session and the connections."""
-        session = self._session or Client(self.base_url, self._key()).session(self.session_id)
+        session = self._sync_session()
         session.close()
         session.client.close()
-        self._session = None
+        self._session = self._async_session = None  # the async client keeps no connection
 
     async def aclose(self) -> None:
         session = self._asession()
@@ -95,9 +110,11 @@ class KernelServiceTool(BaseTool):
         return self._session
 
     def _asession(self) -> AsyncSession:
-        # made on first async use, so its connections belong to the running event loop
         if self._async_session is None:
-            client = AsyncClient(self.base_url, self._key())
+            # No connection is kept between calls: a pooled one would belong to the event
+            # loop that made it, and each `asyncio.run` has another.
+            http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0))
+            client = AsyncClient(self.base_url, self._key(), http=http)
             self._async_session = client.session(self.session_id)
         return self._async_session
 

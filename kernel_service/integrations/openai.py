@@ -11,11 +11,12 @@
         messages.append(run_tool_call(call, session))   # the role "tool" message
 
 `run_tool_call` answers with text: what was printed, the value, the error, and for each
-plot a note with its URL. With `vision=True` the plots are added as `image_url` parts with
-data URLs, for models that can look at images.
+plot a note with its URL. `run_tool_calls(..., vision=True)` also shows the plots to a
+vision model: the OpenAI API takes images only in user messages, so after the tool
+messages comes one user message with the plots as `image_url` parts (data URLs).
 """
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from kernel_service.client import AsyncClient, AsyncSession, Client, Session
@@ -25,7 +26,7 @@ from kernel_service.integrations.common import (
     data_url,
     text_with_urls,
 )
-from kernel_service.models import ExecutionResult
+from kernel_service.models import RASTER_IMAGE_MIMES, ExecutionResult, Image
 from kernel_service.tool import TOOL_NAME, openai_format
 
 
@@ -53,54 +54,77 @@ async def aopenai_tools(client: AsyncClient) -> list[dict[str, Any]]:
     return [openai_format(await client.tool_spec())]
 
 
-def run_tool_call(tool_call: ToolCall, session: Session, *, vision: bool = False) -> dict[str, Any]:
+def run_tool_call(tool_call: ToolCall, session: Session) -> dict[str, Any]:
     """Run one tool call in `session`; the `role: "tool"` message that answers it."""
-    call_id, name, arguments = _unpack(tool_call)
-    try:
-        code = _code(name, arguments)
-    except BadToolCall as exc:
-        return tool_message(call_id, str(exc))
-    return result_message(call_id, session.execute(code), session.client.url, vision=vision)
+    return _answer(tool_call, session)[0]
 
 
 def run_tool_calls(
     tool_calls: Iterable[ToolCall], session: Session, *, vision: bool = False
 ) -> list[dict[str, Any]]:
-    """Parallel tool calls of one reply, run in order (they share the session's state)."""
-    return [run_tool_call(call, session, vision=vision) for call in tool_calls]
+    """The messages answering one reply's tool calls, run in order (they share the session's
+    state): a tool message per call, and with `vision` a user message with their plots."""
+    answers = [_answer(call, session) for call in tool_calls]
+    return _with_images(answers, vision)
 
 
-async def arun_tool_call(
-    tool_call: ToolCall, session: AsyncSession, *, vision: bool = False
-) -> dict[str, Any]:
+async def arun_tool_call(tool_call: ToolCall, session: AsyncSession) -> dict[str, Any]:
     """The asyncio twin of `run_tool_call`."""
+    return (await _aanswer(tool_call, session))[0]
+
+
+async def arun_tool_calls(
+    tool_calls: Iterable[ToolCall], session: AsyncSession, *, vision: bool = False
+) -> list[dict[str, Any]]:
+    """The asyncio twin of `run_tool_calls`."""
+    answers = [await _aanswer(call, session) for call in tool_calls]
+    return _with_images(answers, vision)
+
+
+_Answer = tuple[dict[str, Any], ExecutionResult | None]
+
+
+def _answer(tool_call: ToolCall, session: Session) -> _Answer:
     call_id, name, arguments = _unpack(tool_call)
     try:
         code = _code(name, arguments)
     except BadToolCall as exc:
-        return tool_message(call_id, str(exc))
+        return tool_message(call_id, str(exc)), None
+    result = session.execute(code)
+    return tool_message(call_id, text_with_urls(result, session.client.url)), result
+
+
+async def _aanswer(tool_call: ToolCall, session: AsyncSession) -> _Answer:
+    call_id, name, arguments = _unpack(tool_call)
+    try:
+        code = _code(name, arguments)
+    except BadToolCall as exc:
+        return tool_message(call_id, str(exc)), None
     result = await session.execute(code)
-    return result_message(call_id, result, session.client.url, vision=vision)
+    return tool_message(call_id, text_with_urls(result, session.client.url)), result
 
 
-def result_message(
-    call_id: str,
-    result: ExecutionResult,
-    absolute: Callable[[str], str],
-    *,
-    vision: bool = False,
-) -> dict[str, Any]:
-    """The tool message for a result: text, plus image parts when `vision`."""
-    text = text_with_urls(result, absolute)
-    if not vision or not result.images:
-        return tool_message(call_id, text)
-    parts: list[dict[str, Any]] = [{"type": "text", "text": text}]
-    parts += [
+def _with_images(answers: list[_Answer], vision: bool) -> list[dict[str, Any]]:
+    messages = [message for message, _ in answers]
+    if vision:
+        images = [image for _, result in answers if result for image in result.images]
+        if (message := image_message(images)) is not None:
+            messages.append(message)
+    return messages
+
+
+def image_message(images: Iterable[Image]) -> dict[str, Any] | None:
+    """A user message showing plots to a vision model (tool messages may not carry images in
+    the OpenAI API), or None when there is no raster image to show."""
+    parts: list[dict[str, Any]] = [
         {"type": "image_url", "image_url": {"url": data_url(image.mime, image.data)}}
-        for image in result.images
-        if image.mime != "image/svg+xml"  # vision models take raster images
+        for image in images
+        if image.mime in RASTER_IMAGE_MIMES  # vision models take no SVG
     ]
-    return {"role": "tool", "tool_call_id": call_id, "content": parts}
+    if not parts:
+        return None
+    text = "The plots made by the code_interpreter calls above, in order:"
+    return {"role": "user", "content": [{"type": "text", "text": text}, *parts]}
 
 
 def tool_message(call_id: str, text: str) -> dict[str, Any]:

@@ -24,25 +24,23 @@ the application rather than the model.
 """
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, ClassVar, Self, TypeVar
 
-import httpx
 import json5
 from qwen_agent.tools.base import TOOL_REGISTRY, BaseTool, ToolServiceError
 from qwen_agent.tools.code_interpreter import CodeInterpreter as _BuiltinCodeInterpreter
 
 from kernel_service.client import DEFAULT_URL, Client, KernelServiceError, Session
 from kernel_service.collector import cut_middle
+from kernel_service.images import image_payload
 from kernel_service.integrations.common import BadToolCall, code_argument
 from kernel_service.models import (
-    IMAGE_MIMES,
     DisplayDataOutput,
     ErrorOutput,
     ExecuteResultOutput,
     ExecutionResult,
-    Image,
     StreamOutput,
     TruncatedOutput,
     truncation_note,
@@ -223,7 +221,7 @@ def result_text(result: ExecutionResult, absolute: Callable[[str], str]) -> str:
         if isinstance(output, StreamOutput):
             blocks.append(_section(output.name, output.text))
         elif isinstance(output, ExecuteResultOutput | DisplayDataOutput):
-            image = _image_of(output.data, pending_images)
+            image = next(pending_images, None) if image_payload(output) is not None else None
             if image is not None:
                 figures += 1
                 blocks.append(f"![fig-{figures:03d}]({absolute(image.url)})")
@@ -251,13 +249,6 @@ def _section(kind: str, text: str) -> str:
     return f"{kind}:\n\n```\n{cut_middle(text, BLOCK_LIMIT)[0]}\n```"
 
 
-def _image_of(data: dict[str, Any], pending: Iterator[Image]) -> Image | None:
-    # the service gives one image per output that carries one, in order
-    if any(mime in data for mime in IMAGE_MIMES):
-        return next(pending, None)
-    return None
-
-
 def _plain(data: dict[str, Any]) -> str:
     plain = data.get("text/plain")
     if isinstance(plain, str) and plain:
@@ -276,12 +267,7 @@ def _service_call(call: Callable[[], T], base_url: str) -> T:
     Qwen-Agent raises to the application instead of showing it to the model."""
     try:
         return call()
-    except KernelServiceError as exc:
+    except KernelServiceError as exc:  # unreachable too (status 0)
         raise ToolServiceError(
-            code=exc.code, message=f"kernel-service at {base_url}: {exc}"
-        ) from exc
-    except httpx.HTTPError as exc:
-        raise ToolServiceError(
-            code="unreachable",
-            message=f"kernel-service at {base_url} did not answer ({type(exc).__name__}: {exc})",
+            code=exc.code, message=f"kernel-service at {base_url}: {exc.message}"
         ) from exc
