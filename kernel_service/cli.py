@@ -86,6 +86,8 @@ def _serve_http(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        # a line per HTTP request costs the hot path ~0.2 ms; executions log their own line
+        access_log=settings.log_level.lower() == "debug",
         timeout_graceful_shutdown=5,
     )
 

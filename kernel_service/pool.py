@@ -26,6 +26,9 @@ KernelFactory = Callable[[Path], Awaitable[Kernel]]
 
 # after a failed start, wait this long before trying again (a broken host must not spin)
 _RETRY_DELAY = 5.0
+# after a take, wait this long before starting a replacement: a start takes both cores for
+# a moment, and the session that took the kernel is about to run its first code
+_REFILL_DELAY = 0.5
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class KernelPool:
     async def _fill(self) -> None:
         while True:
             await self._wanted.wait()
+            await asyncio.sleep(_REFILL_DELAY)
             self._wanted.clear()
             while len(self._ready) < self.size:
                 warm = await self._start_one()

@@ -27,17 +27,21 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def registry_of(request: Request) -> SessionRegistry:
+# Dependencies are `async def`: FastAPI runs a plain `def` one in a worker thread, a
+# thread hop per dependency per request on the hot path.
+
+
+async def registry_of(request: Request) -> SessionRegistry:
     registry: SessionRegistry = request.app.state.registry
     return registry
 
 
-def settings_of(request: Request) -> Settings:
+async def settings_of(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def owner_of(request: Request) -> str | None:
+async def owner_of(request: Request) -> str | None:
     """Whose sessions this request may see: set by the API key check, None without keys."""
     owner: str | None = getattr(request.state, "owner", None)
     return owner

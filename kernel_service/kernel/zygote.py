@@ -18,6 +18,7 @@ orphans) → the kernel (pid 2). Each dies with its parent.
 
 import ctypes
 import errno
+import gc
 import importlib
 import json
 import os
@@ -390,7 +391,13 @@ def main() -> None:
     _set_name("ks-zygote")
     channel = socket.socket(fileno=channel_fd)
     # what every kernel imports at start, so each child has it in shared pages
-    kernel_modules = ["ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell"]
+    # (the kernel app's own start-up imports included: the debugger alone is ~100 modules)
+    kernel_modules = [
+        "ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell", "ipykernel.debugger",
+        "IPython.core.debugger", "IPython.core.completerlib", "IPython.core.oinspect",
+        "IPython.core.logger", "IPython.extensions.storemagic", "tornado.platform.asyncio",
+        "pdb", "faulthandler", "mimetypes", "http.server", "xmlrpc.client",
+    ]  # fmt: skip
     # (not matplotlib's inline backend: it hooks into the shell that imports it first)
     for name in [*kernel_modules, *preload.split(",")]:
         if not name:
@@ -399,6 +406,10 @@ def main() -> None:
             importlib.import_module(name)
         except Exception as exc:
             print(f"zygote: could not preload {name}: {exc}", file=sys.stderr)
+    # Every object so far is shared with the children: a collection in a child must not
+    # walk them (it writes to each one's header, copying its page).
+    gc.collect()
+    gc.freeze()
     channel.send(json.dumps({"ready": os.getpid()}).encode())
     Zygote(channel).serve()
 
