@@ -70,3 +70,37 @@ def test_the_plain_launch_still_works(tmp_path: Path, sandbox: str) -> None:
         assert result["stdout"].startswith(expected)
         [kernel] = kernel_processes(server.connection_dir)
         assert "ipykernel_launcher" in kernel.cmdline()
+
+
+def test_a_launch_called_off_before_its_pid_came_leaves_no_kernel(tmp_path: Path) -> None:
+    import asyncio
+
+    from kernel_service.kernel.forkserver import ForkServer, _fork, zygote_env
+
+    connection_dir = tmp_path / "connection"
+    connection_dir.mkdir()
+
+    async def scenario() -> None:
+        server = ForkServer(("numpy",), zygote_env({}), connection_dir)
+        await server.ensure_started()
+        request = {
+            "argv": ["-f", str(connection_dir / "never.json")],
+            "work_dir": str(tmp_path),
+            "env": {"PATH": os.environ["PATH"]},
+        }
+        try:
+            launch = asyncio.create_task(_fork(server, request, [], wrapper=False))
+            await asyncio.sleep(0)  # sent; its pid is not back yet
+            launch.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await launch
+            assert await asyncio.to_thread(
+                wait_for, lambda: not kernel_processes(connection_dir), 10
+            )
+            await asyncio.sleep(0.5)  # the zygote reported its exit: nothing left to watch
+            assert server._early_exits == {}
+        finally:
+            server.close()
+
+    asyncio.run(scenario())
+    assert kernel_processes(connection_dir) == []

@@ -51,6 +51,8 @@ class ForkServer:
         self._process: subprocess.Popen[bytes] | None = None
         self._channel: socket.socket | None = None
         self._pending: dict[str, asyncio.Future[int]] = {}
+        self._abandoned: set[str] = set()  # launches called off before their pid came
+        self._unwatched: set[int] = set()  # their processes, killed
         self._children: dict[int, ForkedKernelProcess] = {}
         self._early_exits: dict[int, int] = {}
         self._next_id = 0
@@ -117,6 +119,13 @@ class ForkServer:
             return await answer
         except OSError as exc:
             raise ForkServerError(f"the zygote is gone: {exc}") from exc
+        except asyncio.CancelledError:
+            # called off: the kernel forked for it anyway is killed, now or when its pid comes
+            if answer.done() and not answer.cancelled() and answer.exception() is None:
+                self._kill_unwatched(answer.result())
+            else:
+                self._abandoned.add(request_id)
+            raise
         finally:
             self._pending.pop(request_id, None)
 
@@ -150,13 +159,25 @@ class ForkServer:
                 child = self._children.pop(pid, None)
                 if child is not None:
                     child.exited(status)
+                elif pid in self._unwatched:
+                    self._unwatched.discard(pid)
                 else:  # ended before its launcher began to watch it
                     self._early_exits[pid] = status
+            elif message["id"] in self._abandoned:
+                self._abandoned.discard(message["id"])
+                if "pid" in message:
+                    self._kill_unwatched(message["pid"])
             elif (answer := self._pending.get(message["id"])) is not None and not answer.done():
                 if "pid" in message:
                     answer.set_result(message["pid"])
                 else:
                     answer.set_exception(ForkServerError(message.get("error", "fork failed")))
+
+    def _kill_unwatched(self, pid: int) -> None:
+        """Kill a forked process nobody will watch (what it started dies with it)."""
+        self._unwatched.add(pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
     def _lost(self) -> None:
         """The zygote died: its kernels die with it (their death signal), say so to each."""
