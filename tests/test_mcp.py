@@ -33,6 +33,17 @@ from tests.conftest import (
 )
 
 KEY_A, KEY_B = "mcp-key-alpha-0123456789", "mcp-key-bravo-9876543210"
+# The first message of an MCP session, for the tests that speak JSON-RPC themselves.
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": HANDSHAKE_PROTOCOL_VERSIONS[-1],
+        "capabilities": {},
+        "clientInfo": {"name": "test", "version": "0"},
+    },
+}
 
 Connect = Callable[[], AbstractAsyncContextManager[Client]]
 
@@ -311,24 +322,14 @@ def test_a_client_without_mcp_sessions_gets_a_kernel_per_call(tmp_path: Path) ->
 def test_api_keys_guard_mcp_and_own_its_sessions(tmp_path: Path) -> None:
     with running_server(tmp_path, api_key=f"{KEY_A},{KEY_B}") as server:
         url = f"{server.base_url}/mcp"
-        initialize = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": HANDSHAKE_PROTOCOL_VERSIONS[-1],
-                "capabilities": {},
-                "clientInfo": {"name": "test", "version": "0"},
-            },
-        }
         accept = {"Accept": "application/json, text/event-stream"}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY_A}):
-            refused = server.client.post("/mcp", json=initialize, headers={**accept, **headers})
+            refused = server.client.post("/mcp", json=INITIALIZE, headers={**accept, **headers})
             assert refused.status_code == 401
             assert refused.json()["code"] == "unauthorized"
         # behind a proxy that sends its own Host, the key is the guard
         proxied = {**accept, "Authorization": f"Bearer {KEY_A}", "Host": "kernels.example.com"}
-        assert server.client.post("/mcp", json=initialize, headers=proxied).status_code == 200
+        assert server.client.post("/mcp", json=INITIALIZE, headers=proxied).status_code == 200
 
         def listed(key: str) -> list[str]:
             response = server.client.get("/sessions", headers={"Authorization": f"Bearer {key}"})
@@ -366,22 +367,12 @@ def test_without_a_sandbox_mcp_refuses_to_start(tmp_path: Path) -> None:
 
 def test_without_keys_on_loopback_mcp_refuses_other_hosts(tmp_path: Path) -> None:
     with running_server(tmp_path) as server:
-        initialize = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": HANDSHAKE_PROTOCOL_VERSIONS[-1],
-                "capabilities": {},
-                "clientInfo": {"name": "test", "version": "0"},
-            },
-        }
         headers = {"Accept": "application/json, text/event-stream"}
         rebound = server.client.post(
-            "/mcp", json=initialize, headers={**headers, "Host": "attacker.example"}
+            "/mcp", json=INITIALIZE, headers={**headers, "Host": "attacker.example"}
         )
         assert rebound.status_code == 421
-        assert server.client.post("/mcp", json=initialize, headers=headers).status_code == 200
+        assert server.client.post("/mcp", json=INITIALIZE, headers=headers).status_code == 200
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -398,16 +389,7 @@ def test_stdio_server_ends_on_a_signal_with_stdin_still_open(tmp_path: Path, sig
     assert server.stdin is not None and server.stdout is not None
     try:
         messages = [
-            {
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "initialize",
-                "params": {
-                    "protocolVersion": HANDSHAKE_PROTOCOL_VERSIONS[-1],
-                    "capabilities": {},
-                    "clientInfo": {"name": "test", "version": "0"},
-                },
-            },
+            INITIALIZE,
             {"jsonrpc": "2.0", "method": "notifications/initialized"},
             {
                 "jsonrpc": "2.0",

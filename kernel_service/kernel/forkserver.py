@@ -16,17 +16,14 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import psutil
 
 from kernel_service.kernel.launcher import (
     KernelProcess,
     LaunchSpec,
-    OutputTail,
     SubprocessLauncher,
+    WatchedProcess,
 )
 from kernel_service.kernel.sandbox import ETC_FILES, BubblewrapLauncher
 
@@ -204,62 +201,12 @@ class ForkServer:
         self._process = None
 
 
-class ForkedKernelProcess(KernelProcess):
-    """A kernel forked by the zygote: not our child, so its exit comes from the zygote."""
-
-    def __init__(self, pid: int, output_fd: int, wrapper: bool) -> None:
-        """`wrapper`: the pid is a sandbox's outer process, whose status is its kernel's
-        (128 + N for a signal N)."""
-        self._pid = pid
-        self._wrapper = wrapper
-        self._loop = asyncio.get_running_loop()
-        self._exited: asyncio.Future[int] = self._loop.create_future()
-        self._callbacks: list[Callable[[int], None]] = []
-        self._output = OutputTail(output_fd)
-
-    @property
-    def pid(self) -> int:
-        return self._pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self._exited.result() if self._exited.done() else None
-
-    def on_exit(self, callback: Callable[[int], None]) -> None:
-        if self._exited.done():
-            self._loop.call_soon(callback, self._exited.result())
-        else:
-            self._callbacks.append(callback)
-
-    async def wait(self) -> int:
-        return await asyncio.shield(self._exited)
-
-    def kill(self) -> None:
-        descendants: list[psutil.Process] = []
-        if not self._exited.done():
-            with contextlib.suppress(psutil.Error):
-                descendants = psutil.Process(self._pid).children(recursive=True)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._pid, signal.SIGKILL)
-        for child in descendants:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
-
-    def output_tail(self) -> str:
-        return self._output.text()
+class ForkedKernelProcess(WatchedProcess):
+    """A kernel forked by the zygote: not our child, so its end is reported by the zygote
+    (`exited`)."""
 
     def exited(self, status: int) -> None:
-        if self._exited.done():
-            return
-        if self._wrapper and 128 < status < 128 + 65:
-            status = 128 - status
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._pid, signal.SIGKILL)  # what it left running in its group
-        self._exited.set_result(status)
-        for callback in self._callbacks:
-            callback(status)
+        self._ended(status)
 
 
 async def _fork(server: ForkServer, request: dict[str, Any], fds: list[int], wrapper: bool

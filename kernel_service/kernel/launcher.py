@@ -154,43 +154,31 @@ class SubprocessLauncher(KernelLauncher):
         return PopenKernelProcess(popen)
 
 
-class PopenKernelProcess(KernelProcess):
-    """A child process watched through a pidfd, so its death is seen at once.
+class WatchedProcess(KernelProcess):
+    """A kernel process leading a process group of its own, whose end is reported once;
+    subclasses say how that end is noticed and call `_ended`.
 
     Its stdout and stderr come through a pipe of which only the last few KiB are kept: a
     kernel that writes without end costs neither memory nor the host's disk.
     """
 
-    def __init__(self, popen: subprocess.Popen[bytes], exit_status_of_child: bool = False) -> None:
-        """`exit_status_of_child`: the process is a wrapper (bwrap) that exits with its
-        child's status, 128 + N for a child ended by signal N."""
-        self._popen = popen
-        self._wrapper = exit_status_of_child
+    def __init__(self, pid: int, output_fd: int | None, wrapper: bool) -> None:
+        """`wrapper`: the process is a sandbox's outer process that exits with its
+        kernel's status, 128 + N for a kernel ended by signal N. `output_fd` is taken over."""
+        self._pid = pid
+        self._wrapper = wrapper
         self._loop = asyncio.get_running_loop()
         self._exited: asyncio.Future[int] = self._loop.create_future()
         self._callbacks: list[Callable[[int], None]] = []
-        self._pidfd: int | None = None
-        self._poller: asyncio.Task[None] | None = None
-        self._output: OutputTail | None = None
-        if popen.stdout is not None:  # its fd handed to the reader, which owns it
-            self._output = OutputTail(os.dup(popen.stdout.fileno()))
-            popen.stdout.close()
-        try:
-            self._pidfd = os.pidfd_open(popen.pid)
-            self._loop.add_reader(self._pidfd, self._reap)
-        except (OSError, AttributeError):  # no pidfd on this kernel: poll instead
-            self._poller = self._loop.create_task(self._poll())
+        self._output = OutputTail(output_fd) if output_fd is not None else None
 
     @property
     def pid(self) -> int:
-        return self._popen.pid
+        return self._pid
 
     @property
     def returncode(self) -> int | None:
-        returncode = self._popen.returncode
-        if self._wrapper and returncode is not None and 128 < returncode < 128 + 65:
-            return 128 - returncode
-        return returncode
+        return self._exited.result() if self._exited.done() else None
 
     def on_exit(self, callback: Callable[[int], None]) -> None:
         if self._exited.done():
@@ -203,37 +191,63 @@ class PopenKernelProcess(KernelProcess):
 
     def kill(self) -> None:
         descendants: list[psutil.Process] = []
-        if self._popen.returncode is None:
+        if not self._exited.done():
             # Collected before the kill: once the kernel is gone its children are
             # re-parented and can't be found, even those that left its process group.
             with contextlib.suppress(psutil.Error):
-                descendants = psutil.Process(self._popen.pid).children(recursive=True)
+                descendants = psutil.Process(self._pid).children(recursive=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
         self._kill_group()
         for child in descendants:
             with contextlib.suppress(psutil.Error):
                 child.kill()
 
+    def output_tail(self) -> str:
+        return self._output.text() if self._output else ""
+
     def _kill_group(self) -> None:
         # Safe after the kernel is reaped: Linux reuses no pid that still names a live group.
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._popen.pid, signal.SIGKILL)
+            os.killpg(self._pid, signal.SIGKILL)
 
-    def output_tail(self) -> str:
-        return self._output.text() if self._output else ""
+    def _ended(self, status: int) -> None:
+        if self._exited.done():
+            return
+        if self._wrapper and 128 < status < 128 + 65:
+            status = 128 - status
+        self._kill_group()  # what a kernel that died by itself left running in its group
+        self._exited.set_result(status)
+        for callback in self._callbacks:
+            callback(status)
+
+
+class PopenKernelProcess(WatchedProcess):
+    """A child process watched through a pidfd, so its death is seen at once."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], exit_status_of_child: bool = False) -> None:
+        """`exit_status_of_child`: the process is a wrapper (bwrap) that exits with its
+        child's status, 128 + N for a child ended by signal N."""
+        output_fd = None
+        if popen.stdout is not None:  # its fd handed to the reader, which owns it
+            output_fd = os.dup(popen.stdout.fileno())
+            popen.stdout.close()
+        super().__init__(popen.pid, output_fd, exit_status_of_child)
+        self._popen = popen
+        self._pidfd: int | None = None
+        self._poller: asyncio.Task[None] | None = None
+        try:
+            self._pidfd = os.pidfd_open(popen.pid)
+            self._loop.add_reader(self._pidfd, self._reap)
+        except (OSError, AttributeError):  # no pidfd on this kernel: poll instead
+            self._poller = self._loop.create_task(self._poll())
 
     def _reap(self) -> None:
         if self._pidfd is not None:
             self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = None
-        self._popen.wait()
-        returncode = self.returncode
-        assert returncode is not None
-        self._kill_group()  # what a kernel that died by itself left running in its group
-        if not self._exited.done():
-            self._exited.set_result(returncode)
-            for callback in self._callbacks:
-                callback(returncode)
+        self._ended(self._popen.wait())
 
     async def _poll(self) -> None:
         while self._popen.poll() is None:  # noqa: ASYNC110 (only where pidfd is missing)
