@@ -26,7 +26,6 @@ from kernel_service.errors import (
 )
 from kernel_service.images import image_payloads, png_size
 from kernel_service.kernel import Kernel, KernelStartError
-from kernel_service.kernel.kernel import describe_exit
 from kernel_service.models import (
     IMAGE_URL_TEMPLATE,
     ExecutionResult,
@@ -207,10 +206,9 @@ class Session:
         lost_before: str | None = None
         kernel = self._kernel
         if kernel is not None and not kernel.alive:
-            returncode = kernel.process.returncode
-            reason = describe_exit(returncode) if returncode is not None else "it stopped"
             lost_before = (
-                f"KernelDied: The kernel had died since the last call ({reason}). {STATE_LOST}"
+                f"KernelDied: The kernel had died since the last call ({kernel.exit_words()}). "
+                f"{STATE_LOST}"
             )
             self._replace(kernel)
         elif kernel is None and self._replacing is None:

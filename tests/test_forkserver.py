@@ -54,6 +54,9 @@ def test_when_the_zygote_dies_its_kernels_die_and_sessions_go_on(tmp_path: Path)
         after = server.execute("'x' in globals()", session)
         assert after["state_lost"] is True
         assert after["result"] == "False"
+        # said as it is, not as an out-of-memory kill
+        assert "the fork-server process that started it died" in after["text"]
+        assert "memory" not in after["text"]
         # the zygote is started again for later kernels
         assert server.execute("print('new session')")["stdout"] == "new session\n"
         assert len(zygotes(server)) == 1

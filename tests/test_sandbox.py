@@ -367,3 +367,40 @@ def test_forked_memory_counts_against_one_limit(server: Server, attacker: str) -
     else:  # the OOM killer chose the kernel itself
         assert "out of memory" in result["text"]
     assert run(server, attacker, "1 + 1")["result"] == "2"
+
+
+def test_every_mount_is_nosuid_and_only_the_work_places_are_writable(
+    server: Server, attacker: str
+) -> None:
+    result = run(
+        server,
+        attacker,
+        "mounts = {}\n"
+        "for line in open('/proc/self/mountinfo'):\n"
+        "    fields = line.split()\n"
+        "    mounts[fields[4]] = set(fields[5].split(','))\n"
+        "mounts",
+    )
+    mounts: dict[str, set[str]] = eval(str(result["result"]))
+    assert all("nosuid" in options for options in mounts.values()), mounts
+    writable = {point for point, options in mounts.items() if "rw" in options}
+    connection_dirs = {p for p in writable if p.startswith(str(server.connection_dir))}
+    assert len(connection_dirs) == 1
+    assert writable - connection_dirs <= {
+        "/workspace", "/tmp", "/dev/shm", "/proc", "/dev", "/dev/pts",
+        "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty",
+    }  # fmt: skip
+    assert "ro" in mounts["/"] and "ro" in mounts["/usr"] and "ro" in mounts["/proc/sys"]
+
+
+def test_a_kernel_has_ptys_and_reads_its_own_proc_files(server: Server, attacker: str) -> None:
+    result = run(
+        server,
+        attacker,
+        "import os, pty\n"
+        "leader, follower = os.openpty()\n"
+        "os.write(follower, b'hi'); print(os.read(leader, 2))\n"
+        "print('PATH' in open('/proc/self/environ').read())\n"
+        "print(open('/proc/self/oom_score_adj').read().strip())",
+    )
+    assert result["stdout"] == "b'hi'\nTrue\n0\n"

@@ -185,7 +185,10 @@ class ForkServer:
                 answer.set_exception(ForkServerError("the zygote died"))
         children, self._children = self._children, {}
         for child in children.values():
-            child.exited(-signal.SIGKILL)
+            child.exited(
+                -signal.SIGKILL,
+                "the fork-server process that started it died, and its kernels with it",
+            )
 
     def _drop_channel(self) -> None:
         if self._channel is not None:
@@ -205,8 +208,8 @@ class ForkedKernelProcess(WatchedProcess):
     """A kernel forked by the zygote: not our child, so its end is reported by the zygote
     (`exited`)."""
 
-    def exited(self, status: int) -> None:
-        self._ended(status)
+    def exited(self, status: int, reason: str | None = None) -> None:
+        self._ended(status, reason)
 
 
 async def _fork(server: ForkServer, request: dict[str, Any], fds: list[int], wrapper: bool

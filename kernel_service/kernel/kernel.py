@@ -187,7 +187,7 @@ class Kernel:
                 return
             if ending == "died":
                 raise KernelStartError(
-                    f"the kernel died while starting: {self._exit_words()}.{self._log_excerpt()}"
+                    f"the kernel died while starting: {self.exit_words()}.{self._log_excerpt()}"
                 )
             if loop.time() >= deadline:
                 raise KernelStartError(
@@ -236,7 +236,7 @@ class Kernel:
                     return RunOutcome(collector, "killed")
             if ending == "died":
                 await asyncio.sleep(_DEATH_DRAIN)  # let its last words arrive
-                return RunOutcome(collector, "died", self._exit_words())
+                return RunOutcome(collector, "died", self.exit_words())
             if ending == "output_lost":
                 await self._reconnect()
                 if not timed_out:
@@ -344,14 +344,15 @@ class Kernel:
 
     def _on_exit(self, returncode: int) -> None:
         if not self._killed_by_us:
-            log.warning(
-                "kernel %s ended unexpectedly: %s", self.kernel_id, describe_exit(returncode)
-            )
+            log.warning("kernel %s ended unexpectedly: %s", self.kernel_id, self.exit_words())
         self._changed.set()
 
-    def _exit_words(self) -> str:
+    def exit_words(self) -> str:
+        """Why the kernel ended, for people and models alike."""
         if self._killed_by_us:
             return "it was shut down by the service (a restart or the session's deletion)"
+        if (reason := self.process.exit_reason()) is not None:
+            return reason
         returncode = self.process.returncode
         return describe_exit(returncode) if returncode is not None else "it stopped answering"
 

@@ -72,6 +72,10 @@ class KernelProcess(ABC):
         """The end of what the process wrote to its own stdout and stderr (not iopub)."""
         return ""
 
+    def exit_reason(self) -> str | None:
+        """Why it ended, when its exit status alone would mislead; else None."""
+        return None
+
 
 class OutputTail:
     """Reads a pipe on the event loop until every writer is gone, keeping its last bytes."""
@@ -171,6 +175,7 @@ class WatchedProcess(KernelProcess):
         self._exited: asyncio.Future[int] = self._loop.create_future()
         self._callbacks: list[Callable[[int], None]] = []
         self._output = OutputTail(output_fd) if output_fd is not None else None
+        self._reason: str | None = None
 
     @property
     def pid(self) -> int:
@@ -206,14 +211,18 @@ class WatchedProcess(KernelProcess):
     def output_tail(self) -> str:
         return self._output.text() if self._output else ""
 
+    def exit_reason(self) -> str | None:
+        return self._reason
+
     def _kill_group(self) -> None:
         # Safe after the kernel is reaped: Linux reuses no pid that still names a live group.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._pid, signal.SIGKILL)
 
-    def _ended(self, status: int) -> None:
+    def _ended(self, status: int, reason: str | None = None) -> None:
         if self._exited.done():
             return
+        self._reason = reason
         if self._wrapper and 128 < status < 128 + 65:
             status = 128 - status
         self._kill_group()  # what a kernel that died by itself left running in its group

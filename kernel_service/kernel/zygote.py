@@ -16,6 +16,7 @@ exit status as bwrap does, 128 + N for a signal N) → pid 1 of a new PID namesp
 orphans) → the kernel (pid 2). Each dies with its parent.
 """
 
+import contextlib
 import ctypes
 import errno
 import gc
@@ -43,8 +44,11 @@ CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+AT_FDCWD, AT_RECURSIVE = -100, 0x8000
+SYS_MOUNT_SETATTR = 442  # the same number on x86_64 and aarch64
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_SECCOMP = 1, 38, 24, 22
-PR_SET_NAME = 15
+PR_SET_NAME, PR_SET_DUMPABLE = 15, 4
 # Process names (what `ps -o comm` and psutil's name() show): the forked processes share
 # the zygote's command line, the name tells them apart.
 KERNEL_NAME = "ks-kernel"
@@ -53,6 +57,7 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 CAP_LAST = 63
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")
 MAX_MESSAGE = 1 << 20
 
 
@@ -81,6 +86,25 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
         ),
         f"mount {source} on {target}",
     )
+
+
+def _set_attributes(path: str, attributes: int, remount_flags: int) -> None:
+    """Mount attributes on `path` and every mount below it (mount_setattr, Linux 5.12+); on
+    older kernels, on `path` alone (a remount)."""
+    attr = ctypes.create_string_buffer(struct.pack("QQQQ", attributes, 0, 0, 0), 32)
+    result = _libc.syscall(
+        ctypes.c_long(SYS_MOUNT_SETATTR),
+        ctypes.c_int(AT_FDCWD),
+        path.encode(),
+        ctypes.c_uint(AT_RECURSIVE),
+        attr,
+        ctypes.c_size_t(32),
+    )
+    if result == 0:
+        return
+    if ctypes.get_errno() != errno.ENOSYS:
+        _check(result, f"mount_setattr {path}")
+    _mount(None, path, None, MS_BIND | MS_REMOUNT | remount_flags)
 
 
 # ---------------------------------------------------------------- the server
@@ -152,6 +176,9 @@ class Zygote:
                 os._exit(1)
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            # the zygote's -1000 is not for kernels
+            with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as oom:
+                oom.write("0")
             self.selector.close()
             self.channel.close()
             os.close(self.wakeup_r)
@@ -240,15 +267,21 @@ def _build_root(request: dict[str, Any]) -> None:  # noqa: PLR0915 (one mount af
                 os.mkdir(directory)
                 os.chmod(directory, mode)
 
-    def bind(source: str, target: str, read_only: bool) -> None:
+    def bind(source: str, target: str, read_only: bool, device: bool = False) -> None:
+        """`source` at `target`, with every mount below it: read-only or not, never suid,
+        and no device files but for a device's own bind."""
         if os.path.isdir(source):
             make_dir(target)
-        else:
+        elif not os.path.exists(at(target)):
             make_dir(os.path.dirname(target))
             open(at(target), "a").close()
         _mount(source, at(target), None, MS_BIND | MS_REC)
+        attributes, flags = MOUNT_ATTR_NOSUID, MS_NOSUID
+        if not device:
+            attributes, flags = attributes | MOUNT_ATTR_NODEV, flags | MS_NODEV
         if read_only:
-            _mount(None, at(target), None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+            attributes, flags = attributes | MOUNT_ATTR_RDONLY, flags | MS_RDONLY
+        _set_attributes(at(target), attributes, flags)
 
     bind("/usr", "/usr", True)
     for name, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"),
@@ -260,14 +293,21 @@ def _build_root(request: dict[str, Any]) -> None:  # noqa: PLR0915 (one mount af
             bind(os.path.realpath(f"/etc/{name}"), f"/etc/{name}", True)
     make_dir("/proc")
     _mount("proc", at("/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for name in PROC_READ_ONLY:  # as bubblewrap does: the kernel's knobs stay untouched
+        if os.path.exists(at(f"/proc/{name}")):
+            bind(at(f"/proc/{name}"), f"/proc/{name}", True)
     make_dir("/dev")
-    _mount("tmpfs", at("/dev"), "tmpfs", MS_NOSUID, "mode=0755")
+    _mount("tmpfs", at("/dev"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
     for device in DEVICES:
         if os.path.exists(f"/dev/{device}"):
-            bind(f"/dev/{device}", f"/dev/{device}", False)
+            bind(f"/dev/{device}", f"/dev/{device}", False, device=True)
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):  # fmt: skip
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+                         ("ptmx", "pts/ptmx")):  # fmt: skip
         os.symlink(target, at(f"/dev/{name}"))
+    make_dir("/dev/pts")
+    _mount("devpts", at("/dev/pts"), "devpts", MS_NOSUID | MS_NOEXEC,
+           "newinstance,ptmxmode=0666,mode=620")  # fmt: skip
     make_dir("/dev/shm")
     _mount("tmpfs", at("/dev/shm"), "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={16 << 20}")
     make_dir("/tmp")
@@ -322,6 +362,9 @@ def _drop_privileges(sandbox: dict[str, Any]) -> None:
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)  # from root to a plain uid: every capability is gone
+    # A uid change clears "dumpable" (an exec would set it again): without it /proc/self
+    # is root's and the kernel cannot read its own environ or limits.
+    _prctl(PR_SET_DUMPABLE, 1)
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
@@ -368,6 +411,9 @@ def _become_kernel(request: dict[str, Any], output: int, seccomp: int | None) ->
         os.chdir(request["work_dir"])
     os.environ.clear()
     os.environ.update(request["env"])
+    matplotlib = sys.modules.get("matplotlib")
+    for name in ("get_configdir", "get_cachedir"):  # found at import, under the zygote's env
+        getattr(getattr(matplotlib, name, None), "cache_clear", lambda: None)()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     _reseed()
     sys.argv = ["ipykernel_launcher", *request["argv"]]
@@ -389,6 +435,9 @@ def main() -> None:
     channel_fd, preload = int(sys.argv[1]), sys.argv[2]  # argv[3]: the connection dir, for ps
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # dies with the service
     _set_name("ks-zygote")
+    # Every forked kernel dies with it: out of memory, the kernel should pick one of those.
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as oom:
+        oom.write("-1000")
     channel = socket.socket(fileno=channel_fd)
     # what every kernel imports at start, so each child has it in shared pages
     # (the kernel app's own start-up imports included: the debugger alone is ~100 modules)
