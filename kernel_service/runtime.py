@@ -34,6 +34,7 @@ from kernel_service.kernel.sandbox import (
     SandboxLimits,
     default_read_only_paths,
 )
+from kernel_service.metrics import Metrics
 from kernel_service.pool import KernelPool
 from kernel_service.sessions import SessionRegistry
 from kernel_service.workspaces import Workspaces
@@ -62,9 +63,18 @@ class Runtime:
             settings.work_dir,
             settings.sandbox_work_dir_mb * MIB if settings.sandbox != "none" else 0,
         )
+        self.metrics = Metrics()
         start_kernel = partial(_start_kernel, self.launcher, self.options)
-        self.pool = KernelPool(settings.pool_size, start_kernel, self.workspaces)
-        self.registry = SessionRegistry(settings, start_kernel, self.workspaces, self.pool)
+        self.pool = KernelPool(
+            settings.pool_size,
+            self.metrics.counting_starts(start_kernel, "pool"),
+            self.workspaces,
+        )
+        # the registry counts its own starts: new sessions' and replacements'
+        self.registry = SessionRegistry(
+            settings, start_kernel, self.workspaces, self.pool, self.metrics
+        )
+        self.metrics.watch(self.registry.statuses, lambda: len(self.pool))
         # fixed from here on
         self.isolation: dict[str, Any] = {
             **self.launcher.describe(),

@@ -26,6 +26,7 @@ from kernel_service.errors import (
 )
 from kernel_service.images import image_payloads, png_size
 from kernel_service.kernel import Kernel, KernelStartError
+from kernel_service.metrics import CloseReason, Metrics, output_size
 from kernel_service.models import (
     IMAGE_URL_TEMPLATE,
     ExecutionResult,
@@ -71,6 +72,7 @@ class Session:
         start_kernel: KernelFactory,
         settings: Settings,
         workspaces: Workspaces,
+        metrics: Metrics,
     ) -> None:
         self.session_id = session_id
         self.owner = owner  # who may see it: a digest of the API key that made it
@@ -84,6 +86,7 @@ class Session:
         self._start_kernel = start_kernel
         self._settings = settings
         self._workspaces = workspaces
+        self._metrics = metrics
         self._limits = OutputLimits(text=settings.output_limit, rich=settings.rich_output_limit)
         self._lock = asyncio.Lock()
         self._images: OrderedDict[str, StoredImage] = OrderedDict()
@@ -159,12 +162,21 @@ class Session:
                 )
             finally:
                 self._touch()
+        size = output_size(result.outputs)
+        self._metrics.execution(result, size)
+        # One line per execution, key=value in the message and the same fields as record
+        # attributes (for a JSON formatter); never the code or its output.
+        fields = {
+            "session_id": self.session_id,
+            "execution_count": result.execution_count,
+            "status": result.status,
+            "duration_ms": round(result.duration_ms, 1),
+            "bytes_out": size.total,
+            "images": len(result.images),
+            "state_lost": result.state_lost,
+        }
         log.info(
-            "session %s: execution %s %s in %.1f ms",
-            self.session_id,
-            result.execution_count,
-            result.status,
-            result.duration_ms,
+            " ".join(["execution", *(f"{k}=%s" for k in fields)]), *fields.values(), extra=fields
         )
         return result
 
@@ -299,9 +311,12 @@ class SessionRegistry:
         start_kernel: KernelFactory,
         workspaces: Workspaces,
         pool: KernelPool | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
-        self._start_kernel = start_kernel
+        self.metrics = metrics or Metrics()
+        self._start_kernel = self.metrics.counting_starts(start_kernel, "session")
+        self._replace_kernel = self.metrics.counting_starts(start_kernel, "replacement")
         self.workspaces = workspaces
         self.pool = pool
         # Keyed by owner and id together: each API key has a namespace of its own.
@@ -319,6 +334,10 @@ class SessionRegistry:
 
     def sessions(self, owner: str | None = None) -> list[Session]:
         return [s for s in self._sessions.values() if s.owner == owner]
+
+    def statuses(self) -> list[SessionStatus]:
+        """The status of every live session, whoever owns it."""
+        return [s.status for s in self._sessions.values()]
 
     async def create(self, session_id: str | None = None, owner: str | None = None) -> Session:
         """A new session with a ready kernel; on any failure nothing of it remains."""
@@ -354,19 +373,24 @@ class SessionRegistry:
             owner=owner,
             kernel=kernel,
             work_dir=work_dir,
-            start_kernel=self._start_kernel,
+            start_kernel=self._replace_kernel,
             settings=self._settings,
             workspaces=self.workspaces,
+            metrics=self.metrics,
         )
         self._sessions[key] = session
+        self.metrics.session_created(warm=warm is not None)
         log.info("session %s created (kernel %s)", session_id, kernel.kernel_id)
         return session
 
-    async def close(self, session_id: str, owner: str | None = None) -> None:
+    async def close(
+        self, session_id: str, owner: str | None = None, reason: CloseReason = "deleted"
+    ) -> None:
         key = _key(session_id, owner)
         session = self._sessions.pop(key, None)
         if session is None:
             raise SessionNotFound(session_id)
+        self.metrics.session_closed(reason)
         self._reserved[key] = owner  # the id stays taken until its work dir is gone
         try:
             await session.close()
@@ -377,6 +401,8 @@ class SessionRegistry:
     async def close_all(self) -> None:
         sessions = list(self._sessions.values())
         self._sessions.clear()
+        for _ in sessions:
+            self.metrics.session_closed("service_stopped")
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
 
     async def cull_idle(self) -> list[str]:
@@ -391,7 +417,7 @@ class SessionRegistry:
             if session is None or session.idle_seconds() <= ttl:
                 continue
             with contextlib.suppress(SessionNotFound):
-                await self.close(session.session_id, session.owner)
+                await self.close(session.session_id, session.owner, reason="culled")
                 culled.append(session.session_id)
                 log.info("session %s culled after %.0f s idle", session.session_id, ttl)
         return culled

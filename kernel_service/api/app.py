@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
     )
     app.state.settings = settings
     app.state.registry = runtime.registry
+    app.state.metrics = runtime.metrics
     app.state.sandbox = runtime.launcher.isolation
     app.state.isolation = runtime.isolation
     install_error_handlers(app)

@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from kernel_service import __version__
 from kernel_service.config import Settings
 from kernel_service.errors import CodeTooLarge
+from kernel_service.metrics import Metrics
 from kernel_service.models import (
     CreateSessionRequest,
     ErrorBody,
@@ -167,3 +168,25 @@ async def healthz(request: Request, registry: Registry, settings: Config) -> Hea
         sandbox=request.app.state.sandbox,
         isolation=request.app.state.isolation,
     )
+
+
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={
+        200: {
+            "content": {
+                "text/plain": {"schema": {"type": "string"}},
+                "application/openmetrics-text": {"schema": {"type": "string"}},
+            },
+            "description": "Prometheus text format (OpenMetrics when the Accept header asks).",
+        },
+        401: {"model": ErrorBody},
+    },
+)
+async def metrics(request: Request) -> Response:
+    """The service's metrics for Prometheus: executions, kernels, sessions (see the README)."""
+    # On the event loop on purpose: the live figures are read from the session registry.
+    collected: Metrics = request.app.state.metrics
+    body, content_type = collected.exposition(request.headers.get("accept", ""))
+    return Response(body, media_type=content_type)

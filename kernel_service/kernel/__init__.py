@@ -2,6 +2,7 @@
 
 from kernel_service.kernel.files import remove_stale_files
 from kernel_service.kernel.kernel import (
+    ExitCause,
     Kernel,
     KernelOptions,
     KernelStartError,
@@ -11,6 +12,7 @@ from kernel_service.kernel.kernel import (
 from kernel_service.kernel.launcher import KernelLauncher, SubprocessLauncher
 
 __all__ = [
+    "ExitCause",
     "Kernel",
     "KernelLauncher",
     "KernelOptions",

@@ -37,6 +37,8 @@ STARTUP_FILE = Path(__file__).with_name("startup.py")
 _PROBE_LIMITS = OutputLimits(text=1000, rich=1000)
 
 Ending = Literal["done", "interrupted", "killed", "died", "output_lost"]
+# Why a kernel process ended, in a word (for counting; `exit_words` says it for people).
+ExitCause = Literal["shutdown", "timeout", "exited", "signal", "out_of_memory", "fork_server"]
 
 
 class KernelStartError(Exception):
@@ -129,6 +131,7 @@ class Kernel:
         self._changed = asyncio.Event()
         self._pumps: list[asyncio.Task[None]] = []
         self._killed_by_us = False
+        self._killed_at_timeout = False
         self._closed = False
         self._bad_messages = 0
         process.on_exit(self._on_exit)
@@ -230,7 +233,7 @@ class Kernel:
                 self.interrupt()
                 ending = await self._follow(collector, loop.time() + interrupt_grace)
                 if ending == "timeout":  # deaf to interrupts (a long C call): end it
-                    self._killed_by_us = True
+                    self._killed_by_us = self._killed_at_timeout = True
                     self.process.kill()
                     await self.process.wait()
                     return RunOutcome(collector, "killed")
@@ -355,6 +358,19 @@ class Kernel:
             return reason
         returncode = self.process.returncode
         return describe_exit(returncode) if returncode is not None else "it stopped answering"
+
+    def exit_cause(self) -> ExitCause | None:
+        """Why the kernel ended, in a word; None while it runs."""
+        returncode = self.process.returncode
+        if returncode is None:
+            return None
+        if self._killed_by_us:
+            return "timeout" if self._killed_at_timeout else "shutdown"
+        if self.process.exit_reason() is not None:
+            return "fork_server"  # the one reason a launcher gives: the zygote took it down
+        if returncode == -signal.SIGKILL:
+            return "out_of_memory"  # a SIGKILL we did not send: the OOM killer, most likely
+        return "signal" if returncode < 0 else "exited"
 
     def _log_excerpt(self) -> str:
         tail = self.process.output_tail()[-_LOG_TAIL:].strip()
