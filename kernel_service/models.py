@@ -4,6 +4,7 @@ No I/O here. Outputs keep the Jupyter protocol's words (`output_type`, `name`, `
 `ename`/`evalue`/`traceback`, MIME keys); views such as `stdout` are derived from them.
 """
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -13,6 +14,9 @@ SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 IMAGE_URL_TEMPLATE = "/sessions/{session_id}/images/{image_id}"
 RASTER_IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 IMAGE_MIMES = (*RASTER_IMAGE_MIMES, "image/svg+xml")
+# A character that is not blank (blank as `str.isspace` has it), spelt out so that the
+# schema's pattern means the same in every regex dialect (`\s` differs between them).
+_NOT_BLANK = r"[^\x09-\x0d\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 
 
 # ---------------------------------------------------------------- outputs
@@ -151,7 +155,12 @@ class ExecutionResult(BaseModel):
 class ExecuteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    code: str = Field(description="Python source to run in the session's kernel.", strict=True)
+    code: str = Field(
+        description="Python source to run in the session's kernel (not empty or only blanks).",
+        strict=True,
+        # checked by the validator below, with a clearer message than a pattern's
+        json_schema_extra={"pattern": _NOT_BLANK},
+    )
     session_id: str | None = Field(
         None, description="Session to run in; a new session is created when null."
     )
@@ -165,7 +174,7 @@ class ExecuteRequest(BaseModel):
     @field_validator("code")
     @classmethod
     def _code_is_runnable_text(cls, code: str) -> str:
-        if not code.strip():
+        if re.search(_NOT_BLANK, code) is None:
             raise ValueError("code is empty: send the Python source to run")
         try:
             code.encode()

@@ -2,12 +2,14 @@
 `{"detail": ..., "code": ...}`."""
 
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kernel_service.errors import (
@@ -33,10 +35,15 @@ STATUS_OF: dict[type[ServiceError], int] = {
     KernelUnavailable: 503,
 }
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
-def error_response(status: int, detail: object, code: str) -> JSONResponse:
-    return JSONResponse({"detail": jsonable_encoder(detail), "code": code}, status_code=status)
+def error_response(
+    status: int, detail: object, code: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"detail": jsonable_encoder(detail), "code": code}, status_code=status, headers=headers
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -51,12 +58,15 @@ def install_error_handlers(app: FastAPI) -> None:
         ]
         return error_response(422, errors, "invalid_request")
 
-    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 400:  # FastAPI's word for a body it could not parse
-            return error_response(422, exc.detail, "invalid_request")
+            return error_response(422, _unparsable(exc), "invalid_request")
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, exc.detail, code)
+        headers = exc.headers
+        if exc.status_code == 405:
+            headers = {"Allow": ", ".join(_allowed_methods(request))}
+        return error_response(exc.status_code, exc.detail, code, headers)
 
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
@@ -68,6 +78,30 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
+
+
+def _unparsable(exc: StarletteHTTPException) -> str:
+    """Why a body could not be parsed, when FastAPI only says that it could not."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"The body is not valid {cause.encoding} text ({cause.reason} at byte "
+            f"{cause.start}): send JSON encoded as UTF-8."
+        )
+    return str(exc.detail)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method a route at this path takes (Starlette's 405 names only the first route's;
+    routing is asked for each method, as included routers are not plain lists of routes)."""
+    return [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
 
 
 class BodySizeLimit:

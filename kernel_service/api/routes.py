@@ -10,6 +10,7 @@ from kernel_service.config import Settings
 from kernel_service.errors import CodeTooLarge
 from kernel_service.metrics import Metrics
 from kernel_service.models import (
+    IMAGE_MIMES,
     CreateSessionRequest,
     ErrorBody,
     ExecuteRequest,
@@ -23,9 +24,14 @@ from kernel_service.sessions import SessionRegistry
 from kernel_service.tool import ToolFormat, render_tool, tool_spec
 
 router = APIRouter()
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 429, 503)
-}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers a route can give, each an ErrorBody; 401 (with API keys) in all.
+
+    422 is declared wherever a request has parameters, so FastAPI does not add its own
+    (of another shape)."""
+    return {code: {"model": ErrorBody} for code in (401, *codes)}
 
 
 # Dependencies are `async def`: FastAPI runs a plain `def` one in a worker thread, a
@@ -59,7 +65,7 @@ def _json(model: ExecutionResult | SessionInfo) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
-@router.post("/execute", response_model=ExecutionResult, responses=_ERRORS)
+@router.post("/execute", response_model=ExecutionResult, responses=_errors(404, 413, 422, 429, 503))
 async def execute(
     body: ExecuteRequest, registry: Registry, settings: Config, owner: Owner
 ) -> Response:
@@ -75,7 +81,10 @@ async def execute(
 
 
 @router.post(
-    "/sessions", status_code=status.HTTP_201_CREATED, response_model=SessionInfo, responses=_ERRORS
+    "/sessions",
+    status_code=status.HTTP_201_CREATED,
+    response_model=SessionInfo,
+    responses=_errors(409, 413, 422, 429, 503),
 )
 async def create_session(
     registry: Registry, owner: Owner, body: CreateSessionRequest | None = None
@@ -86,23 +95,27 @@ async def create_session(
     return response
 
 
-@router.get("/sessions", response_model=SessionList)
+@router.get("/sessions", response_model=SessionList, responses=_errors())
 async def list_sessions(registry: Registry, owner: Owner) -> SessionList:
     return SessionList(sessions=[s.info() for s in registry.sessions(owner)])
 
 
-@router.get("/sessions/{session_id}", response_model=SessionInfo, responses=_ERRORS)
+@router.get("/sessions/{session_id}", response_model=SessionInfo, responses=_errors(404, 422))
 async def get_session(session_id: SessionId, registry: Registry, owner: Owner) -> SessionInfo:
     return registry.get(session_id, owner).info()
 
 
-@router.delete("/sessions/{session_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS)
+@router.delete(
+    "/sessions/{session_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_errors(404, 422)
+)
 async def delete_session(session_id: SessionId, registry: Registry, owner: Owner) -> Response:
     await registry.close(session_id, owner)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/sessions/{session_id}/interrupt", response_model=InterruptResult, responses=_ERRORS)
+@router.post(
+    "/sessions/{session_id}/interrupt", response_model=InterruptResult, responses=_errors(404, 422)
+)
 async def interrupt_session(
     session_id: SessionId, registry: Registry, owner: Owner
 ) -> InterruptResult:
@@ -112,7 +125,9 @@ async def interrupt_session(
     )
 
 
-@router.post("/sessions/{session_id}/restart", response_model=SessionInfo, responses=_ERRORS)
+@router.post(
+    "/sessions/{session_id}/restart", response_model=SessionInfo, responses=_errors(404, 422, 503)
+)
 async def restart_session(session_id: SessionId, registry: Registry, owner: Owner) -> SessionInfo:
     """Replace the session's kernel by a fresh one: all its variables are gone."""
     session = registry.get(session_id, owner)
@@ -120,7 +135,19 @@ async def restart_session(session_id: SessionId, registry: Registry, owner: Owne
     return session.info()
 
 
-@router.get("/sessions/{session_id}/images/{image_id}", responses=_ERRORS)
+@router.get(
+    "/sessions/{session_id}/images/{image_id}",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {
+                mime: {"schema": {"type": "string", "format": "binary"}} for mime in IMAGE_MIMES
+            },
+            "description": "The image's bytes (SVG: its UTF-8 text).",
+        },
+        **_errors(404, 422),
+    },
+)
 async def get_image(
     session_id: SessionId, image_id: str, registry: Registry, owner: Owner
 ) -> Response:
@@ -136,7 +163,7 @@ async def get_image(
     response_model=list[dict[str, Any]],
     responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
-        422: {"model": ErrorBody},
+        **_errors(422),
     },
 )
 async def tools(
@@ -172,7 +199,8 @@ async def healthz(request: Request, registry: Registry, settings: Config) -> Hea
 
 @router.get(
     "/metrics",
-    response_class=PlainTextResponse,
+    # not PlainTextResponse: FastAPI would declare the (JSON) 401 as text/plain
+    response_class=Response,
     responses={
         200: {
             "content": {
@@ -181,7 +209,7 @@ async def healthz(request: Request, registry: Registry, settings: Config) -> Hea
             },
             "description": "Prometheus text format (OpenMetrics when the Accept header asks).",
         },
-        401: {"model": ErrorBody},
+        **_errors(),
     },
 )
 async def metrics(request: Request) -> Response:
