@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+# The cells of bench/latency.py, repeated: this file runs in the peers' venv, which has
+# neither kernel_service nor the bench package.
 ONE_PLUS_ONE = "1+1"
 PLOT = "import matplotlib.pyplot as plt\nplt.plot(range(10))\nplt.show()"
 PANDAS = (
