@@ -48,7 +48,6 @@ class KernelPool:
         self._wanted = asyncio.Event()
         self._filler: asyncio.Task[None] | None = None
         self._ending: set[asyncio.Task[None]] = set()
-        self.starts_failed = 0
 
     def __len__(self) -> int:
         return len(self._ready)
@@ -104,7 +103,6 @@ class KernelPool:
             await asyncio.shield(self._workspaces.remove(work_dir))
             raise
         except Exception as exc:
-            self.starts_failed += 1
             log.warning("warm pool: a kernel did not start: %s", exc)
             await self._workspaces.remove(work_dir)
             return None

@@ -25,7 +25,7 @@ from kernel_service.kernel.launcher import (
     SubprocessLauncher,
     WatchedProcess,
 )
-from kernel_service.kernel.sandbox import ETC_FILES, BubblewrapLauncher
+from kernel_service.kernel.sandbox import ETC_FILES, FEW_THREADS_ENV, BubblewrapLauncher
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +242,7 @@ def zygote_env(env: dict[str, str]) -> dict[str, str]:
         **env,
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": "/nonexistent",
-        "MALLOC_ARENA_MAX": "2",
-        "OPENBLAS_NUM_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
+        **FEW_THREADS_ENV,
     }
 
 

@@ -45,6 +45,14 @@ ETC_FILES = (
     "localtime", "mime.types", "nsswitch.conf", "passwd", "group", "hosts", "alternatives",
 )  # fmt: skip
 _MIB = 1024 * 1024
+# Fewer malloc arenas keep the address space (what RLIMIT_AS counts) small; one BLAS thread
+# keeps thread pools from eating the process limit (and a zygote free of threads).
+FEW_THREADS_ENV = {
+    "MALLOC_ARENA_MAX": "2",
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
 
 
 class SandboxUnavailable(Exception):
@@ -215,12 +223,7 @@ class BubblewrapLauncher(KernelLauncher):
             "IPYTHONDIR": "/tmp/ipython",
             "JUPYTER_RUNTIME_DIR": "/tmp/jupyter",
             "MPLCONFIGDIR": "/tmp/matplotlib",
-            # Fewer malloc arenas keep the address space (what RLIMIT_AS counts) small;
-            # one BLAS thread keeps thread pools from eating the process limit.
-            "MALLOC_ARENA_MAX": "2",
-            "OPENBLAS_NUM_THREADS": "1",
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
+            **FEW_THREADS_ENV,
         }
 
     def font_caches(self, spec: LaunchSpec) -> list[Path]:
