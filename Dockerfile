@@ -29,6 +29,7 @@ ENV KERNEL_SERVICE_HOST=0.0.0.0 \
     KERNEL_SERVICE_PORT=8000 \
     KERNEL_SERVICE_CONNECTION_DIR=/home/kernel/connection \
     KERNEL_SERVICE_WORK_DIR=/home/kernel/workspaces \
+    KERNEL_SERVICE_STATE_DIR=/home/kernel/state \
     KERNEL_SERVICE_SANDBOX=none
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s \

@@ -8,6 +8,7 @@ from typing import Any
 
 from bench.latency import CellTrips, NewSessions, TimeoutTrips, WarmTrips
 from bench.load import IdleMemory, Scale, Throughput
+from bench.mixed_load import FD_GROWTH_LIMIT, RSS_GROWTH_LIMIT, MixedLoad
 from bench.peers import PEERS, PeerResult
 from bench.stats import MIB, Summary, block_medians
 
@@ -30,6 +31,7 @@ class Column:
     memory: IdleMemory | None = None
     throughput: Throughput | None = None
     scale: Scale | None = None
+    load: MixedLoad | None = None
     problems: list[str] = field(default_factory=list)
 
 
@@ -199,6 +201,61 @@ def _scale_end(column: Column) -> Cell | None:
     return Cell(text, scale.left == 0 and scale.swapped == 0)
 
 
+def _load_sessions(column: Column) -> Cell | None:
+    load = column.load
+    if not load:
+        return None
+    warm = f"; {load.warm_errors} first `1+1` wrong" if load.warm_errors else ""
+    text = f"{load.sessions}/{load.sessions_asked} in {load.create_seconds:.0f} s{warm}"
+    return Cell(text, load.sessions == load.sessions_asked and not load.warm_errors)
+
+
+def _load_done(column: Column) -> Cell | None:
+    load = column.load
+    if not load or not load.before:
+        return None
+    why = f" (stopped: {load.stopped_because})" if load.stopped_because else ""
+    text = f"{load.done}/{load.executions_asked} in {load.seconds:.0f} s{why}; "
+    text += f"{load.errors} errors"
+    return Cell(text, load.done == load.executions_asked and not load.errors)
+
+
+def _load_speed(column: Column) -> Cell | None:
+    load = column.load
+    if not load or not load.latencies or not load.seconds:
+        return None
+    return Cell(f"{load.done / load.seconds:.0f}; {_p(load.latencies)}")
+
+
+def _load_rss(column: Column) -> Cell | None:
+    load = column.load
+    if not load or not load.before or not load.after:
+        return None
+    before, after = load.before.rss / MIB, load.after.rss / MIB
+    return Cell(f"{before:.0f} → {after:.0f} ({after - before:+.1f})", load.within_bounds()[0])
+
+
+def _load_fds(column: Column) -> Cell | None:
+    load = column.load
+    if not load or not load.before or not load.after:
+        return None
+    before, after = load.before.fds, load.after.fds
+    return Cell(f"{before} → {after} ({after - before:+d})", load.within_bounds()[1])
+
+
+def _load_end(column: Column) -> Cell | None:
+    load = column.load
+    if not load or load.kernels_left < 0:
+        return None
+    failures = load.delete_failures
+    failed = {0: "", -1: ", cut short"}.get(failures, f", {failures} failed")
+    text = (
+        f"{load.kernels_left}; {load.files_left} (deleted in {load.delete_seconds:.0f} s{failed}; "
+        f"child processes {load.children_before} → {load.children_after})"
+    )
+    return Cell(text, load.kernels_left == 0 and load.files_left == 0 and not failed)
+
+
 def _calibration(column: Column) -> Cell | None:
     if not column.calibration:
         return None
@@ -294,6 +351,20 @@ ROWS: list[Row | str] = [
     Row("`1+1` in each, ms p50 / p99; PSS per session; service USS (MiB)", _scale_trips),
     Row("after deleting all: processes left; swap; available memory", _scale_end,
         target="0 left, no swap", goal="after deleting all: no process left, no swap"),
+    "**Load** ({load_executions} executions from {load_clients} clients over {load_sessions} "
+    "live sessions: values, prints, pandas; every 50th a plot, every 25th a ZeroDivisionError)",
+    Row("sessions made and warmed (one `1+1` each)", _load_sessions, target="all",
+        goal="load: {load_sessions} sessions made"),
+    Row("executions answered / asked; errors (not 200, or not what the cell gives)", _load_done,
+        target="all, 0 errors", goal="load: {load_executions} executions, 0 errors"),
+    Row("executions/s; latency, ms p50 / p99", _load_speed),
+    Row("service RSS, MiB: before → after the load (growth)", _load_rss,
+        target=f"growth < {RSS_GROWTH_LIMIT // MIB} MiB",
+        goal=f"load: service RSS grows < {RSS_GROWTH_LIMIT // MIB} MiB"),
+    Row("service open fds: before → after the load (growth)", _load_fds,
+        target=f"growth < {FD_GROWTH_LIMIT}", goal=f"load: service fds grow < {FD_GROWTH_LIMIT}"),
+    Row("after deleting all: kernel processes left; `k-*` in the connection dir", _load_end,
+        target="0; 0", goal="load, after deleting all: no kernel, no connection files"),
     "**Noise**",
     Row("CPU calibration loop, ms: start → end of the column", _calibration),
     Row("floor `1+1` p50 over 5 consecutive blocks, ms", _floor_blocks),
@@ -370,6 +441,22 @@ How each figure is measured (bench/):
 - Scale: sessions made two at a time until the count, the time limit, or until available
   memory would fall under the floor (3 GiB); then `1+1` in each; then all deleted, and the
   service's child processes counted against those before the first session.
+- Load: one service with the defaults (bubblewrap, fork-server) but no warm pool (so that
+  no kernel may remain once the sessions are deleted) and `max_sessions` above the sessions
+  asked. Sessions made two at a time, each warmed by one `1+1`; one bare keep-alive
+  connection per client; the clients take executions in turn from one counter, execution i
+  going to session i mod the sessions. Cell i: a small matplotlib plot when i is a multiple of
+  50 (must come back with one PNG), `i / 0` when i mod 25 is 12 (status `error`,
+  `ZeroDivisionError`), else in turn a product, a print, a pandas sum (status `ok` and
+  exactly the value or output it gives). An error is a request without an answer, an
+  answer other than 200 or one unlike its cell's, or any with `state_lost`. Latency is
+  send to answer; executions/s is answers over the load's wall time. RSS
+  (`memory_info().rss`) and open fds (`num_fds()`) of the service process, 2 s after the
+  warm-up and 2 s after the load, with the clients' connections open both times. Then every
+  session is deleted and, for up to 10 s, kernel processes (named `ks-kernel`, or started
+  as `ipykernel_launcher`, on this service's connection directory) and `k-*` entries in
+  the connection directory are looked for. At its deadline (`--load-deadline`) the section
+  stops, keeping a minute of it for the deletion and the look.
 - Peers: qwen-agent 0.0.31 (CodeInterpreter) and lagent 0.2.4 (IPythonInterpreter) from
   PyPI in bench/.venv-peers, driven by bench/peer_worker.py in a process of their own; a new
   session is a new tool instance (Lagent: its per-process kernel shut first). Their kernels

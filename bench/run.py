@@ -8,8 +8,11 @@ LAUNCHERS): the floor (a bare jupyter_client round trip to a kernel started as t
 starts one) interleaved call by call with the service over HTTP; a plot and a pandas cell;
 new sessions with and without the warm pool; a timeout on code deaf to interrupts; idle
 memory per session; 32-client throughput with the service's CPU share. Then, in one
-configuration, as many idle sessions as asked (bounded by memory and time); then the peers
-(Qwen-Agent, Lagent, from PyPI into bench/.venv-peers). The service always runs as
+configuration, as many idle sessions as asked (bounded by memory and time); in one (the
+defaults), a load of 10 000 mixed cells (plots and errors among them) from 32 clients over
+100 live sessions, every answer checked, the service's RSS and open files before and after,
+and nothing left once they are deleted (bounded by a deadline); then the peers (Qwen-Agent,
+Lagent, from PyPI into bench/.venv-peers). The service always runs as
 `kernel-service serve` in a process of its own on a free loopback port. Every process the
 benchmark starts is ended, also on Ctrl-C. The table goes to stdout and bench/results.md.
 
@@ -36,7 +39,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench import latency, load
+from bench import latency, load, mixed_load
 from bench.floor import Floor
 from bench.peers import run_peers
 from bench.report import METHOD, TIMEOUT, Column, table
@@ -44,7 +47,9 @@ from bench.service import Service
 from bench.stats import MIB, calibrate
 from kernel_service.config import Settings
 
-SECTIONS = ("floor", "http", "sessions", "timeout", "memory", "throughput", "scale", "peers")
+SECTIONS = (
+    "floor", "http", "sessions", "timeout", "memory", "throughput", "scale", "load", "peers",
+)  # fmt: skip
 RESULTS = Path(__file__).with_name("results.md")
 
 
@@ -80,6 +85,7 @@ class Bench:
         return place, {
             "connection_dir": place / "c",
             "work_dir": place / "w",
+            "state_dir": place / "s",
             "sandbox_uid_base": base,
             "sandbox_uid_count": uids,
             "session_ttl": 0,
@@ -179,6 +185,30 @@ class Bench:
                 service, count, self.args.memory_floor * 1024 * MIB, self.args.scale_seconds
             )
 
+    async def load(self, column: Column) -> None:
+        """The mixed load, on a service without a warm pool: once every session is deleted,
+        no kernel may be left at all."""
+        args = self.args
+        place, values = self._place(uids=args.load_sessions + 100)
+        settings = {**values, **LAUNCHERS[column.name], "pool_size": 0,
+                    "max_sessions": args.load_sessions + 8}  # fmt: skip
+        _say(
+            f"[{column.name}] load: {args.load_executions} executions, {args.load_clients} "
+            f"clients, {args.load_sessions} sessions; deadline {args.load_deadline:.0f} s"
+        )
+        service = Service(column.name, place, settings)
+        async with _running(service, column, stop_timeout=60):
+            column.load = result = await mixed_load.mixed(
+                service,
+                sessions=args.load_sessions,
+                executions=args.load_executions,
+                clients=args.load_clients,
+                deadline=args.load_deadline,
+                memory_floor=int(args.memory_floor * 1024 * MIB),
+            )
+        _say(f"[{column.name}] load: done in {result.total_seconds:.0f} s")
+        _load_problems(column, result)
+
 
 @contextlib.asynccontextmanager
 async def _running(
@@ -196,6 +226,21 @@ async def _running(
 def _problem(column: Column, errors: int, what: str) -> None:
     if errors:
         column.problems.append(f"{what}: {errors} unexpected answers")
+
+
+def _load_problems(column: Column, result: mixed_load.MixedLoad) -> None:
+    """What went wrong under load, counted by kind, and the first few in full."""
+    if result.stopped_because:
+        column.problems.append(f"load: stopped: {result.stopped_because}")
+    if result.kinds:
+        kinds = ", ".join(f"{kind} ×{n}" for kind, n in result.kinds.most_common())
+        column.problems.append(f"load: {kinds}")
+        column.problems += [f"load: {example}" for example in result.examples]
+    if result.kernels_left or result.files_left:
+        column.problems.append(
+            f"load: after deleting every session, {result.kernels_left} kernel processes and "
+            f"{result.files_left} connection entries left"
+        )
 
 
 def _briefly(exc: Exception) -> str:
@@ -247,6 +292,13 @@ async def main_async(args: argparse.Namespace) -> int:
             except Exception as exc:
                 at.problems.append(f"scale: {_briefly(exc)}")
                 _say(f"scale failed: {exc}")
+        if "load" in bench.sections and columns:
+            at = next((c for c in columns if c.name == args.load_launcher), columns[-1])
+            try:
+                await bench.load(at)
+            except Exception as exc:
+                at.problems.append(f"load: {_briefly(exc)}")
+                _say(f"load failed: {exc}")
         if "peers" in bench.sections:
             peers = await run_peers(root / "peers", int(TIMEOUT), root / "peers-install.log")
     finally:
@@ -319,6 +371,22 @@ def main() -> None:
         type=float,
         default=3,
         help="scale: stop before available memory falls under this, GiB (3)",
+    )
+    parser.add_argument(
+        "--load-executions", type=int, default=10_000, help="load: executions (10000)"
+    )
+    parser.add_argument("--load-sessions", type=int, default=100, help="load: sessions (100)")
+    parser.add_argument("--load-clients", type=int, default=32, help="load: clients (32)")
+    parser.add_argument(
+        "--load-deadline",
+        type=float,
+        default=480,
+        help="load: the section stops by itself after this long, clean-up included (480 s)",
+    )
+    parser.add_argument(
+        "--load-launcher",
+        default=DEFAULT_LAUNCHERS[-1],
+        help=f"the column that runs the load section ({DEFAULT_LAUNCHERS[-1]})",
     )
     args = parser.parse_args()  # fmt: skip
     sandbox = os.geteuid() == 0 and shutil.which("bwrap") is not None

@@ -7,8 +7,10 @@ import contextlib
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     shared = argparse.ArgumentParser(add_help=False)  # how kernels run, for both commands
     shared.add_argument("--connection-dir", type=Path, help="where connection files go")
     shared.add_argument("--work-dir", type=Path, help="parent of the sessions' work dirs")
+    shared.add_argument("--state-dir", type=Path, help="where the session registry is kept")
     shared.add_argument("--max-sessions", type=int, help="live sessions at most")
     shared.add_argument("--session-ttl", type=float, help="idle seconds before culling (0: never)")
     shared.add_argument("--default-timeout", type=float, help="execution timeout in seconds")
@@ -42,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="allow a non-loopback --host without an API key",
+    )
+    serve.add_argument(
+        "--keep-kernels",
+        action="store_true",
+        default=None,
+        help="on SIGTERM, leave sessions and kernels running for the next start (an upgrade)",
     )
     commands.add_parser(
         "mcp",
@@ -96,10 +105,29 @@ def _serve_mcp(settings: Settings) -> None:
     from kernel_service.mcp_server import serve_stdio
     from kernel_service.runtime import Runtime
 
-    runtime = Runtime(settings)
+    private = None
+    if not {"state_dir", "connection_dir", "work_dir"} & settings.model_fields_set:
+        # Its sessions end with the client: a directory of its own, so that any number of
+        # clients can each run one (a service's directories are its alone).
+        private = Path(tempfile.mkdtemp(prefix="kernel-service-mcp-"))
+        settings = settings.model_copy(
+            update={
+                "state_dir": private / "state",
+                "connection_dir": private / "connection",
+                "work_dir": private / "work",
+            }
+        )
+    try:
+        runtime = Runtime(settings)
+    except BaseException:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+        raise
     signalled = False
 
     def stopped() -> None:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
         if signalled:
             # The SDK reads stdin in a thread that a signal cannot cancel: it would hold the
             # process until stdin closes. Every kernel and work dir is gone by now.
@@ -120,8 +148,12 @@ def _serve_mcp(settings: Settings) -> None:
             asyncio.get_running_loop().add_signal_handler(signum, stop)
         await serve_stdio(runtime, on_stopped=stopped)
 
-    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
-        asyncio.run(until_signalled())
+    try:
+        with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+            asyncio.run(until_signalled())
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
 
 
 def _is_loopback(host: str) -> bool:

@@ -35,6 +35,27 @@ class Settings(BaseSettings):
         Path.home() / ".cache" / "kernel-service" / "matplotlib",
         description="MPLCONFIGDIR shared by kernels; the font cache is built there once.",
     )
+    state_dir: Path = Field(
+        Path("state"),
+        description="Where the session registry lives (SQLite, 0700); the next start of the "
+        "service adopts the sessions and kernels recorded there. One service per directory.",
+    )
+    keep_kernels: bool = Field(
+        False,
+        description="On a graceful stop (SIGTERM), leave kernels and sessions for the next "
+        "start (a restart or an upgrade) instead of ending them.",
+    )
+    orphan_timeout: float = Field(
+        600.0,
+        ge=0,
+        description="Seconds kernels outlive a service that stopped without ending them (a "
+        "crash, or keep_kernels) before they are ended, if no service has started again.",
+    )
+    history_mb: PositiveInt = Field(
+        64,
+        description="Bytes of stored execution results per session; past it the oldest "
+        "results are dropped (their code and status stay in the history).",
+    )
 
     max_sessions: PositiveInt = Field(64, description="Live sessions at most; more get 429.")
     fork_server: bool = Field(
@@ -65,6 +86,11 @@ class Settings(BaseSettings):
     max_timeout: PositiveFloat = Field(600.0, description="Cap on the timeout a caller may ask.")
     interrupt_grace: PositiveFloat = Field(
         0.5, description="Seconds an interrupted kernel has to come back before it is restarted."
+    )
+    interrupt_on_disconnect: bool = Field(
+        True,
+        description="When the client of POST /execute disconnects before the answer, interrupt "
+        "its execution (or drop it from the session's queue); false: it runs to the end.",
     )
     kernel_start_timeout: PositiveFloat = Field(
         60.0, description="Seconds a new kernel has to answer kernel_info."

@@ -72,3 +72,13 @@ class ImageNotFound(ServiceError):
             f"Session {session_id!r} has no image {image_id!r} (older images are dropped "
             "once a session holds many)."
         )
+
+
+class StateFull(ServiceError):
+    code = "state_storage_full"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            f"The service cannot record this, so it did not do it: its state storage is full "
+            f"or failing ({detail}). Try again once there is room."
+        )

@@ -119,7 +119,7 @@ class Metrics:
         self._deaths = Counter(
             "kernel_service_kernel_deaths",
             "Kernels ended, by cause (shutdown and timeout: by the service; exited, signal, "
-            "out_of_memory, fork_server: on their own).",
+            "out_of_memory, unknown: on their own).",
             ["cause"],
             registry=registry,
         )

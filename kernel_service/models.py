@@ -202,6 +202,11 @@ class SessionInfo(BaseModel):
     execution_count: int
     created_at: datetime
     last_activity: datetime
+    notice: str | None = Field(
+        None,
+        description="What the session's next execution will say first: why its kernel was "
+        "replaced, or that an execution was cut short by a restart of the service.",
+    )
 
 
 class SessionList(BaseModel):

@@ -31,10 +31,12 @@ def build_result(
     duration_ms: float,
     lost_before: str | None,
     text_limit: int,
+    notice: str | None = None,
 ) -> ExecutionResult:
     """The result of one execution, from its outcome and the outputs gathered for it.
 
-    `lost_before` says why state was lost before the execution ran, if it was.
+    `lost_before` says why state was lost before the execution ran, if it was; `notice`,
+    anything else the caller should know first (an earlier execution cut short).
     """
     collector = outcome.collector
     status: Status
@@ -42,6 +44,8 @@ def build_result(
     notices: list[str] = []
     if lost_before:
         notices.append(lost_before)
+    if notice:
+        notices.append(notice)
     limit_words = f"{timeout:g} s time limit" + (
         " (the most this service allows)" if timeout_capped else ""
     )

@@ -1,24 +1,27 @@
-"""The service's core made from Settings: the kernel launcher, the session registry and the
-work directories, with their start and their clean stop. Shared by the HTTP app and by
-`kernel-service mcp` (stdio), so both run kernels the same way."""
+"""The service's core made from Settings: the kernel launcher, the session registry, the
+state store and the work directories, with their start (carrying on what an earlier service
+process left) and their stop. Shared by the HTTP app and by `kernel-service mcp` (stdio),
+so both run kernels the same way."""
 
 import asyncio
 import contextlib
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from kernel_service import __version__
 from kernel_service.config import MIB, Settings
+from kernel_service.errors import StateFull
 from kernel_service.kernel import (
     Kernel,
     KernelLauncher,
     KernelOptions,
     KernelStartError,
     SubprocessLauncher,
-    remove_stale_files,
     zmq_context,
 )
 from kernel_service.kernel.fonts import prepare_font_cache
@@ -36,7 +39,9 @@ from kernel_service.kernel.sandbox import (
 )
 from kernel_service.metrics import Metrics
 from kernel_service.pool import KernelPool
+from kernel_service.recovery import recover
 from kernel_service.sessions import SessionRegistry
+from kernel_service.state import StateStore, lock_directory
 from kernel_service.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
@@ -64,7 +69,9 @@ class Runtime:
             settings.sandbox_work_dir_mb * MIB if settings.sandbox != "none" else 0,
         )
         self.metrics = Metrics()
-        start_kernel = partial(_start_kernel, self.launcher, self.options)
+        self.store: StateStore | None = None  # while running
+        self._locks: list[int] = []  # on the connection and work directories, while running
+        start_kernel = self._start_kernel
         self.pool = KernelPool(
             settings.pool_size,
             self.metrics.counting_starts(start_kernel, "pool"),
@@ -83,23 +90,26 @@ class Runtime:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """Directories made, leftovers of a killed service swept, the culler running; on exit
-        every session is closed and every kernel ended."""
+        """The state directory locked, what an earlier service process left carried on or
+        removed, the culler and the orphan reaper running; on exit every session is closed
+        and every kernel ended, or with `keep_kernels` all left for the next start."""
         settings, options = self.settings, self.options
-        options.connection_dir.mkdir(parents=True, exist_ok=True)
-        settings.work_dir.mkdir(parents=True, exist_ok=True)
-        for path in await self.workspaces.remove_stale():
-            log.info("removed stale work directory %s", path.name)
-        for path in await asyncio.to_thread(remove_stale_files, options.connection_dir):
-            log.info("removed stale connection file %s", path.name)
-        await prepare_font_cache(options.matplotlib_dir)
-        await self.launcher.prepare()
+        store = await asyncio.to_thread(StateStore, settings.state_dir)
+        try:
+            await self._carry_on(store)
+        except BaseException:
+            await self.registry.detach_all()  # as found: the next start may do better
+            self._unlock(store)
+            raise
+        reaper = _start_reaper(settings, store)
         log.info(
-            "kernel-service %s ready: isolation=%s %s, connection files in %s, max %d sessions",
+            "kernel-service %s ready: isolation=%s %s, connection files in %s, state in %s, "
+            "max %d sessions",
             __version__,
             self.launcher.isolation,
             self.isolation,
             options.connection_dir,
+            store.directory,
             settings.max_sessions,
         )
         if self.launcher.isolation == "none":
@@ -112,10 +122,99 @@ class Runtime:
             culler.cancel()
             await asyncio.wait([culler])
             await self.pool.close()
-            await self.registry.close_all()
-            await self.launcher.close()
-            options.zmq_context.destroy(linger=0)
-            log.info("all sessions closed")
+            await self._stop(store, reaper)
+
+    async def _carry_on(self, store: StateStore) -> None:
+        """Adopt what the store records (see recovery.py) and clear what nobody owns."""
+        settings, options = self.settings, self.options
+        self.store = self.registry.store = store
+        options.connection_dir.mkdir(parents=True, exist_ok=True)
+        settings.work_dir.mkdir(parents=True, exist_ok=True)
+        # what is in them is this service's to adopt or to remove: no other may use them
+        for directory in (options.connection_dir, settings.work_dir):
+            self._locks.append(lock_directory(directory))
+        before = store.service_started(os.getpid())
+        await prepare_font_cache(options.matplotlib_dir)
+        recovered = await recover(store, self.registry, self.launcher, options, self.workspaces)
+        if recovered.sessions or before != "clean":
+            how = {None: "a crash or a first start", "kept": "a stop that kept them"}
+            log.info(
+                "carried on %d sessions (%d with their kernel) after %s; %d kernels ended",
+                recovered.sessions,
+                recovered.adopted,
+                how.get(before, "a stop"),
+                recovered.kernels_ended,
+            )
+        for path in await self.workspaces.remove_stale(self.registry.work_dirs()):
+            log.info("removed stale work directory %s", path.name)
+        await self.launcher.prepare()
+
+    async def _stop(self, store: StateStore, reaper: "subprocess.Popen[bytes]") -> None:
+        """End every session, or leave them all to the next start (`keep_kernels`)."""
+        keep = self.settings.keep_kernels
+        try:
+            if keep:
+                await self.registry.detach_all()
+                store.service_stopped("kept")
+                log.info("sessions and kernels kept for the next start")
+            else:
+                await self.registry.close_all()
+                log.info("all sessions closed")
+                store.service_stopped("clean")
+        except StateFull as exc:  # the reaper then waits out the orphan timeout: harmless
+            log.error("the state store could not record the stop: %s", exc)
+        finally:
+            if not keep:
+                reaper.terminate()  # nothing left for it to end
+            await self.launcher.close(kernels_left=keep)
+            self.options.zmq_context.destroy(linger=0)
+            self._unlock(store)
+            await asyncio.to_thread(_reaped, reaper, keep)
+
+    def _unlock(self, store: StateStore) -> None:
+        store.close()
+        self.store = self.registry.store = None
+        for fd in self._locks:
+            os.close(fd)
+        self._locks.clear()
+
+    async def _start_kernel(self, work_dir: Path) -> Kernel:
+        """A ready kernel, recorded in the state store as soon as its process exists. One
+        that runs but never answers is ended and launched once more."""
+        try:
+            return await Kernel.start(self.launcher, self.options, work_dir, self._record)
+        except KernelStartError as exc:
+            if not exc.stuck:
+                raise
+            log.warning("a kernel never answered; launching another: %s", exc)
+        return await Kernel.start(self.launcher, self.options, work_dir, self._record)
+
+    def _record(self, kernel: Kernel) -> None:
+        """Raises StateFull when the kernel cannot be recorded (it is then ended)."""
+        store = self.store
+        if store is None:
+            raise KernelStartError("the service is not running")
+        store.add_kernel(kernel.record())
+        kernel.process.on_exit(lambda _: store.remove_kernel(kernel.kernel_id))
+
+
+def _start_reaper(settings: Settings, store: StateStore) -> "subprocess.Popen[bytes]":
+    """The orphan reaper for this service process (see reaper.py)."""
+    return subprocess.Popen(
+        [sys.executable, "-I", "-m", "kernel_service.reaper", str(store.directory),
+         str(os.getpid()), str(settings.orphan_timeout)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _reaped(reaper: "subprocess.Popen[bytes]", kept: bool) -> None:
+    """Wait for a reaper told to end; one left to watch over kept kernels is let go."""
+    if not kept:
+        reaper.wait()
+    else:
+        reaper.returncode = 0  # not ours to wait for any more: no ResourceWarning
 
 
 def make_launcher(settings: Settings, options: KernelOptions) -> KernelLauncher:
@@ -142,14 +241,3 @@ def make_launcher(settings: Settings, options: KernelOptions) -> KernelLauncher:
     )
     launcher.verify()
     return launcher
-
-
-async def _start_kernel(launcher: KernelLauncher, options: KernelOptions, work_dir: Path) -> Kernel:
-    """A ready kernel. One that runs but never answers is ended and launched once more."""
-    try:
-        return await Kernel.start(launcher, options, work_dir)
-    except KernelStartError as exc:
-        if not exc.stuck:
-            raise
-        log.warning("a kernel never answered; launching another: %s", exc)
-    return await Kernel.start(launcher, options, work_dir)

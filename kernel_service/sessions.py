@@ -2,6 +2,9 @@
 
 Executions of one session are serialised by its lock; sessions run concurrently. A session
 whose kernel died or was killed gets a fresh kernel, started in the background at once.
+Everything a later service process needs to carry a session on is written to the state
+store as it happens: the session before it is handed out, each execution before it runs
+and when it ends, its images, which kernel it has.
 """
 
 import asyncio
@@ -10,10 +13,10 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from kernel_service.collector import OutputLimits
 from kernel_service.config import MIB, Settings
@@ -22,6 +25,7 @@ from kernel_service.errors import (
     KernelUnavailable,
     SessionExists,
     SessionNotFound,
+    StateFull,
     TooManySessions,
 )
 from kernel_service.images import image_payloads, png_size
@@ -37,6 +41,7 @@ from kernel_service.models import (
 )
 from kernel_service.pool import KernelFactory, KernelPool
 from kernel_service.results import STATE_LOST, build_result
+from kernel_service.state import SessionRecord, StateStore
 from kernel_service.workspaces import WorkspaceError, Workspaces
 
 log = logging.getLogger(__name__)
@@ -67,20 +72,30 @@ class Session:
         session_id: str,
         *,
         owner: str | None,
-        kernel: Kernel,
+        kernel: Kernel | None,
         work_dir: Path,
         start_kernel: KernelFactory,
         settings: Settings,
         workspaces: Workspaces,
         metrics: Metrics,
+        store: StateStore,
+        record: SessionRecord | None = None,
+        lost: str | None = None,
     ) -> None:
+        """`record`: the session as an earlier service process left it (`kernel` is its
+        adopted kernel, or None); `lost` says why its kernel could not be adopted."""
         self.session_id = session_id
         self.owner = owner  # who may see it: a digest of the API key that made it
+        self.key = _key(session_id, owner)
         self.work_dir = work_dir
-        self.created_at = datetime.now(UTC)
-        self.last_activity = self.created_at
-        self.execution_count = 0
-        self._idle_since = time.monotonic()
+        self.created_at = record.created_at if record else datetime.now(UTC)
+        self.last_activity = record.last_activity if record else self.created_at
+        self.execution_count = record.execution_count if kernel and record else 0
+        idle = (datetime.now(UTC) - self.last_activity).total_seconds()
+        self._idle_since = time.monotonic() - max(idle, 0.0)
+        # What the next execution has to say first, and whether it means state was lost.
+        self.notice = "\n".join(filter(None, (record.notice if record else None, lost))) or None
+        self._notice_lost_state = lost is not None
         self._kernel: Kernel | None = kernel
         self._replacing: asyncio.Task[Kernel] | None = None
         self._start_kernel = start_kernel
@@ -89,9 +104,12 @@ class Session:
         self._metrics = metrics
         self._limits = OutputLimits(text=settings.output_limit, rich=settings.rich_output_limit)
         self._lock = asyncio.Lock()
-        self._images: OrderedDict[str, StoredImage] = OrderedDict()
-        self._image_seq = 0
-        self._image_bytes = 0
+        self._store = store
+        self._seq = store.last_seq(self.key) if record else 0
+        self._result_bytes = store.result_bytes(self.key) if record else 0
+        self._images = store.image_sizes(self.key) if record else []  # (id, size), oldest first
+        self._image_seq = max((int(i.split(".")[0]) for i, _ in self._images), default=0)
+        self._image_bytes = sum(size for _, size in self._images)
         self._closed = False
 
     # ------------------------------------------------------------ views
@@ -120,13 +138,14 @@ class Session:
             execution_count=self.execution_count,
             created_at=self.created_at,
             last_activity=self.last_activity,
+            notice=self.notice,
         )
 
     def image(self, image_id: str) -> StoredImage:
-        try:
-            return self._images[image_id]
-        except KeyError:
-            raise ImageNotFound(self.session_id, image_id) from None
+        found = self._store.image(self.key, image_id)
+        if found is None:
+            raise ImageNotFound(self.session_id, image_id)
+        return StoredImage(*found)
 
     # ------------------------------------------------------------ actions
 
@@ -136,6 +155,11 @@ class Session:
         async with self._lock:
             self._touch()
             started = time.perf_counter()
+            if self._closed:
+                raise SessionNotFound(self.session_id)
+            seq = self._seq + 1
+            self._store.execution_started(self.key, seq, code)  # StateFull: nothing ran
+            self._seq = seq
             try:
                 kernel, lost_before = await self._ready_kernel()
                 outcome = await kernel.execute(
@@ -149,6 +173,8 @@ class Session:
                 if outcome.collector.execution_count is not None:
                     self.execution_count = outcome.collector.execution_count
                 outputs = outcome.collector.outputs()
+                notice, notice_lost = self.notice, self._notice_lost_state
+                self.notice, self._notice_lost_state = None, False
                 result = build_result(
                     session_id=self.session_id,
                     outcome=outcome,
@@ -157,9 +183,16 @@ class Session:
                     timeout_capped=timeout is not None and timeout > effective,
                     images=self._store_images(outputs),
                     duration_ms=(time.perf_counter() - started) * 1000,
-                    lost_before=lost_before,
+                    lost_before=lost_before or (notice if notice_lost else None),
+                    notice=None if notice_lost else notice,
                     text_limit=self._settings.text_limit,
                 )
+                self._record_end(seq, result)
+            except BaseException as exc:  # cancelled (client gone, service stopping) or failed
+                ending = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
+                with contextlib.suppress(StateFull):
+                    self._store.execution_ended(self.key, seq, ending)
+                raise
             finally:
                 self._touch()
         size = output_size(result.outputs)
@@ -196,6 +229,30 @@ class Session:
             await self._ready_kernel()
             self._touch()
 
+    def _record_end(self, seq: int, result: ExecutionResult) -> None:
+        """The execution's result, and the session's last use; within the history's room.
+
+        A failure to write is logged, not raised: the code has run and its caller gets the
+        result (a later service process reports this execution as lost)."""
+        stored = result.model_dump_json()
+        try:
+            self._store.execution_ended(
+                self.key,
+                seq,
+                result.status,
+                duration_ms=result.duration_ms,
+                execution_count=result.execution_count,
+                result=stored,
+            )
+            self._store.session_used(self.key, self.last_activity, self.execution_count)
+            self._result_bytes += len(stored)
+            room = self._settings.history_mb * MIB
+            if self._result_bytes > room:
+                freed = self._store.drop_oldest_results(self.key, self._result_bytes - room)
+                self._result_bytes -= freed
+        except StateFull as exc:
+            log.error("session %s: execution %d not recorded: %s", self.session_id, seq, exc)
+
     async def close(self) -> None:
         """End the kernel (and any kernel starting), then remove the work directory."""
         self._closed = True
@@ -206,8 +263,19 @@ class Session:
         if self._kernel is not None:
             await self._kernel.shutdown()
             self._kernel = None
-        self._images.clear()
+        self._store.remove_session(self.key)
         await self._workspaces.remove(self.work_dir)
+
+    async def detach(self) -> None:
+        """Leave the kernel running and the session recorded, for the next service process
+        (any kernel starting is called off: the session gets one at its next execution)."""
+        self._closed = True
+        replacing = self._replacing
+        if replacing is not None:
+            replacing.cancel()
+            await asyncio.wait([replacing])
+        if self._kernel is not None:
+            self._kernel.detach()
 
     # ------------------------------------------------------------ kernel replacement
 
@@ -268,6 +336,7 @@ class Session:
         self._kernel = kernel
         self._replacing = None
         self.execution_count = 0
+        self._store.set_kernel(self.key, kernel.kernel_id)
         log.info("session %s: new kernel %s", self.session_id, kernel.kernel_id)
         return kernel
 
@@ -282,13 +351,22 @@ class Session:
         for payload in image_payloads(outputs):
             self._image_seq += 1
             image_id = f"{self._image_seq}.{_EXTENSIONS.get(payload.mime, 'bin')}"
-            self._images[image_id] = StoredImage(payload.mime, payload.data)
-            self._image_bytes += len(payload.data)
+            try:
+                self._store.add_image(self.key, image_id, payload.mime, payload.data)
+            except StateFull as exc:  # in the result still, but not at its URL
+                log.error("session %s: image not stored: %s", self.session_id, exc)
+            else:
+                self._images.append((image_id, len(payload.data)))
+                self._image_bytes += len(payload.data)
+            dropped: list[str] = []
             while len(self._images) > self._settings.images_per_session or (
                 self._image_bytes > self._settings.image_store_mb * MIB and len(self._images) > 1
             ):
-                _, dropped = self._images.popitem(last=False)
-                self._image_bytes -= len(dropped.data)
+                dropped_id, dropped_size = self._images.pop(0)
+                dropped.append(dropped_id)
+                self._image_bytes -= dropped_size
+            if dropped:
+                self._store.remove_images(self.key, dropped)
             size = png_size(payload.data) if payload.mime == "image/png" else None
             images.append(
                 Image(
@@ -319,6 +397,7 @@ class SessionRegistry:
         self._replace_kernel = self.metrics.counting_starts(start_kernel, "replacement")
         self.workspaces = workspaces
         self.pool = pool
+        self.store: StateStore | None = None  # set while the service runs
         # Keyed by owner and id together: each API key has a namespace of its own.
         self._sessions: dict[str, Session] = {}
         self._reserved: dict[str, str | None] = {}  # being made or ended: key → owner
@@ -334,6 +413,9 @@ class SessionRegistry:
 
     def sessions(self, owner: str | None = None) -> list[Session]:
         return [s for s in self._sessions.values() if s.owner == owner]
+
+    def work_dirs(self) -> set[Path]:
+        return {s.work_dir.resolve() for s in self._sessions.values()}
 
     def statuses(self) -> list[SessionStatus]:
         """The status of every live session, whoever owns it."""
@@ -368,16 +450,28 @@ class SessionRegistry:
                 raise
             finally:
                 self._reserved.pop(key, None)
-        session = Session(
-            session_id,
-            owner=owner,
-            kernel=kernel,
-            work_dir=work_dir,
-            start_kernel=self._replace_kernel,
-            settings=self._settings,
-            workspaces=self.workspaces,
-            metrics=self.metrics,
-        )
+        session = self._session(session_id, owner, kernel, work_dir)
+        try:
+            self._stored().add_session(
+                SessionRecord(
+                    key=key,
+                    session_id=session_id,
+                    owner=owner,
+                    work_dir=work_dir,
+                    kernel_id=kernel.kernel_id,
+                    created_at=session.created_at,
+                    last_activity=session.last_activity,
+                    execution_count=0,
+                    notice=None,
+                )
+            )
+        except BaseException:
+            self._reserved[key] = owner
+            try:
+                await session.close()
+            finally:
+                self._reserved.pop(key, None)
+            raise
         self._sessions[key] = session
         self.metrics.session_created(warm=warm is not None)
         log.info("session %s created (kernel %s)", session_id, kernel.kernel_id)
@@ -404,6 +498,48 @@ class SessionRegistry:
         for _ in sessions:
             self.metrics.session_closed("service_stopped")
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+
+    async def detach_all(self) -> None:
+        """Leave every session's kernel running for the next service process."""
+        sessions = list(self._sessions.values())
+        self._sessions.clear()
+        await asyncio.gather(*(s.detach() for s in sessions), return_exceptions=True)
+
+    def restore(self, record: SessionRecord, kernel: Kernel | None, lost: str | None) -> Session:
+        """A session an earlier service process left, with its adopted kernel (or None and
+        why its kernel is gone)."""
+        session = self._session(record.session_id, record.owner, kernel, record.work_dir,
+                                record=record, lost=lost)  # fmt: skip
+        if lost is not None:
+            self._stored().set_kernel(record.key, None, session.notice)
+        self._sessions[record.key] = session
+        return session
+
+    def _session(
+        self,
+        session_id: str,
+        owner: str | None,
+        kernel: Kernel | None,
+        work_dir: Path,
+        **restored: Any,
+    ) -> Session:
+        return Session(
+            session_id,
+            owner=owner,
+            kernel=kernel,
+            work_dir=work_dir,
+            start_kernel=self._replace_kernel,
+            settings=self._settings,
+            workspaces=self.workspaces,
+            metrics=self.metrics,
+            store=self._stored(),
+            **restored,
+        )
+
+    def _stored(self) -> StateStore:
+        if self.store is None:
+            raise RuntimeError("the session registry is used before the service runs")
+        return self.store
 
     async def cull_idle(self) -> list[str]:
         """Close sessions idle for longer than the TTL; busy sessions are never culled."""

@@ -64,9 +64,20 @@ class Workspaces:
         if image.exists():
             image.unlink()
 
-    async def remove_stale(self) -> list[Path]:
-        """Remove the work directories a service that died left mounted (none is live yet)."""
-        stale = [p for p in self.root.glob("*") if os.path.ismount(p)]  # noqa: ASYNC240
+    async def restore(self, path: Path) -> None:
+        """A recorded session's work directory as it was: mounted again if its filesystem
+        is not (after a reboot), made afresh if it is gone."""
+        image = self._image(path)
+        if os.path.ismount(path) or not image.exists():  # noqa: ASYNC240 (one stat)
+            path.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
+            return
+        path.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
+        await _run("mount", "-o", "loop,nosuid,nodev", str(image), str(path))
+
+    async def remove_stale(self, keep: set[Path]) -> list[Path]:
+        """Remove the work directories an earlier service left that no session of `keep`
+        (the ones carried on) owns."""
+        stale = [p for p in self.root.glob("*") if p.resolve() not in keep]
         stale += [
             p.parent / p.name[1:-4]
             for p in self.root.glob(".*.img")

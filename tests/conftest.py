@@ -7,6 +7,8 @@ import itertools
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -152,6 +154,7 @@ def make_settings(tmp: Path, **overrides: Any) -> Settings:
         "sandbox_uid_count": 1000,
         "connection_dir": tmp / "connection",
         "work_dir": tmp / "work",
+        "state_dir": tmp / "state",
         "log_level": "warning",
         "sandbox": "bubblewrap" if SANDBOXED else "none",
         "sandbox_work_dir_mb": 256,
@@ -188,3 +191,67 @@ def session(server: Server) -> Iterator[str]:
     session_id = server.new_session()
     yield session_id
     server.client.delete(f"/sessions/{session_id}")
+
+
+@contextmanager
+def service_process(
+    tmp_path: Path,
+    log_level: str = "warning",
+    env: dict[str, str] | None = None,
+    uid_base: int | None = None,
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """The real `python -m kernel_service serve` on a free loopback port, its directories in
+    `tmp_path` (so a second one there carries on the first's sessions; give it the same
+    `uid_base`); its log appended to service.log. Killed at the end if still running."""
+    log_file = tmp_path / "service.log"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kernel_service",
+            "serve",
+            "--port",
+            str(port),
+            "--connection-dir",
+            str(tmp_path / "connection"),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--log-level",
+            log_level,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log_file.open("ab"),
+        env={
+            **os.environ,
+            **({} if SANDBOXED else {"KERNEL_SERVICE_SANDBOX": "none"}),
+            "KERNEL_SERVICE_SANDBOX_UID_BASE": str(uid_base or fresh_uid_base()),
+            "KERNEL_SERVICE_SANDBOX_UID_COUNT": "1000",
+            "KERNEL_SERVICE_POOL_SIZE": "0",
+            **(env or {}),
+        },
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{base_url}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, log_file.read_text()
+                assert time.monotonic() < deadline, "service did not start"
+                time.sleep(0.1)
+        yield process, base_url
+    finally:
+        if process.poll() is None:  # a test that failed half-way: stop it cleanly if it can
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        process.wait(timeout=30)

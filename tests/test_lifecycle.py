@@ -1,26 +1,19 @@
-"""Sessions end cleanly: culling, deletion, and the service's own SIGTERM/SIGINT or death."""
+"""Sessions end cleanly: culling, deletion, and the service's own SIGTERM/SIGINT (its death:
+test_survival)."""
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import (
-    SANDBOXED,
     Server,
     alive,
-    fresh_uid_base,
     kernel_processes,
     processes_running,
     running_server,
+    service_process,
     wait_for,
 )
 
@@ -63,59 +56,6 @@ def test_delete_ends_the_kernel_and_what_it_started(server: Server) -> None:
     assert not (server.settings.work_dir.resolve() / session_id).exists()
 
 
-@contextmanager
-def service_process(
-    tmp_path: Path, log_level: str = "warning", env: dict[str, str] | None = None
-) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """The real `python -m kernel_service serve` on a free loopback port; log in service.log."""
-    log_file = tmp_path / "service.log"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kernel_service",
-            "serve",
-            "--port",
-            str(port),
-            "--connection-dir",
-            str(tmp_path / "connection"),
-            "--work-dir",
-            str(tmp_path / "work"),
-            "--log-level",
-            log_level,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log_file.open("wb"),
-        env={
-            **os.environ,
-            **({} if SANDBOXED else {"KERNEL_SERVICE_SANDBOX": "none"}),
-            "KERNEL_SERVICE_SANDBOX_UID_BASE": str(fresh_uid_base()),
-            "KERNEL_SERVICE_SANDBOX_UID_COUNT": "1000",
-            "KERNEL_SERVICE_POOL_SIZE": "0",
-            **(env or {}),
-        },
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{base_url}/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None, log_file.read_text()
-                assert time.monotonic() < deadline, "service did not start"
-                time.sleep(0.1)
-        yield process, base_url
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_service_signal_ends_every_kernel(tmp_path: Path, sig: signal.Signals) -> None:
     with service_process(tmp_path) as (process, base_url):
@@ -129,16 +69,3 @@ def test_service_signal_ends_every_kernel(tmp_path: Path, sig: signal.Signals) -
         assert process.wait(timeout=30) in (0, -sig)
     assert kernel_processes(tmp_path / "connection") == []
     assert list((tmp_path / "connection").iterdir()) == []
-
-
-def test_kernels_do_not_outlive_a_killed_service(tmp_path: Path) -> None:
-    with service_process(tmp_path) as (process, base_url):
-        assert httpx.post(f"{base_url}/execute", json={"code": "1"}, timeout=60).status_code == 200
-        [kernel] = kernel_processes(tmp_path / "connection")
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-    assert wait_for(lambda: not alive(kernel.pid), 10), "kernel orphaned by a killed service"
-    # what it left behind is swept away by the next start
-    assert list((tmp_path / "connection").glob("k-*/connection.json"))
-    with service_process(tmp_path):
-        assert list((tmp_path / "connection").iterdir()) == []

@@ -71,6 +71,7 @@ def stdio_env(tmp: Path) -> dict[str, str]:
     names = [
         "connection_dir",
         "work_dir",
+        "state_dir",
         "sandbox",
         "sandbox_uid_base",
         "sandbox_uid_count",

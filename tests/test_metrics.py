@@ -6,13 +6,14 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Server, running_server, wait_for
+from tests.conftest import Server, kernel_processes, running_server, wait_for
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -48,7 +49,7 @@ def test_metrics_follow_executions_kernel_deaths_and_sessions(tmp_path: Path) ->
         # every series is there from the start, at zero
         for status in ("ok", "error", "timeout"):
             assert value(before, "kernel_service_executions_total", status=status) == 0
-        for cause in ("shutdown", "timeout", "exited", "signal", "out_of_memory", "fork_server"):
+        for cause in ("shutdown", "timeout", "exited", "signal", "out_of_memory", "unknown"):
             assert value(before, "kernel_service_kernel_deaths_total", cause=cause) == 0
         assert value(before, "kernel_service_sessions", status="idle") == 0
         assert value(before, "kernel_service_kernel_starts_total", launch="pool", outcome="ok") >= 1
@@ -131,15 +132,18 @@ def test_culled_sessions_are_counted(tmp_path: Path) -> None:
         assert value(samples, "kernel_service_sessions", status="idle") == 0
 
 
-def test_kernels_lost_with_the_zygote_are_counted_as_such(tmp_path: Path) -> None:
+def test_the_end_of_a_kernel_whose_parent_is_gone_has_an_unknown_cause(tmp_path: Path) -> None:
     from tests.test_forkserver import zygotes
 
     with running_server(tmp_path) as server:
         server.new_session()
         [zygote] = zygotes(server)
+        [kernel] = kernel_processes(server.connection_dir)
         os.kill(zygote.pid, signal.SIGKILL)
+        time.sleep(0.5)  # the zygote's death noticed: its kernel is an orphan now
+        kernel.kill()
         deaths = "kernel_service_kernel_deaths_total"
-        assert wait_for(lambda: value(scrape(server.client), deaths, cause="fork_server") == 1)
+        assert wait_for(lambda: value(scrape(server.client), deaths, cause="unknown") == 1)
         assert value(scrape(server.client), deaths, cause="out_of_memory") == 0
 
 

@@ -19,6 +19,7 @@ from kernel_service.errors import (
     ServiceError,
     SessionExists,
     SessionNotFound,
+    StateFull,
     TooManySessions,
     Unauthorized,
 )
@@ -33,6 +34,7 @@ STATUS_OF: dict[type[ServiceError], int] = {
     CodeTooLarge: 413,
     TooManySessions: 429,
     KernelUnavailable: 503,
+    StateFull: 507,
 }
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 _METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")

@@ -1,9 +1,13 @@
 """The HTTP routes: thin translations between HTTP and the session registry."""
 
-from typing import Annotated, Any
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.types import Receive
 
 from kernel_service import __version__
 from kernel_service.config import Settings
@@ -23,7 +27,11 @@ from kernel_service.models import (
 from kernel_service.sessions import SessionRegistry
 from kernel_service.tool import ToolFormat, render_tool, tool_spec
 
+log = logging.getLogger(__name__)
+
 router = APIRouter()
+
+T = TypeVar("T")
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -65,19 +73,66 @@ def _json(model: ExecutionResult | SessionInfo) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
+async def _cancel_on_disconnect(receive: Receive, task: "asyncio.Task[Any]") -> bool:
+    """Cancel `task` when the client disconnects; True if it did.
+
+    Called once the body has been read: the server's receive then blocks until the client
+    goes (or the response is sent), so this costs no polling and consumes no body.
+    """
+    message = await receive()
+    if message["type"] != "http.disconnect":
+        return False  # not what ASGI promises after the body: stop watching
+    task.cancel()
+    return True
+
+
+async def _unless_client_leaves(receive: Receive, work: Coroutine[Any, Any, T]) -> T | None:
+    """`work`'s result, or None if the client disconnected first: `work` was then cancelled
+    and has ended (an execution's cancellation interrupts the kernel and frees the session).
+    """
+    task = asyncio.create_task(work)
+    watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
+    try:
+        # If this request is itself cancelled (the service stopping), so is `task`, and
+        # this await returns only once it has ended.
+        return await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        left = watcher.done() and not watcher.cancelled() and watcher.exception() is None
+        if left and watcher.result() and current is not None and not current.cancelling():
+            return None
+        raise
+    finally:
+        watcher.cancel()
+        await asyncio.wait((watcher,))  # never left behind; its cancellation is not ours
+
+
 @router.post("/execute", response_model=ExecutionResult, responses=_errors(404, 413, 422, 429, 503))
 async def execute(
-    body: ExecuteRequest, registry: Registry, settings: Config, owner: Owner
+    body: ExecuteRequest, request: Request, registry: Registry, settings: Config, owner: Owner
 ) -> Response:
     """Run code in a session (a new one when `session_id` is null) and return all it produced."""
     size = len(body.code.encode())
     if size > settings.max_code_bytes:
         raise CodeTooLarge(size, settings.max_code_bytes)
-    if body.session_id is not None:
-        session = registry.get(body.session_id, owner)
-    else:
-        session = await registry.create(owner=owner)
-    return _json(await session.execute(body.code, body.timeout))
+    session = registry.get(body.session_id, owner) if body.session_id is not None else None
+
+    async def run() -> ExecutionResult:
+        nonlocal session
+        if session is None:
+            session = await registry.create(owner=owner)
+        return await session.execute(body.code, body.timeout)
+
+    if not settings.interrupt_on_disconnect:
+        return _json(await run())  # if the client has left, the result goes nowhere
+    result = await _unless_client_leaves(request.receive, run())
+    if result is None:
+        log.info(
+            "session %s: the client disconnected; its execution was cancelled",
+            session.session_id if session is not None else "(not made)",
+        )
+        return Response(status_code=499)  # nobody reads it ("client closed request")
+    return _json(result)
 
 
 @router.post(

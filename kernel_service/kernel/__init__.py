@@ -1,6 +1,5 @@
 """The only package that speaks the kernel protocol (jupyter_client): launch, execute, interrupt."""
 
-from kernel_service.kernel.files import remove_stale_files
 from kernel_service.kernel.kernel import (
     ExitCause,
     Kernel,
@@ -19,6 +18,5 @@ __all__ = [
     "KernelStartError",
     "RunOutcome",
     "SubprocessLauncher",
-    "remove_stale_files",
     "zmq_context",
 ]

@@ -59,18 +59,25 @@ class MemoryCgroups:
         (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
         return group / "cgroup.procs"
 
-    def remove(self, name: str) -> bool:
-        """Remove a kernel's cgroup; False while processes are still leaving it."""
+    @staticmethod
+    def remove(group: Path) -> bool:
+        """Remove a kernel's cgroup; False while processes are still leaving it. The service's
+        group that held it goes too once empty, if its service is gone (adopted kernels)."""
         try:
-            (self.root / name).rmdir()
+            group.rmdir()
         except FileNotFoundError:
             return True
         except OSError:
             return False
+        _remove_stale(group.parent.parent)
         return True
 
-    async def close(self) -> None:
-        """Remove every cgroup, waiting briefly for the last processes to leave them."""
+    async def close(self, kernels_left: bool = False) -> None:
+        """Remove every cgroup, waiting briefly for the last processes to leave them; with
+        `kernels_left`, only the empty ones (the rest are kept kernels', and their parent)."""
+        if kernels_left:
+            _remove_tree(self.root)
+            return
         for _ in range(100):
             _remove_tree(self.root)
             if not self.root.exists():

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 from jupyter_client.connect import write_connection_file
 
 # A Unix socket path must fit in sun_path (108 bytes with its NUL).
@@ -62,21 +61,3 @@ class KernelFiles:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def remove_stale_files(connection_dir: Path) -> list[Path]:
-    """Remove kernel directories that no live kernel process uses.
-
-    They are what a service killed outright leaves behind. A directory whose kernel still
-    runs (another service on the same connection directory, say) is kept.
-    """
-    candidates = sorted(p for p in connection_dir.glob("k-*") if p.is_dir())
-    if not candidates:
-        return []
-    in_use: set[str] = set()
-    for process in psutil.process_iter(["cmdline"]):
-        in_use.update(process.info["cmdline"] or [])
-    stale = [d for d in candidates if str(d / "connection.json") not in in_use]
-    for directory in stale:
-        shutil.rmtree(directory, ignore_errors=True)
-    return stale

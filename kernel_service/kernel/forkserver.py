@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from kernel_service.kernel.launcher import (
+    UNKNOWN_EXIT,
+    UNKNOWN_STATUS,
     KernelProcess,
     LaunchSpec,
     SubprocessLauncher,
@@ -177,7 +179,7 @@ class ForkServer:
             os.kill(pid, signal.SIGKILL)
 
     def _lost(self) -> None:
-        """The zygote died: its kernels die with it (their death signal), say so to each."""
+        """The zygote died: its kernels live on, orphans whose end only their pidfd tells."""
         log.error("the fork-server's zygote died; it is started again at the next launch")
         self._drop_channel()
         for answer in self._pending.values():
@@ -185,10 +187,7 @@ class ForkServer:
                 answer.set_exception(ForkServerError("the zygote died"))
         children, self._children = self._children, {}
         for child in children.values():
-            child.exited(
-                -signal.SIGKILL,
-                "the fork-server process that started it died, and its kernels with it",
-            )
+            child.orphaned()
 
     def _drop_channel(self) -> None:
         if self._channel is not None:
@@ -208,8 +207,17 @@ class ForkedKernelProcess(WatchedProcess):
     """A kernel forked by the zygote: not our child, so its end is reported by the zygote
     (`exited`)."""
 
-    def exited(self, status: int, reason: str | None = None) -> None:
-        self._ended(status, reason)
+    def exited(self, status: int) -> None:
+        self._ended(status)
+
+    def orphaned(self) -> None:
+        """The zygote is gone: watch the process through a pidfd from now on."""
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:  # ended already; the status went with the zygote
+            self._ended(UNKNOWN_STATUS, UNKNOWN_EXIT)
+            return
+        self._watch_pidfd(pidfd)
 
 
 async def _fork(server: ForkServer, request: dict[str, Any], fds: list[int], wrapper: bool
@@ -274,7 +282,7 @@ class ForkLauncher(SubprocessLauncher):
     async def prepare(self) -> None:
         await _start_or_warn(self._server)
 
-    async def close(self) -> None:
+    async def close(self, kernels_left: bool = False) -> None:
         self._server.close()
 
     def describe(self) -> dict[str, Any]:
@@ -323,11 +331,12 @@ class SandboxedForkLauncher(BubblewrapLauncher):
             return await super()._start(spec, uid, cgroup_procs, seccomp_fd)
 
     async def prepare(self) -> None:
+        await super().prepare()
         await _start_or_warn(self._server)
 
-    async def close(self) -> None:
+    async def close(self, kernels_left: bool = False) -> None:
         self._server.close()
-        await super().close()
+        await super().close(kernels_left)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "launch": "fork-server"}

@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +23,13 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 
 from kernel_service.collector import ExecutionCollector, OutputLimits
 from kernel_service.kernel.files import KernelFiles
-from kernel_service.kernel.launcher import KernelLauncher, KernelProcess, LaunchSpec
+from kernel_service.kernel.launcher import (
+    AdoptionError,
+    KernelLauncher,
+    KernelProcess,
+    LaunchSpec,
+)
+from kernel_service.state import KernelRecord, start_ticks
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +40,21 @@ _DEATH_DRAIN = 0.05
 # Between kernel_info requests while waiting for a new kernel to be ready.
 _READY_RETRY = 0.25
 _LOG_TAIL = 2000
+# How long a kernel being adopted has to answer kernel_info.
+_ADOPT_TIMEOUT = 5.0
 STARTUP_FILE = Path(__file__).with_name("startup.py")
 _PROBE_LIMITS = OutputLimits(text=1000, rich=1000)
 
 Ending = Literal["done", "interrupted", "killed", "died", "output_lost"]
 # Why a kernel process ended, in a word (for counting; `exit_words` says it for people).
-ExitCause = Literal["shutdown", "timeout", "exited", "signal", "out_of_memory", "fork_server"]
+ExitCause = Literal["shutdown", "timeout", "exited", "signal", "out_of_memory", "unknown"]
+# What must match between a kernel's record and its connection file to adopt it.
+_CONNECTION_KEYS = (
+    "transport", "ip", "key", "signature_scheme",
+    "shell_port", "iopub_port", "stdin_port", "control_port", "hb_port",
+)  # fmt: skip
+# Told to every start: record this kernel, now that its process exists.
+OnLaunch = Callable[["Kernel"], None]
 
 
 class KernelStartError(Exception):
@@ -140,9 +156,16 @@ class Kernel:
 
     @classmethod
     async def start(
-        cls, launcher: KernelLauncher, options: KernelOptions, work_dir: Path
+        cls,
+        launcher: KernelLauncher,
+        options: KernelOptions,
+        work_dir: Path,
+        on_launch: OnLaunch | None = None,
     ) -> "Kernel":
-        """Write a connection file, launch a kernel on it and wait until it answers."""
+        """Write a connection file, launch a kernel on it and wait until it answers.
+
+        `on_launch` is called once the process exists, before the wait; if it raises, the
+        kernel is ended and the error goes to the caller."""
         kernel_id = uuid.uuid4().hex[:16]
         try:
             files = KernelFiles.create(options.connection_dir, kernel_id)
@@ -165,6 +188,8 @@ class Kernel:
             raise
         kernel = cls(kernel_id, process, files, options.zmq_context)
         try:
+            if on_launch is not None:
+                on_launch(kernel)
             kernel._start_channels()
             await kernel._wait_ready(options.start_timeout)
             await launcher.on_ready(spec)
@@ -173,8 +198,57 @@ class Kernel:
             raise
         return kernel
 
-    async def _wait_ready(self, timeout: float) -> None:
-        """Ready means: kernel_info answered on shell *and* its idle seen on iopub.
+    @classmethod
+    async def adopt(
+        cls, record: KernelRecord, launcher: KernelLauncher, options: KernelOptions
+    ) -> "Kernel":
+        """Take over a kernel that an earlier service process started: its process found
+        alive, its connection file as recorded, and kernel_info answered (over the control
+        channel: the shell may still be busy with code that ran when that service ended).
+        Raises AdoptionError, after ending the kernel, when any of that fails."""
+        try:
+            on_disk = json.loads(KernelFiles(record.directory, {}).connection_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise AdoptionError(f"its connection file is missing or unreadable ({exc})") from exc
+        if not isinstance(on_disk, dict) or any(
+            on_disk.get(k) != record.connection.get(k) for k in _CONNECTION_KEYS
+        ):
+            raise AdoptionError("its connection file is not the one it was started with")
+        process = launcher.adopt(record)
+        files = KernelFiles(record.directory, record.connection)
+        kernel = cls(record.kernel_id, process, files, options.zmq_context)
+        try:
+            kernel._start_channels()
+            await kernel._wait_ready(_ADOPT_TIMEOUT, control=True)
+        except BaseException as exc:
+            await kernel.shutdown()
+            if isinstance(exc, KernelStartError):
+                raise AdoptionError(str(exc)) from exc
+            raise
+        return kernel
+
+    def record(self) -> KernelRecord:
+        """What a later service process needs to adopt this kernel."""
+        ticks = start_ticks(self.process.pid)
+        return KernelRecord(
+            kernel_id=self.kernel_id,
+            pid=self.process.pid,
+            start_ticks=ticks if ticks is not None else -1,
+            directory=self.files.directory,
+            connection=self.files.connection_info,
+            uid=self.process.sandbox_uid,
+            cgroup=self.process.cgroup,
+        )
+
+    def detach(self) -> None:
+        """Let go of a kernel that stays running (for the next service process): close our
+        channels, leave the process and its files."""
+        self._closed = True
+        self._stop_channels()
+
+    async def _wait_ready(self, timeout: float, control: bool = False) -> None:
+        """Ready means: kernel_info answered on shell (or `control`) *and* its idle seen on
+        iopub.
 
         The second half proves our iopub subscription is live, so no output of the first
         execution can be missed.
@@ -182,7 +256,13 @@ class Kernel:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            collector = ExecutionCollector(self._client.kernel_info(), _PROBE_LIMITS)
+            if control:
+                request = self._client.session.msg("kernel_info_request", {})
+                self._client.control_channel.send(request)
+                msg_id = request["header"]["msg_id"]
+            else:
+                msg_id = self._client.kernel_info()
+            collector = ExecutionCollector(msg_id, _PROBE_LIMITS)
             ending = await self._follow(
                 collector, min(deadline, loop.time() + _READY_RETRY), iopub_grace=_READY_RETRY
             )
@@ -246,12 +326,23 @@ class Kernel:
                     return RunOutcome(collector, "output_lost")
             return RunOutcome(collector, "interrupted" if timed_out else "done")
         except asyncio.CancelledError:
-            # The caller gave up (client gone, service stopping): don't leave code running.
+            # The caller gave up (client gone, service stopping): don't leave code running,
+            # and don't let the next request reach the kernel before the interrupted one
+            # has ended (with stop_on_error, the kernel would abort it).
             if self.alive:
                 self.interrupt()
+                await asyncio.shield(self._settle(collector, interrupt_grace))
             raise
         finally:
             self._active = None
+
+    async def _settle(self, collector: ExecutionCollector, grace: float) -> None:
+        """Let an interrupted execution end within `grace`; kill the kernel if it does not."""
+        loop = asyncio.get_running_loop()
+        if await self._follow(collector, loop.time() + grace) == "timeout":
+            self._killed_by_us = True
+            self.process.kill()
+            await self.process.wait()
 
     def interrupt(self) -> None:
         """Ask the kernel to raise KeyboardInterrupt (control channel: works in any sandbox)."""
@@ -367,7 +458,7 @@ class Kernel:
         if self._killed_by_us:
             return "timeout" if self._killed_at_timeout else "shutdown"
         if self.process.exit_reason() is not None:
-            return "fork_server"  # the one reason a launcher gives: the zygote took it down
+            return "unknown"  # it was not our child when it ended: no exit status
         if returncode == -signal.SIGKILL:
             return "out_of_memory"  # a SIGKILL we did not send: the OOM killer, most likely
         return "signal" if returncode < 0 else "exited"

@@ -3,6 +3,10 @@
 `Kernel` never starts a process itself; it hands a `LaunchSpec` to a `KernelLauncher`.
 The plain `SubprocessLauncher` runs ipykernel as a child in its own process group; a
 sandboxing launcher, a warm pool or a fork-server plug in here without touching execution.
+
+No kernel is tied to the service's life: a service killed outright leaves its kernels
+running, and the next one adopts them (`KernelLauncher.adopt`) or the orphan reaper ends
+them (`reaper.py`).
 """
 
 import asyncio
@@ -21,6 +25,7 @@ from typing import Any
 import psutil
 
 from kernel_service.kernel.files import KernelFiles
+from kernel_service.state import KernelRecord, start_ticks
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,10 @@ class LaunchSpec:
 class KernelProcess(ABC):
     """A running kernel process as the service sees it."""
 
+    # What a sandboxing launcher gave it, recorded so that a later service can take it over.
+    sandbox_uid: int | None = None
+    cgroup: Path | None = None
+
     @property
     @abstractmethod
     def pid(self) -> int: ...
@@ -73,8 +82,12 @@ class KernelProcess(ABC):
         return ""
 
     def exit_reason(self) -> str | None:
-        """Why it ended, when its exit status alone would mislead; else None."""
+        """Why it ended, when its exit status is not known; else None."""
         return None
+
+
+class AdoptionError(Exception):
+    """A recorded kernel cannot be taken over; the message says why."""
 
 
 class OutputTail:
@@ -120,8 +133,14 @@ class KernelLauncher(ABC):
     async def on_ready(self, spec: LaunchSpec) -> None:  # noqa: B027 (optional hook)
         """Called once the kernel answers, before user code can run in it."""
 
-    async def close(self) -> None:  # noqa: B027 (optional hook)
-        """Release what the launcher holds once every kernel has ended."""
+    async def close(self, kernels_left: bool = False) -> None:  # noqa: B027 (optional hook)
+        """Release what the launcher holds; with `kernels_left` (kept for the next start),
+        what is theirs stays."""
+
+    def adopt(self, record: KernelRecord) -> KernelProcess:
+        """Watch a kernel that an earlier service process started. Raises AdoptionError when
+        its process is gone (or its pid is another process's now)."""
+        return AdoptedKernelProcess(record.pid, record.start_ticks)
 
     def describe(self) -> dict[str, Any]:
         """What this launcher isolates and limits, for the start-up log and /healthz."""
@@ -134,15 +153,12 @@ class SubprocessLauncher(KernelLauncher):
     isolation = "none"
 
     async def launch(self, spec: LaunchSpec) -> KernelProcess:
-        # Started on the event loop's thread on purpose: a process started from a worker
-        # thread is tied to that thread's life by PR_SET_PDEATHSIG-style guards (sandbox).
+        # No JPY_PARENT_PID: the kernel outlives a service that is killed (see the module).
         env = {
             **spec.env,
             "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
             "HOME": str(spec.work_dir),
             "IPYTHONDIR": str(spec.work_dir / ".ipython"),
-            # ipykernel's parent poller ends the kernel if the service dies without cleanup.
-            "JPY_PARENT_PID": str(os.getpid()),
         }
         popen = subprocess.Popen(  # noqa: ASYNC220 (a fork+exec: ~1 ms)
             spec.ipykernel_argv(),
@@ -202,17 +218,31 @@ class WatchedProcess(KernelProcess):
             with contextlib.suppress(psutil.Error):
                 descendants = psutil.Process(self._pid).children(recursive=True)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self._pid, signal.SIGKILL)
+                self._send_kill()
         self._kill_group()
         for child in descendants:
             with contextlib.suppress(psutil.Error):
                 child.kill()
+
+    def _send_kill(self) -> None:
+        os.kill(self._pid, signal.SIGKILL)
 
     def output_tail(self) -> str:
         return self._output.text() if self._output else ""
 
     def exit_reason(self) -> str | None:
         return self._reason
+
+    def _watch_pidfd(self, pidfd: int) -> None:
+        """Learn of the process's end through its pidfd (taken over): for a process that is
+        not our child, whose exit status nobody will tell us."""
+
+        def ended() -> None:
+            self._loop.remove_reader(pidfd)
+            os.close(pidfd)
+            self._ended(UNKNOWN_STATUS, UNKNOWN_EXIT)
+
+        self._loop.add_reader(pidfd, ended)
 
     def _kill_group(self) -> None:
         # Safe after the kernel is reaped: Linux reuses no pid that still names a live group.
@@ -229,6 +259,40 @@ class WatchedProcess(KernelProcess):
         self._exited.set_result(status)
         for callback in self._callbacks:
             callback(status)
+
+
+# The exit status of a process that was not ours when it ended, and the words for it.
+UNKNOWN_STATUS = 255
+UNKNOWN_EXIT = (
+    "it ended while another process was its parent (its exit status is not known; it was "
+    "started by an earlier run of the service, or its fork-server had died)"
+)
+
+
+class AdoptedKernelProcess(WatchedProcess):
+    """A kernel an earlier service process started, found alive by its pid and start time."""
+
+    def __init__(self, pid: int, ticks: int) -> None:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as exc:
+            raise AdoptionError(f"its process {pid} is gone") from exc
+        # checked after the pidfd is open: from here on the pid cannot be reused under us
+        if start_ticks(pid) != ticks:
+            os.close(pidfd)
+            raise AdoptionError(f"its process {pid} is gone (the pid is another process's now)")
+        super().__init__(pid, None, wrapper=False)
+        self._pidfd = pidfd
+        self._watch_pidfd(os.dup(pidfd))
+
+    def _send_kill(self) -> None:
+        # by pidfd: the pid may name another process once init has reaped this one
+        signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    def _ended(self, status: int, reason: str | None = None) -> None:
+        if not self._exited.done():
+            os.close(self._pidfd)
+        super()._ended(status, reason)
 
 
 class PopenKernelProcess(WatchedProcess):

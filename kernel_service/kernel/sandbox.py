@@ -29,12 +29,14 @@ import psutil
 
 from kernel_service.kernel.cgroups import MemoryCgroups
 from kernel_service.kernel.launcher import (
+    AdoptionError,
     KernelLauncher,
     KernelProcess,
     LaunchSpec,
     PopenKernelProcess,
 )
 from kernel_service.kernel.seccomp import build_filter
+from kernel_service.state import KernelRecord
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +134,14 @@ class BubblewrapLauncher(KernelLauncher):
                 f"bubblewrap could not create namespaces here: {probe.stderr.strip()}; "
                 "or run without a sandbox: KERNEL_SERVICE_SANDBOX=none"
             )
-        in_use = self._uids.in_use_on_host()
+
+    async def prepare(self) -> None:
+        self.check_uids()
+
+    def check_uids(self) -> None:
+        """Refuse a uid range that processes other than our kernels (adopted ones included)
+        run as: called at start, once kernels of an earlier run are adopted."""
+        in_use = self._uids.in_use_by_others()
         if in_use:
             raise SandboxUnavailable(
                 f"processes already run as uid {in_use[0]}, one of the uids this service "
@@ -142,12 +151,14 @@ class BubblewrapLauncher(KernelLauncher):
 
     async def launch(self, spec: LaunchSpec) -> KernelProcess:
         uid = self._uids.take()
-        cgroup = spec.files.directory.name
+        cgroup = self._cgroups.root / spec.files.directory.name if self._cgroups else None
         try:
             # The kernel's files become its own; a walk that never follows its symlinks.
             await asyncio.to_thread(_chown_tree, spec.files.directory, uid)
             await asyncio.to_thread(_chown_tree, spec.work_dir, uid)
-            procs = self._cgroups.create(cgroup, self._cgroup_limit) if self._cgroups else None
+            procs = None
+            if self._cgroups is not None and cgroup is not None:
+                procs = self._cgroups.create(cgroup.name, self._cgroup_limit)
             seccomp_fd = self.seccomp_program()
             try:
                 process = await self._start(spec, uid, procs, seccomp_fd)
@@ -155,9 +166,10 @@ class BubblewrapLauncher(KernelLauncher):
                 os.close(seccomp_fd)
         except BaseException:
             self._uids.give_back(uid)
-            if self._cgroups is not None:
-                self._cgroups.remove(cgroup)
+            if cgroup is not None:
+                MemoryCgroups.remove(cgroup)
             raise
+        process.sandbox_uid, process.cgroup = uid, cgroup
         process.on_exit(lambda _: self._release(uid, cgroup))
         log.debug("sandboxed kernel pid=%d uid=%d in %s", process.pid, uid, spec.files.directory)
         return process
@@ -177,8 +189,7 @@ class BubblewrapLauncher(KernelLauncher):
         if cgroup_procs is not None:
             # joins the cgroup before anything forks, then becomes prlimit → bwrap
             argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup_procs), *argv]
-        # Started on the event loop's thread: bwrap's --die-with-parent is tied to the
-        # thread that spawned it, and this one lives as long as the service.
+        # No --die-with-parent: the kernel outlives a service that is killed (launcher.py).
         popen = subprocess.Popen(  # noqa: ASYNC220 (a fork+exec: ~1 ms)
             argv,
             env={"PATH": "/usr/bin:/bin"},
@@ -191,22 +202,33 @@ class BubblewrapLauncher(KernelLauncher):
         )
         return PopenKernelProcess(popen, exit_status_of_child=True)
 
-    def _release(self, uid: int, cgroup: str) -> None:
+    def adopt(self, record: KernelRecord) -> KernelProcess:
+        """A kernel of an earlier service process: its uid is not given to another kernel
+        while it lives, and its cgroup goes when it ends."""
+        if record.uid is None:
+            raise AdoptionError("it was not started in a sandbox")
+        process = super().adopt(record)
+        self._uids.reserve(record.uid)
+        process.sandbox_uid, process.cgroup = record.uid, record.cgroup
+        uid, cgroup = record.uid, record.cgroup
+        process.on_exit(lambda _: self._release(uid, cgroup))
+        return process
+
+    def _release(self, uid: int, cgroup: Path | None) -> None:
         self._uids.give_back(uid)
-        if self._cgroups is not None:
+        if cgroup is not None:
             asyncio.get_running_loop().create_task(self._remove_cgroup(cgroup))
 
-    async def _remove_cgroup(self, name: str) -> None:
-        assert self._cgroups is not None
+    async def _remove_cgroup(self, cgroup: Path) -> None:
         for _ in range(100):  # the namespace's last processes take a moment to go
-            if self._cgroups.remove(name):
+            if MemoryCgroups.remove(cgroup):
                 return
             await asyncio.sleep(0.05)
-        log.warning("cgroup %s still busy; left for the service's exit", name)
+        log.warning("cgroup %s still busy; left for the service's exit", cgroup)
 
-    async def close(self) -> None:
+    async def close(self, kernels_left: bool = False) -> None:
         if self._cgroups is not None:
-            await self._cgroups.close()
+            await self._cgroups.close(kernels_left)
 
     async def on_ready(self, spec: LaunchSpec) -> None:
         # Its sockets are bound: from now on the kernel may not change its directory.
@@ -245,7 +267,7 @@ class BubblewrapLauncher(KernelLauncher):
             self._bwrap,
             "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--hostname", "sandbox",
-            "--die-with-parent", "--new-session",
+            "--new-session",
             "--ro-bind", "/usr", "/usr",
             "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
             "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
@@ -334,7 +356,9 @@ class _UidPool:
     def in_use_on_host(self) -> list[int]:
         """Uids of the range that some process on the host runs as."""
         uids = set()
-        for process in psutil.process_iter(["uids"]):
+        for process in psutil.process_iter(["uids", "status"]):
+            if process.info["status"] == psutil.STATUS_ZOMBIE:
+                continue  # ended, not yet reaped: it holds nothing
             with contextlib.suppress(TypeError):
                 uids.add(process.info["uids"].real)
         return sorted(uid for uid in uids if uid in self._range)
@@ -345,6 +369,16 @@ class _UidPool:
         uid = self._free.popleft()
         self._taken.add(uid)
         return uid
+
+    def reserve(self, uid: int) -> None:
+        """Take this uid (an adopted kernel's), if it is of the range."""
+        if uid in self._range and uid not in self._taken:
+            self._free.remove(uid)
+            self._taken.add(uid)
+
+    def in_use_by_others(self) -> list[int]:
+        """Uids of the range that processes run as, other than the ones taken here."""
+        return [uid for uid in self.in_use_on_host() if uid not in self._taken]
 
     def give_back(self, uid: int) -> None:
         if uid in self._taken:

@@ -13,7 +13,8 @@ capabilities, no new privileges, seccomp), keeping the zygote's memory pages sha
 
 Process tree of a sandboxed kernel: the forked child (host side; it waits and passes on the
 exit status as bwrap does, 128 + N for a signal N) → pid 1 of a new PID namespace (reaps
-orphans) → the kernel (pid 2). Each dies with its parent.
+orphans) → the kernel (pid 2). Each dies with its parent but the first: the zygote dies with
+the service, the kernels it forked do not (a later service adopts them).
 """
 
 import contextlib
@@ -170,10 +171,7 @@ class Zygote:
         """In the forked child: drop the zygote's state, then become the kernel."""
         code = 1
         try:
-            parent = os.getppid()
-            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != parent:  # the zygote died before the guard was set
-                os._exit(1)
+            # no death signal: the kernel outlives the zygote and the service (launcher.py)
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             # the zygote's -1000 is not for kernels
@@ -435,7 +433,7 @@ def main() -> None:
     channel_fd, preload = int(sys.argv[1]), sys.argv[2]  # argv[3]: the connection dir, for ps
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # dies with the service
     _set_name("ks-zygote")
-    # Every forked kernel dies with it: out of memory, the kernel should pick one of those.
+    # Killing it stops new kernels from starting: out of memory, pick a kernel.
     with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as oom:
         oom.write("-1000")
     channel = socket.socket(fileno=channel_fd)

@@ -1,0 +1,164 @@
+"""The orphan reaper: ends the kernels of a service process that is gone for good.
+
+Kernels outlive the service that started them, so that the next start can adopt them (see
+`kernel/launcher.py`). Each service process starts one reaper, in a session of its own, as
+`python -I -m kernel_service.reaper STATE_DIR SERVICE_PID TIMEOUT`. It waits for the
+service to end:
+
+- a clean stop (the service ended its kernels and says so in the state database): it exits;
+- a crash, or a stop that kept the kernels: it waits up to TIMEOUT seconds for a service
+  to take the state directory's lock again, and exits if one does (that service adopts the
+  kernels and has a reaper of its own); if none does, it takes the lock, kills every kernel
+  recorded in the database (each checked by its start time, with everything it started),
+  removes their connection directories and cgroups and records, and exits.
+
+Sessions and their work directories stay for the next start, which tells each session's
+next execution that its kernel was ended. It imports little (the state store's names):
+it lives as long as the service, so it should cost little memory.
+"""
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import select
+import shutil
+import signal
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+from kernel_service.state import DATABASE, LOCK_FILE, start_ticks
+
+PR_SET_NAME = 15
+NAME = b"ks-reaper"
+
+
+def main() -> None:
+    state_dir, service_pid, timeout = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(NAME), 0, 0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the service's terminal
+    _wait_for_exit(service_pid)
+    if _meta(state_dir, "stopped") == "clean":
+        return
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        if _service_running(state_dir):
+            return
+        time.sleep(min(remaining, 0.5))
+    with _locked(state_dir) as locked:
+        # none came back in time; unless one did at the last moment, or it was a later
+        # service (with a reaper of its own) that stopped
+        if locked and _meta(state_dir, "service_pid") == str(service_pid):
+            _reap(state_dir, timeout)
+
+
+def _wait_for_exit(pid: int) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return  # gone already
+    select.select([pidfd], [], [])
+    os.close(pidfd)
+
+
+def _meta(state_dir: Path, name: str) -> str | None:
+    with contextlib.suppress(sqlite3.Error), _database(state_dir) as db:
+        row = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+    return None
+
+
+@contextlib.contextmanager
+def _database(state_dir: Path):  # type: ignore[no-untyped-def]
+    db = sqlite3.connect(state_dir / DATABASE, isolation_level=None, timeout=10)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def _service_running(state_dir: Path) -> bool:
+    """Whether a service holds the state directory's lock."""
+    with _locked(state_dir) as locked:
+        return not locked
+
+
+@contextlib.contextmanager
+def _locked(state_dir: Path):  # type: ignore[no-untyped-def]
+    """The state directory's lock if it is free (True), else False; released at the end."""
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _reap(state_dir: Path, timeout: float) -> None:
+    with _database(state_dir) as db:
+        kernels = db.execute("SELECT kernel_id, pid, start_ticks, directory, cgroup FROM kernels")
+        for kernel_id, pid, ticks, directory, cgroup in kernels.fetchall():
+            _kill(pid, ticks, Path(cgroup) if cgroup else None)
+            shutil.rmtree(directory, ignore_errors=True)
+            if cgroup:
+                _remove_cgroup(Path(cgroup))
+            db.execute("DELETE FROM kernels WHERE kernel_id = ?", (kernel_id,))
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('reaped', ?)", (f"{timeout:g}",))
+    print(f"kernel-service reaper: the service did not come back in {timeout:g} s; its "
+          "kernels were ended", file=sys.stderr)  # fmt: skip
+
+
+def _kill(pid: int, ticks: int, cgroup: Path | None) -> None:
+    """Kill the kernel process if it is still the one recorded, with all it started."""
+    doomed: set[int] = set()
+    if start_ticks(pid) == ticks:
+        doomed.add(pid)
+        children = _children()
+        pending = [pid]
+        while pending:
+            for child in children.get(pending.pop(), []):
+                if child not in doomed:
+                    doomed.add(child)
+                    pending.append(child)
+    if cgroup is not None:  # what left its process tree, if it kept to its cgroup
+        with contextlib.suppress(OSError, ValueError):
+            doomed.update(int(p) for p in (cgroup / "cgroup.procs").read_text().split())
+    for victim in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+
+
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            parent = int(stat[stat.rindex(")") + 2 :].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+    return children
+
+
+def _remove_cgroup(group: Path) -> None:
+    for _ in range(100):  # the last processes take a moment to leave
+        try:
+            group.rmdir()
+        except FileNotFoundError:
+            break
+        except OSError:
+            time.sleep(0.05)
+            continue
+        break
+    with contextlib.suppress(OSError):  # the dead service's own group, once empty
+        group.parent.rmdir()
+
+
+if __name__ == "__main__":
+    main()

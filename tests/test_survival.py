@@ -1,0 +1,249 @@
+"""Sessions outlive the service process: a SIGKILL, or a stop that keeps the kernels, then a
+new start that adopts them; kernels whose service never comes back are ended by the orphan
+reaper; a kernel whose connection file was damaged is not adopted. The service runs as its
+own process here (`kernel-service serve`), so that it can be killed for real."""
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import (
+    alive,
+    fresh_uid_base,
+    kernel_processes,
+    running_server,
+    service_process,
+    wait_for,
+)
+
+
+def reapers(tmp_path: Path) -> list[psutil.Process]:
+    state = str(tmp_path / "state")
+    return [
+        p
+        for p in psutil.process_iter(["name", "cmdline"])
+        if p.info["name"] == "ks-reaper" and state in (p.info["cmdline"] or [])
+    ]
+
+
+def run(client: httpx.Client, code: str, session_id: str, **extra: Any) -> dict[str, Any]:
+    response = client.post("/execute", json={"code": code, "session_id": session_id, **extra})
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def make_session(client: httpx.Client, session_id: str) -> None:
+    assert client.post("/sessions", json={"session_id": session_id}).status_code == 201
+
+
+def test_a_killed_service_leaves_its_kernels_to_the_next_start(tmp_path: Path) -> None:
+    uids = fresh_uid_base()
+    connection = tmp_path / "connection"
+    env = {"KERNEL_SERVICE_POOL_SIZE": "1"}  # a warm kernel too: ended by the next start
+    with service_process(tmp_path, env=env, uid_base=uids) as (process, base_url):
+        with httpx.Client(base_url=base_url, timeout=60) as client:
+            for name, code in (("a", "x = 41"), ("b", "y = 'kept'")):
+                make_session(client, name)
+                run(client, code, name)
+            before = {p.pid for p in kernel_processes(connection)}
+            assert wait_for(lambda: len(kernel_processes(connection)) == 3, 20)  # + the pool's
+            # an execution in flight when the service dies: its client gets an error at once
+            failure: list[BaseException] = []
+
+            def in_flight() -> None:
+                try:
+                    run(client, "import time\nfor i in range(40): time.sleep(0.1)\nz = i", "a")
+                except BaseException as exc:
+                    failure.append(exc)
+
+            thread = threading.Thread(target=in_flight)
+            thread.start()
+            assert wait_for(lambda: client.get("/sessions/a").json()["status"] == "busy", 10)
+            killed_at = time.monotonic()
+            os.kill(process.pid, signal.SIGKILL)
+            thread.join(timeout=10)
+            assert failure and isinstance(failure[0], httpx.TransportError), failure
+            assert time.monotonic() - killed_at < 5
+        process.wait(timeout=10)
+    # the kernels live on without their service
+    assert before <= {p.pid for p in kernel_processes(connection)}
+    with service_process(tmp_path, env=env, uid_base=uids) as (process, base_url):
+        with httpx.Client(base_url=base_url, timeout=60) as client:
+            info = client.get("/sessions/a").json()
+            assert "ServiceRestarted" in (info["notice"] or ""), info
+            after = run(client, "x + 1", "a")
+            assert after["result"] == "42" and not after["state_lost"], after
+            assert "ServiceRestarted: The service was restarted" in after["text"], after
+            # the in-flight execution went on in the kernel and finished there
+            assert wait_for(lambda: run(client, "z", "a")["result"] == "39", 10)
+            assert run(client, "y", "b")["result"] == "'kept'"
+            assert client.get("/sessions/b").json()["notice"] is None
+            # the first service's warm kernel was ended; the adopted ones are the same processes
+            assert before <= {p.pid for p in kernel_processes(connection)}
+            assert wait_for(lambda: len(kernel_processes(connection)) == 3, 20)
+            # one reaper: the first service's saw a service take over and left
+            assert wait_for(lambda: len(reapers(tmp_path)) == 1, 10)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    assert kernel_processes(connection) == []
+    assert list(connection.iterdir()) == []
+    assert wait_for(lambda: reapers(tmp_path) == [], 10)
+    with sqlite3.connect(tmp_path / "state" / "sessions.sqlite3") as db:
+        assert db.execute("SELECT count(*) FROM sessions").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM kernels").fetchone() == (0,)
+
+
+def test_keep_kernels_carries_sessions_over_a_graceful_restart(tmp_path: Path) -> None:
+    uids = fresh_uid_base()
+    connection = tmp_path / "connection"
+    env = {"KERNEL_SERVICE_KEEP_KERNELS": "true"}
+    with service_process(tmp_path, env=env, uid_base=uids) as (process, base_url):
+        with httpx.Client(base_url=base_url, timeout=60) as client:
+            make_session(client, "s")
+            run(client, "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2, 3]})", "s")
+            (work,) = [p for p in (tmp_path / "work").iterdir() if p.name == "s"]
+            run(client, "open('notes.txt', 'w').write('hello')", "s")
+        [kernel] = kernel_processes(connection)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    assert alive(kernel.pid)
+    assert (work / "notes.txt").read_text() == "hello"
+    with service_process(tmp_path, uid_base=uids) as (process, base_url):
+        with httpx.Client(base_url=base_url, timeout=60) as client:
+            result = run(client, "int(df.a.sum()), open('notes.txt').read()", "s")
+            assert result["result"] == "(6, 'hello')" and not result["state_lost"], result
+            assert result["execution_count"] == 3  # counting on from the first service's
+            assert client.get("/sessions/s").json()["notice"] is None
+        # without keep_kernels this time: the stop ends everything
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    assert not alive(kernel.pid)
+    assert list(connection.iterdir()) == []
+
+
+def test_kernels_of_a_service_that_never_returns_end_after_the_orphan_timeout(
+    tmp_path: Path,
+) -> None:
+    uids = fresh_uid_base()
+    connection = tmp_path / "connection"
+    env = {"KERNEL_SERVICE_ORPHAN_TIMEOUT": "2"}
+    with service_process(tmp_path, env=env, uid_base=uids) as (process, base_url):
+        with httpx.Client(base_url=base_url, timeout=60) as client:
+            make_session(client, "s")
+            run(client, "x = 1", "s")
+        [kernel] = kernel_processes(connection)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    killed_at = time.monotonic()
+    assert alive(kernel.pid)
+    assert wait_for(lambda: not alive(kernel.pid), 15), "the orphaned kernel lives on"
+    waited = time.monotonic() - killed_at
+    assert 1.5 < waited < 10, waited
+    assert list(connection.iterdir()) == []
+    assert wait_for(lambda: reapers(tmp_path) == [], 5)
+    # the session and its files are still there for the next start, which says state is lost
+    with service_process(tmp_path, uid_base=uids) as (process, base_url):
+        with httpx.Client(base_url=base_url, timeout=60) as client:
+            result = client.post("/execute", json={"code": "x", "session_id": "s"}).json()
+            assert result["state_lost"] and result["error"]["ename"] == "NameError", result
+            assert "orphan timeout" in result["text"], result["text"]
+            assert run(client, "x = 2\nx", "s")["result"] == "2"
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    assert kernel_processes(connection) == []
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupted"])
+def test_a_kernel_whose_connection_file_was_damaged_is_not_adopted(
+    tmp_path: Path, damage: str
+) -> None:
+    uids = fresh_uid_base()
+    connection = tmp_path / "connection"
+    with service_process(tmp_path, uid_base=uids) as (process, base_url):
+        with httpx.Client(base_url=base_url, timeout=60) as client:
+            for name in ("hurt", "whole"):
+                make_session(client, name)
+                run(client, f"v = {name!r}", name)
+                kernels = {p.pid for p in kernel_processes(connection)}
+                if name == "hurt":
+                    [hurt_pid] = kernels
+                    [hurt_dir] = connection.iterdir()
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    connection_file = hurt_dir / "connection.json"
+    if damage == "deleted":
+        connection_file.unlink()
+    else:
+        connection_file.write_text('{"transport": "tcp", "ip": "10.0.0.1", "shell_port": 1}')
+    with service_process(tmp_path, uid_base=uids) as (process, base_url):
+        with httpx.Client(base_url=base_url, timeout=60) as client:
+            assert wait_for(lambda: not alive(hurt_pid), 10), "the refused kernel still runs"
+            assert not hurt_dir.exists()
+            hurt = client.post("/execute", json={"code": "v", "session_id": "hurt"}).json()
+            assert hurt["state_lost"] and hurt["error"]["ename"] == "NameError", hurt
+            assert "connection file" in hurt["text"], hurt["text"]
+            assert run(client, "v", "whole")["result"] == "'whole'"
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    assert kernel_processes(connection) == []
+    assert list(connection.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small filesystem needs root")
+def test_a_full_state_disk_refuses_with_507_and_corrupts_nothing(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(state)], check=True)
+    try:
+        with running_server(tmp_path, state_dir=state) as server:
+            server.new_session("a")
+            server.execute("x = 1", "a")
+            filler = state / "filler"
+            with contextlib.suppress(OSError), filler.open("wb") as file:
+                while True:
+                    file.write(b"\0" * 4096)
+                    file.flush()
+            refused = server.client.post("/sessions", json={"session_id": "b"})
+            assert refused.status_code == 507, refused.text
+            assert refused.json()["code"] == "state_storage_full"
+            assert server.client.get("/sessions/b").status_code == 404  # nothing half-made
+            assert len(kernel_processes(server.connection_dir)) == 1
+            assert not (server.settings.work_dir / "b").exists()
+            busy = server.client.post("/execute", json={"code": "x = 2", "session_id": "a"})
+            assert busy.status_code == 507, busy.text  # refused before it ran
+            filler.unlink()
+            server.new_session("b")
+            assert server.execute("x", "a")["result"] == "1"
+        with sqlite3.connect(state / "sessions.sqlite3") as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_a_second_service_on_the_same_directories_refuses_to_start(tmp_path: Path) -> None:
+    with service_process(tmp_path) as (_, base_url):
+        other = tmp_path / "other"
+        refused = subprocess.run(
+            [sys.executable, "-m", "kernel_service", "serve", "--port", "0",
+             "--connection-dir", str(tmp_path / "connection"),  # the first one's
+             "--work-dir", str(other / "work"), "--state-dir", str(other / "state")],
+            env={**os.environ, "KERNEL_SERVICE_SANDBOX": "none", "KERNEL_SERVICE_POOL_SIZE": "0"},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert refused.returncode != 0
+        assert f"another kernel-service process uses {tmp_path / 'connection'}" in refused.stderr
+        # the first one is untouched
+        answer = httpx.post(f"{base_url}/execute", json={"code": "1 + 1"}, timeout=60)
+        assert answer.json()["result"] == "2"
