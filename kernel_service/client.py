@@ -19,16 +19,19 @@ sync client and `AsyncClient` with its async one.
 """
 
 import asyncio
+import json
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
-from kernel_service.models import ExecutionResult, Health, SessionInfo, SessionList
+from kernel_service.models import ExecutionResult, Health, Output, SessionInfo, SessionList
 from kernel_service.tool import ToolFormat, ToolSpec
 
 T = TypeVar("T")
@@ -122,16 +125,9 @@ class _SessionState:
         response = yield self._execute_request(body)
         if not _is_session_gone(response):
             return self._ran(_parse(ExecutionResult, response))
-        old_id = self.id
-        yield from self._create(self.chosen_id)
-        body["session_id"] = self.id
+        lost = yield from self._remake(body)
         result: ExecutionResult = _parse(ExecutionResult, (yield self._execute_request(body)))
-        if self.used and old_id is not None:
-            notice = lost_state_notice(old_id, result.session_id)
-            result = result.model_copy(
-                update={"state_lost": True, "text": f"{notice}\n{result.text}"}
-            )
-        return self._ran(result)
+        return self._ran(result, lost)
 
     def interrupt(self) -> _Flow[bool]:
         if self.id is None:
@@ -186,13 +182,97 @@ class _SessionState:
             yield _MAKING_POLL  # still being made (or ended) by another call
             waited += _MAKING_POLL
 
+    def stream_start(self) -> _Flow[None]:
+        """Before a streamed execution: the session made, if it is not yet."""
+        if self.id is None:
+            yield from self._create(None)
+
+    def _remake(self, body: dict[str, Any]) -> _Flow[str | None]:
+        """The session is gone: make it again (with the caller's id, if chosen), point `body`
+        at it; the old id if state was lost (code had run there)."""
+        old_id = self.id
+        yield from self._create(self.chosen_id)
+        body["session_id"] = self.id
+        return old_id if self.used else None
+
     def _execute_request(self, body: dict[str, Any]) -> httpx.Request:
         return self.protocol.request("POST", "/execute", json=body, timeout=_EXECUTE_TIMEOUT)
 
-    def _ran(self, result: ExecutionResult) -> ExecutionResult:
+    def _ran(self, result: ExecutionResult, lost_from: str | None = None) -> ExecutionResult:
+        """Note that code ran; with `lost_from`, say that the state of that session is gone."""
+        if lost_from is not None:
+            notice = lost_state_notice(lost_from, result.session_id)
+            result = result.model_copy(
+                update={"state_lost": True, "text": f"{notice}\n{result.text}"}
+            )
         self.id = result.session_id
         self.used = True
         return result
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One event of a streamed execution: an `output` as it arrived (a stream output holds
+    only the new text), or, last, the whole `result`."""
+
+    kind: Literal["output", "result"]
+    output: Output | None = None
+    result: ExecutionResult | None = None
+
+
+_OUTPUT = TypeAdapter[Output](Output)
+
+
+def parse_events(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs of a Server-Sent Events stream, given its lines."""
+    name, data = "message", list[str]()
+    for line in lines:
+        if not line:
+            if data:
+                yield name, "\n".join(data)
+            name, data = "message", []
+        elif line.startswith(":"):
+            continue  # a comment: keep-alive
+        else:
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "event":
+                name = value
+            elif field == "data":
+                data.append(value)
+    if data:
+        yield name, "\n".join(data)
+
+
+def _stream_body(state: _SessionState, code: str, timeout: float | None) -> dict[str, Any]:
+    return {"code": code, "session_id": state.id, "timeout": timeout, "stream": True}
+
+
+async def _aparse_events(lines: AsyncIterable[str]) -> AsyncIterator[tuple[str, str]]:
+    """`parse_events` over an async stream of lines."""
+    buffered: list[str] = []
+    async for line in lines:
+        buffered.append(line)
+        if not line:
+            for pair in parse_events(buffered):
+                yield pair
+            buffered = []
+    for pair in parse_events(buffered):
+        yield pair
+
+
+def _stream_event(state: _SessionState, name: str, data: str, lost_from: str | None
+                  ) -> StreamEvent | None:  # fmt: skip
+    """The event, the result noted as ran; an `error` event raised; unknown events None."""
+    if name == "output":
+        return StreamEvent("output", output=_OUTPUT.validate_json(data))
+    if name == "result":
+        result = state._ran(ExecutionResult.model_validate_json(data), lost_from)
+        return StreamEvent("result", result=result)
+    if name == "error":
+        error = json.loads(data)
+        raise KernelServiceError(int(error.get("status", 500)), error["code"], error["detail"])
+    return None
 
 
 def _transport(send: Callable[[httpx.Request], httpx.Response], request: httpx.Request
@@ -298,6 +378,13 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _open(self, request: httpx.Request) -> httpx.Response:
+        """Send `request`, its answer's body not read yet unless it is an error."""
+        response = _transport(partial(self._http.send, stream=True), request)
+        if response.status_code != 200:
+            response.read()
+        return response
+
     def _run(self, flow: _Flow[T]) -> T:
         try:
             step = next(flow)
@@ -334,6 +421,27 @@ class Session:
         """Run `code`; `timeout` in seconds (None: the server's default)."""
         with self._lock:
             return self._client._run(self._state.execute(code, timeout))
+
+    def stream(self, code: str, timeout: float | None = None) -> Iterator[StreamEvent]:
+        """Run `code`, yielding each output as it arrives and then the result (the last
+        event). Leaving the loop early closes the stream: the server interrupts the code."""
+        with self._lock:
+            state, client = self._state, self._client
+            client._run(state.stream_start())
+            body = _stream_body(state, code, timeout)
+            response = client._open(state._execute_request(body))
+            lost_from = None
+            if _is_session_gone(response):
+                response.close()
+                lost_from = client._run(state._remake(body))
+                response = client._open(state._execute_request(body))
+            try:
+                _check(response)
+                for name, data in parse_events(response.iter_lines()):
+                    if (event := _stream_event(state, name, data, lost_from)) is not None:
+                        yield event
+            finally:
+                response.close()
 
     def interrupt(self) -> bool:
         """Interrupt the running execution; whether one was running."""
@@ -410,6 +518,15 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def _open(self, request: httpx.Request) -> httpx.Response:
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise _unreachable(request, exc) from exc
+        if response.status_code != 200:
+            await response.aread()
+        return response
+
     async def _run(self, flow: _Flow[T]) -> T:
         try:
             step = next(flow)
@@ -447,6 +564,26 @@ class AsyncSession:
     async def execute(self, code: str, timeout: float | None = None) -> ExecutionResult:
         async with self._lock:
             return await self._client._run(self._state.execute(code, timeout))
+
+    async def stream(self, code: str, timeout: float | None = None) -> AsyncIterator[StreamEvent]:
+        """As `Session.stream`."""
+        async with self._lock:
+            state, client = self._state, self._client
+            await client._run(state.stream_start())
+            body = _stream_body(state, code, timeout)
+            response = await client._open(state._execute_request(body))
+            lost_from = None
+            if _is_session_gone(response):
+                await response.aclose()
+                lost_from = await client._run(state._remake(body))
+                response = await client._open(state._execute_request(body))
+            try:
+                _check(response)
+                async for name, data in _aparse_events(response.aiter_lines()):
+                    if (event := _stream_event(state, name, data, lost_from)) is not None:
+                        yield event
+            finally:
+                await response.aclose()
 
     async def interrupt(self) -> bool:
         return await self._client._run(self._state.interrupt())

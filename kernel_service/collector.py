@@ -12,7 +12,7 @@ the other half from the end, and what lies between is counted, not kept.
 import json
 import re
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,8 @@ from kernel_service.models import (
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
 
 Entry = dict[str, Any]
+# Told of each output as it arrives (streaming).
+OutputListener = Callable[[Output], None]
 
 
 def strip_ansi(text: str) -> str:
@@ -270,12 +272,18 @@ class ExecutionCollector:
     The request is an `execute_request`, or a `kernel_info_request` when probing readiness.
     """
 
-    def __init__(self, msg_id: str, limits: OutputLimits) -> None:
+    def __init__(
+        self, msg_id: str, limits: OutputLimits, listener: OutputListener | None = None
+    ) -> None:
+        """`listener` is told of each output as it arrives (a stream output carries only the
+        new text; neither limits nor clear_output nor display updates apply to what it is
+        told: the final `outputs()` are the truth)."""
         self.msg_id = msg_id
         self.reply: dict[str, Any] | None = None
         self.idle = False
         self._outputs = _BoundedOutputs(limits)
         self._clear_on_next_output = False
+        self._listener = listener
 
     @property
     def done(self) -> bool:
@@ -312,6 +320,8 @@ class ExecutionCollector:
         else:
             entry = _entry_from(msg_type, content)
             if entry is not None:
+                if self._listener is not None:
+                    self._listener(_output_of(entry))
                 if self._clear_on_next_output:
                     self._clear_on_next_output = False
                     self._outputs.clear()
@@ -325,19 +335,11 @@ class ExecutionCollector:
         """The outputs so far, in arrival order, with terminal controls applied to streams."""
         result: list[Output] = []
         for entry in self._outputs.entries():
-            kind = entry["output_type"]
-            if kind == "stream":
-                result.append(
-                    StreamOutput(name=entry["name"], text=apply_terminal_controls(entry["text"]))
-                )
-            elif kind == "display_data":
-                result.append(DisplayDataOutput.model_validate(entry))
-            elif kind == "execute_result":
-                result.append(ExecuteResultOutput.model_validate(entry))
-            elif kind == "error":
-                result.append(ErrorOutput.model_validate(entry))
+            if entry["output_type"] == "stream":
+                text = apply_terminal_controls(entry["text"])
+                result.append(StreamOutput(name=entry["name"], text=text))
             else:
-                result.append(TruncatedOutput.model_validate(entry))
+                result.append(_output_of(entry))
         return result
 
     def reply_error(self) -> ErrorOutput | None:
@@ -354,6 +356,19 @@ class ExecutionCollector:
 def _dict(value: Any) -> dict[str, Any]:
     """A mapping from the kernel as a str-keyed dict; anything else as empty (untrusted input)."""
     return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _output_of(entry: Entry) -> Output:
+    kind = entry["output_type"]
+    if kind == "stream":
+        return StreamOutput(name=entry["name"], text=entry["text"])
+    if kind == "display_data":
+        return DisplayDataOutput.model_validate(entry)
+    if kind == "execute_result":
+        return ExecuteResultOutput.model_validate(entry)
+    if kind == "error":
+        return ErrorOutput.model_validate(entry)
+    return TruncatedOutput.model_validate(entry)
 
 
 def _entry_from(msg_type: str, content: dict[str, Any]) -> Entry | None:

@@ -118,6 +118,19 @@ class Settings(BaseSettings):
     image_store_mb: PositiveInt = Field(
         32, description="Bytes of images (base64) kept per session for their URLs."
     )
+    max_file_mb: PositiveInt = Field(
+        100, description="Largest file one upload (PUT /sessions/{id}/files/...) may be."
+    )
+    session_files_mb: PositiveInt = Field(
+        1024,
+        description="Total size an upload may bring a session's work directory to, where the "
+        "work directory is not a filesystem of its own (where it is, its size caps it).",
+    )
+    full_output_mb: NonNegativeInt = Field(
+        32,
+        description="Bytes of an execution's full text output kept in `.outputs/` of its work "
+        "directory when the result had to cut it (0: none kept).",
+    )
     sandbox: Literal["bubblewrap", "none"] = Field(
         "bubblewrap",
         description="How kernels are isolated; `none` runs them as plain processes (unsafe).",

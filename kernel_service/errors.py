@@ -82,3 +82,75 @@ class StateFull(ServiceError):
             f"The service cannot record this, so it did not do it: its state storage is full "
             f"or failing ({detail}). Try again once there is room."
         )
+
+
+# ---------------------------------------------------------------- files of a work directory
+
+
+class InvalidFilePath(ServiceError):
+    """A path the files API refuses before touching anything: `..`, absolute, NUL..."""
+
+    code = "invalid_file_path"
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(
+            f"Invalid file path {path!r}: {reason}. Paths are relative to the session's work "
+            "directory (the code's current directory), e.g. `data.csv` or `results/out.csv`."
+        )
+
+
+class SymlinkRefused(ServiceError):
+    """The path goes through a symbolic link: the files API never follows one."""
+
+    code = "symlink_refused"
+
+    def __init__(self, path: str, link: str) -> None:
+        super().__init__(
+            f"Refused {path!r}: {link!r} is a symbolic link, and the files API does not follow "
+            "links (it could lead out of the work directory). Use the path of the file itself."
+        )
+
+
+class NotAFile(ServiceError):
+    code = "not_a_file"
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(f"{path!r} {what}.")
+
+
+class FileNotFound(ServiceError):
+    code = "file_not_found"
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"No file {path!r} in the session's work directory (GET /sessions/{{id}}/files "
+            "lists them)."
+        )
+
+
+class FileTooLarge(ServiceError):
+    code = "file_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"The file is larger than the {limit // (1024 * 1024):,} MiB an upload may be "
+            "(KERNEL_SERVICE_MAX_FILE_MB). Nothing was written."
+        )
+
+
+class WorkspaceFull(ServiceError):
+    code = "workspace_full"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            f"The session's work directory has no room for this file ({detail}). Nothing was "
+            "written: delete files you no longer need (DELETE /sessions/{id}/files/{path}) "
+            "and try again."
+        )
+
+
+class InvalidUpload(ServiceError):
+    code = "invalid_request"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Invalid upload: {reason}.")

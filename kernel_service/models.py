@@ -119,6 +119,16 @@ class ExecutionResult(BaseModel):
     state_lost: bool = Field(
         description="The kernel was restarted during this request: earlier variables are gone."
     )
+    files: list["FileRef"] = Field(
+        default_factory=list,
+        description="Files in the work directory this execution created or changed (hidden "
+        "ones not included), each with the URL to download it.",
+    )
+    full_output: "FullOutput | None" = Field(
+        None,
+        description="Where the whole text output is kept when this result had to cut it "
+        "(`outputs` or `text`); null when nothing was cut.",
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -169,6 +179,12 @@ class ExecuteRequest(BaseModel):
         gt=0,
         strict=True,
         description="Seconds before the execution is interrupted (capped by the server).",
+    )
+    stream: bool = Field(
+        False,
+        strict=True,
+        description="Answer with Server-Sent Events as outputs arrive (`output` events), then "
+        "the whole result (`result`); also when the request accepts text/event-stream.",
     )
 
     @field_validator("code")
@@ -233,3 +249,84 @@ class ErrorBody(BaseModel):
 
     detail: Any
     code: str
+
+
+# ---------------------------------------------------------------- history
+
+
+ExecutionStatus = Literal["running", "ok", "error", "timeout", "cancelled", "failed", "lost"]
+
+
+class HistoryEntry(BaseModel):
+    """One execution of a session, as the state store keeps it."""
+
+    seq: int = Field(description="Its number in the session, from 1, in the order they ran.")
+    code: str
+    status: ExecutionStatus = Field(
+        description="`ok`, `error`, `timeout` (as in the result); `running` now; `cancelled` "
+        "(its client left, or the session ended while it ran); `failed` (the service could "
+        "not run it); `lost` (cut short by a restart of the service)."
+    )
+    started_at: datetime
+    duration_ms: float | None = Field(description="As in the result; null without one.")
+    execution_count: int | None = Field(description="The kernel's `In[n]` number, or null.")
+    outputs: list[Output] | None = Field(
+        description="As in the result's `outputs` (images base64 inside display_data); null "
+        "when no result is stored: running, cancelled, failed, lost, or dropped for room."
+    )
+    error: ExecutionError | None = Field(
+        None, description="As in the result (timeouts and kernel deaths are only here)."
+    )
+    state_lost: bool | None = Field(None, description="As in the result; null without one.")
+    result_dropped: bool = Field(
+        description="It ended with a result, since dropped to keep the session's history "
+        "within `KERNEL_SERVICE_HISTORY_MB`: its code and status remain."
+    )
+
+
+class SessionHistory(BaseModel):
+    session_id: str
+    executions: list[HistoryEntry]
+
+
+# ---------------------------------------------------------------- files
+
+FILE_URL_TEMPLATE = "/sessions/{session_id}/files/{path}"
+
+
+class FileRef(BaseModel):
+    """A file in a session's work directory."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str = Field(
+        description="Relative to the work directory, the code's current directory "
+        "(`/workspace` in the sandbox): `open(path)` reads it."
+    )
+    size: int = Field(description="Bytes.")
+    modified: datetime | None = Field(None, description="When it was last written.")
+    url: str = Field(description="Where to download it (GET).")
+
+
+class FileList(BaseModel):
+    session_id: str
+    files: list[FileRef] = Field(description="Regular files, in path order.")
+    limit: int = Field(description="The most files one listing gives.")
+    truncated: bool = Field(description="There are more files than listed.")
+
+
+class FullOutput(BaseModel):
+    """An execution's whole text output, kept as a file when its result had to cut it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str = Field(description="Relative to the work directory, e.g. `.outputs/3.txt`.")
+    url: str = Field(description="Where to download it (GET).")
+    size: int = Field(description="Bytes of the file.")
+    complete: bool = Field(
+        description="False when only its start is kept: past `KERNEL_SERVICE_FULL_OUTPUT_MB` "
+        "(its last line then says how much more there was), or the work directory was full."
+    )
+
+
+ExecutionResult.model_rebuild()

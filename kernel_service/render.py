@@ -9,6 +9,8 @@ from kernel_service.models import (
     DisplayDataOutput,
     ErrorOutput,
     ExecuteResultOutput,
+    FileRef,
+    FullOutput,
     Image,
     Output,
     StreamOutput,
@@ -19,12 +21,30 @@ from kernel_service.models import (
 # Of a traceback, the last lines say what went wrong and where.
 TRACEBACK_LINES = 20
 NO_OUTPUT = "[no output]"
+# Of the files an execution changed, the text names the first ones.
+FILES_IN_TEXT = 10
 
 
 def render_text(
-    outputs: Sequence[Output], images: Sequence[Image], notice: str | None, limit: int
+    outputs: Sequence[Output],
+    images: Sequence[Image],
+    notice: str | None,
+    limit: int,
+    *,
+    files: Sequence[FileRef] = (),
+    full_output: FullOutput | None = None,
 ) -> str:
     """Text for a model, at most about `limit` characters."""
+    return fit_text(uncut_text(outputs, images, notice, files), limit, full_output)
+
+
+def uncut_text(
+    outputs: Sequence[Output],
+    images: Sequence[Image],
+    notice: str | None,
+    files: Sequence[FileRef] = (),
+) -> str:
+    """The text for a model before it is cut to its limit."""
     pending_images = iter(images)
     parts: list[str] = []
     for output in outputs:
@@ -38,10 +58,43 @@ def render_text(
             parts.append(_render_error(output))
         elif isinstance(output, TruncatedOutput):
             parts.append(truncation_note(output.omitted_chars, output.omitted_outputs))
+    if files:
+        parts.append(_files_line(files))
     if notice:
         parts.append(notice)
-    text = "\n".join(part for part in parts if part) or NO_OUTPUT
-    return cut_middle(text, limit)[0]
+    return "\n".join(part for part in parts if part) or NO_OUTPUT
+
+
+def fit_text(text: str, limit: int, full_output: FullOutput | None = None) -> str:
+    """`text` cut in the middle to about `limit` characters; with `full_output`, its last
+    line says where the whole output is."""
+    if full_output is None:
+        return cut_middle(text, limit)[0]
+    whole = "full output" if full_output.complete else "start of the full output"
+    note = (
+        f"[output truncated; the {whole} ({human_size(full_output.size)}): "
+        f"{full_output.url}, or open({full_output.path!r}) in code]"
+    )
+    return f"{cut_middle(text, max(limit - len(note) - 1, 2))[0]}\n{note}"
+
+
+def human_size(size: int) -> str:
+    """`1.2 kB`: bytes in decimal units."""
+    if size < 1000:
+        return f"{size} B"
+    scaled = float(size)
+    for unit in ("kB", "MB", "GB"):
+        scaled /= 1000
+        if scaled < 999.95:
+            return f"{scaled:.1f} {unit}"
+    return f"{scaled / 1000:.1f} TB"
+
+
+def _files_line(files: Sequence[FileRef]) -> str:
+    shown = [f"{f.path} ({human_size(f.size)}) {f.url}" for f in files[:FILES_IN_TEXT]]
+    if len(files) > FILES_IN_TEXT:
+        shown.append(f"and {len(files) - FILES_IN_TEXT} more")
+    return f"[files changed: {', '.join(shown)}]"
 
 
 def _render_display(

@@ -1,18 +1,21 @@
 """Turns how a kernel run ended (RunOutcome) into the ExecutionResult callers receive:
 status, error, the service's notice in plain words, images and the LLM text."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kernel_service.kernel import RunOutcome
 from kernel_service.models import (
     ErrorOutput,
     ExecutionError,
     ExecutionResult,
+    FileRef,
+    FullOutput,
     Image,
     Output,
     Status,
+    TruncatedOutput,
 )
-from kernel_service.render import render_text
+from kernel_service.render import fit_text, uncut_text
 
 STATE_LOST = (
     "The kernel was restarted: all variables, imports and definitions from earlier calls "
@@ -32,11 +35,15 @@ def build_result(
     lost_before: str | None,
     text_limit: int,
     notice: str | None = None,
+    files: Sequence[FileRef] = (),
+    keep_full_output: Callable[[], FullOutput | None] | None = None,
 ) -> ExecutionResult:
     """The result of one execution, from its outcome and the outputs gathered for it.
 
     `lost_before` says why state was lost before the execution ran, if it was; `notice`,
-    anything else the caller should know first (an earlier execution cut short).
+    anything else the caller should know first (an earlier execution cut short). `files`:
+    those it created or changed. `keep_full_output` is called when the outputs or the text
+    had to be cut, to keep the whole output and say where it is.
     """
     collector = outcome.collector
     status: Status
@@ -93,6 +100,12 @@ def build_result(
                 "missing. Print less at once.]"
             )
 
+    text = uncut_text(outputs, images, "\n".join(notices) or None, files)
+    full_output = None
+    if keep_full_output is not None and (
+        len(text) > text_limit or any(isinstance(o, TruncatedOutput) for o in outputs)
+    ):
+        full_output = keep_full_output()
     return ExecutionResult(
         session_id=session_id,
         status=status,
@@ -100,9 +113,11 @@ def build_result(
         outputs=outputs,
         error=error,
         images=images,
-        text=render_text(outputs, images, "\n".join(notices) or None, text_limit),
+        text=fit_text(text, text_limit, full_output),
         duration_ms=round(duration_ms, 3),
         state_lost=outcome.kernel_lost or lost_before is not None,
+        files=list(files),
+        full_output=full_output,
     )
 
 

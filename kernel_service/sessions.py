@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kernel_service.collector import OutputLimits
+from kernel_service.collector import OutputLimits, OutputListener
 from kernel_service.config import MIB, Settings
 from kernel_service.errors import (
     ImageNotFound,
@@ -28,6 +28,8 @@ from kernel_service.errors import (
     StateFull,
     TooManySessions,
 )
+from kernel_service.files import changed_files, snapshot
+from kernel_service.full_output import FullOutputSpill
 from kernel_service.images import image_payloads, png_size
 from kernel_service.kernel import Kernel, KernelStartError
 from kernel_service.metrics import CloseReason, Metrics, output_size
@@ -41,7 +43,7 @@ from kernel_service.models import (
 )
 from kernel_service.pool import KernelFactory, KernelPool
 from kernel_service.results import STATE_LOST, build_result
-from kernel_service.state import SessionRecord, StateStore
+from kernel_service.state import ExecutionRecord, SessionRecord, StateStore
 from kernel_service.workspaces import WorkspaceError, Workspaces
 
 log = logging.getLogger(__name__)
@@ -147,10 +149,19 @@ class Session:
             raise ImageNotFound(self.session_id, image_id)
         return StoredImage(*found)
 
+    def history(self, since: int = 0, limit: int | None = None) -> list[ExecutionRecord]:
+        """Its executions numbered after `since`, oldest first (at most `limit`), as the
+        state store keeps them: code, status, timing, and the result as JSON (None while
+        running, when cut short, or once dropped for room)."""
+        return self._store.executions(self.key, since, limit)
+
     # ------------------------------------------------------------ actions
 
-    async def execute(self, code: str, timeout: float | None) -> ExecutionResult:
-        """Run `code` after any executions queued before it; never raises for user errors."""
+    async def execute(
+        self, code: str, timeout: float | None, on_output: OutputListener | None = None
+    ) -> ExecutionResult:
+        """Run `code` after any executions queued before it; never raises for user errors.
+        `on_output` is told of each output as it arrives (for streaming)."""
         effective = self._settings.effective_timeout(timeout)
         async with self._lock:
             self._touch()
@@ -160,14 +171,19 @@ class Session:
             seq = self._seq + 1
             self._store.execution_started(self.key, seq, code)  # StateFull: nothing ran
             self._seq = seq
+            full_mb = self._settings.full_output_mb
+            spill = FullOutputSpill(self.work_dir, self.session_id, seq, full_mb * MIB)
             try:
                 kernel, lost_before = await self._ready_kernel()
+                before = await snapshot(self.work_dir)
                 outcome = await kernel.execute(
                     code,
                     timeout=effective,
                     interrupt_grace=self._settings.interrupt_grace,
                     limits=self._limits,
+                    listener=spill.listener(on_output),
                 )
+                files = changed_files(before, await snapshot(self.work_dir), self.session_id)
                 if outcome.kernel_lost:
                     self._replace(kernel)
                 if outcome.collector.execution_count is not None:
@@ -186,6 +202,8 @@ class Session:
                     lost_before=lost_before or (notice if notice_lost else None),
                     notice=None if notice_lost else notice,
                     text_limit=self._settings.text_limit,
+                    files=files,
+                    keep_full_output=spill.keep,
                 )
                 self._record_end(seq, result)
             except BaseException as exc:  # cancelled (client gone, service stopping) or failed
@@ -194,6 +212,7 @@ class Session:
                     self._store.execution_ended(self.key, seq, ending)
                 raise
             finally:
+                spill.close()
                 self._touch()
         size = output_size(result.outputs)
         self._metrics.execution(result, size)

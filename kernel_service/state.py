@@ -340,11 +340,14 @@ class StateStore:
             )
         return freed
 
-    def executions(self, key: str) -> list[ExecutionRecord]:
+    def executions(
+        self, key: str, since: int = 0, limit: int | None = None
+    ) -> list[ExecutionRecord]:
+        """The session's executions numbered after `since`, oldest first (at most `limit`)."""
         rows = self._db.execute(
             "SELECT seq, code, status, started_at, duration_ms, execution_count, result "
-            "FROM executions WHERE session_key = ? ORDER BY seq",
-            (key,),
+            "FROM executions WHERE session_key = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (key, since, -1 if limit is None else limit),
         ).fetchall()
         return [
             ExecutionRecord(

@@ -34,6 +34,8 @@ def tool_description(settings: Settings) -> str:
         "- Long output is cut in the middle: print summaries (df.head(), len(x)) rather than "
         "whole data sets.",
     ]
+    if settings.full_output_mb:
+        lines[-1] += " The whole output is then kept in a file the answer names (open() it)."
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ body, headers). Then the answers fuzzing rarely reaches (real sessions, images, 
 prompt, 401, 409, 413) are checked against the schema one by one."""
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +17,15 @@ from schemathesis import CheckFunction, GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
+from kernel_service.api.files import router as files_router
+from kernel_service.api.history import router as history_router
 from kernel_service.api.routes import router
 from tests.conftest import Server, running_server
 
 # Every operation of the API, from its routes: one more route is one more fuzzed operation.
 OPERATIONS = [
-    f"{method} {route.path}"
-    for route in router.routes
+    f"{method} {route.path_format}"  # `{file_path}`, not `{file_path:path}`, as the schema
+    for route in [*router.routes, *history_router.routes, *files_router.routes]
     if isinstance(route, APIRoute) and route.include_in_schema
     for method in sorted(route.methods or ())
 ]
@@ -184,6 +186,11 @@ def walk_through_the_api(server: Server) -> None:
         assert (
             call("GET /sessions/{session_id}/images/{image_id}", path_parameters=path) == expected
         )
+    for route in ("history", "notebook"):  # with the image, the value, the error
+        assert call(f"GET /sessions/{{session_id}}/{route}", path_parameters=walk) == 200
+    since = {"since": 1}
+    assert call("GET /sessions/{session_id}/history", path_parameters=walk, query=since) == 200
+    walk_through_the_files(call, walk)
     assert call("POST /sessions/{session_id}/interrupt", path_parameters=walk) == 200
     assert call("POST /sessions/{session_id}/restart", path_parameters=walk) == 200
     for fmt in ("openai", "qwen", "toolbench", "react", "react_zh"):
@@ -191,6 +198,27 @@ def walk_through_the_api(server: Server) -> None:
     assert call("GET /healthz") == 200
     assert call("DELETE /sessions/{session_id}", path_parameters=walk) == 204
     assert call("DELETE /sessions/{session_id}", path_parameters=walk) == 404
+
+
+def walk_through_the_files(call: Callable[..., int], walk: dict[str, str]) -> None:
+    files = "/sessions/{session_id}/files"
+    one = f"{files}/{{file_path}}"
+    csv = {**walk, "file_path": "data/in.csv"}
+    raw = {"body": b"a,b\n1,2\n", "media_type": "application/octet-stream"}
+    assert call(f"PUT {one}", path_parameters=csv, **raw) == 201
+    assert call(f"PUT {one}", path_parameters=csv, **raw) == 200  # replaced
+    form = {"body": {"file": b"\x00\xff"}, "media_type": "multipart/form-data"}
+    assert call(f"PUT {one}", path_parameters={**walk, "file_path": "f.bin"}, **form) == 201
+    assert call(f"GET {files}", path_parameters=walk) == 200
+    assert call(f"GET {files}", path_parameters=walk, query={"hidden": True, "limit": 1}) == 200
+    assert call(f"GET {one}", path_parameters=csv) == 200
+    assert call(f"GET {one}", path_parameters={**walk, "file_path": "f.bin"}) == 200
+    for bad in ("x\x00y", "data"):  # data: a directory (the client resolves `..`, `//`)
+        assert call(f"GET {one}", path_parameters={**walk, "file_path": bad}) == 400, bad
+        assert call(f"PUT {one}", path_parameters={**walk, "file_path": bad}, **raw) == 400, bad
+    assert call(f"DELETE {one}", path_parameters=csv) == 204
+    assert call(f"DELETE {one}", path_parameters=csv) == 404
+    assert call(f"GET {one}", path_parameters=csv) == 404
 
 
 def test_too_many_sessions_is_as_the_schema_says(
@@ -219,7 +247,7 @@ def test_refusals_are_as_the_schema_says(tmp_path_factory: pytest.TempPathFactor
         schema = schemathesis.openapi.from_url(
             f"{keyed.base_url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}
         )
-        path = {"session_id": "s", "image_id": "1.png"}
+        path = {"session_id": "s", "image_id": "1.png", "file_path": "a.txt"}
         for label in OPERATIONS:
             parameters = {name: value for name, value in path.items() if f"{{{name}}}" in label}
             body = {"code": "1"} if label == "POST /execute" else None

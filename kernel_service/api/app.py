@@ -10,6 +10,10 @@ from starlette.routing import Route
 from kernel_service import __version__
 from kernel_service.api.auth import ApiKeyAuth
 from kernel_service.api.errors import BodySizeLimit, install_error_handlers
+from kernel_service.api.files import is_upload
+from kernel_service.api.files import router as files_router
+from kernel_service.api.history import router as history_router
+from kernel_service.api.inspector import router as inspector_router
 from kernel_service.api.routes import router
 from kernel_service.config import Settings
 from kernel_service.kernel import KernelLauncher
@@ -49,9 +53,14 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
     app.state.isolation = runtime.isolation
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(history_router)
+    app.include_router(inspector_router)
+    app.include_router(files_router)
     # MCP (streamable HTTP): inside the API key check like every route but /healthz
     app.router.routes.append(Route("/mcp", mcp_app, include_in_schema=False))
-    app.add_middleware(BodySizeLimit, limit=settings.max_code_bytes * 6 + _BODY_OVERHEAD)
+    app.add_middleware(
+        BodySizeLimit, limit=settings.max_code_bytes * 6 + _BODY_OVERHEAD, exempt=is_upload
+    )
     if settings.api_keys():
         app.add_middleware(ApiKeyAuth, keys=settings.api_keys())  # outermost: checked first
     return app

@@ -1,8 +1,9 @@
 """API keys: who may use the service, and whose sessions a request may see.
 
-With keys configured, every request but `GET /healthz` must carry `Authorization: Bearer
-<key>`. The key is compared with every configured key in constant time; the request's
-`owner` (a digest of its key, never the key) decides which sessions it can see.
+With keys configured, every request but `GET /healthz` and the web inspector's page must
+carry `Authorization: Bearer <key>`. The key is compared with every configured key in
+constant time; the request's `owner` (a digest of its key, never the key) decides which
+sessions it can see.
 """
 
 import hashlib
@@ -12,9 +13,11 @@ import secrets
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kernel_service.api.errors import error_response
+from kernel_service.api.inspector import PAGES
 from kernel_service.errors import Unauthorized
 
-_OPEN = {("GET", "/healthz")}
+# /healthz, and the web inspector's page and files (no data: the page asks for a key)
+_OPEN = {("GET", "/healthz"), *(("GET", path) for path in PAGES)}
 
 
 # Owner names appear in paths a kernel can see: keyed with a secret of this process, they

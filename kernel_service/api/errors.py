@@ -2,7 +2,7 @@
 `{"detail": ..., "code": ...}`."""
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -14,14 +14,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kernel_service.errors import (
     CodeTooLarge,
+    FileNotFound,
+    FileTooLarge,
     ImageNotFound,
+    InvalidFilePath,
+    InvalidUpload,
     KernelUnavailable,
+    NotAFile,
     ServiceError,
     SessionExists,
     SessionNotFound,
     StateFull,
+    SymlinkRefused,
     TooManySessions,
     Unauthorized,
+    WorkspaceFull,
 )
 
 log = logging.getLogger(__name__)
@@ -35,6 +42,13 @@ STATUS_OF: dict[type[ServiceError], int] = {
     TooManySessions: 429,
     KernelUnavailable: 503,
     StateFull: 507,
+    InvalidFilePath: 400,
+    SymlinkRefused: 400,
+    NotAFile: 400,
+    FileNotFound: 404,
+    FileTooLarge: 413,
+    InvalidUpload: 422,
+    WorkspaceFull: 507,
 }
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 _METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
@@ -48,10 +62,14 @@ def error_response(
     )
 
 
+def status_of(exc: ServiceError) -> int:
+    return STATUS_OF.get(type(exc), 500)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def service_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        return error_response(STATUS_OF.get(type(exc), 500), str(exc), exc.code)
+        return error_response(status_of(exc), str(exc), exc.code)
 
     async def invalid_request(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -113,12 +131,16 @@ class BodySizeLimit:
     of unannounced length (chunked) is read up to the limit and refused past it.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int, exempt: Callable[[Scope], bool] | None = None
+    ) -> None:
+        """`exempt`: requests that limit their bodies themselves (file uploads)."""
         self._app = app
         self._limit = limit
+        self._exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (self._exempt is not None and self._exempt(scope)):
             await self._app(scope, receive, send)
             return
         length = dict(scope["headers"]).get(b"content-length")

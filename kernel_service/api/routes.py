@@ -2,14 +2,17 @@
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.types import Receive
 
 from kernel_service import __version__
+from kernel_service.api.errors import status_of
+from kernel_service.api.streaming import STREAM_RESPONSE, execution_events, wants_stream
+from kernel_service.collector import OutputListener
 from kernel_service.config import Settings
 from kernel_service.errors import CodeTooLarge
 from kernel_service.metrics import Metrics
@@ -107,7 +110,11 @@ async def _unless_client_leaves(receive: Receive, work: Coroutine[Any, Any, T]) 
         await asyncio.wait((watcher,))  # never left behind; its cancellation is not ours
 
 
-@router.post("/execute", response_model=ExecutionResult, responses=_errors(404, 413, 422, 429, 503))
+@router.post(
+    "/execute",
+    response_model=ExecutionResult,
+    responses={**_errors(404, 413, 422, 429, 503, 507), **STREAM_RESPONSE},
+)
 async def execute(
     body: ExecuteRequest, request: Request, registry: Registry, settings: Config, owner: Owner
 ) -> Response:
@@ -116,6 +123,20 @@ async def execute(
     if size > settings.max_code_bytes:
         raise CodeTooLarge(size, settings.max_code_bytes)
     session = registry.get(body.session_id, owner) if body.session_id is not None else None
+    if wants_stream(body.stream, request.headers.get("accept")):
+        if session is None:  # made before the stream begins: its errors are HTTP errors
+            session = await registry.create(owner=owner)
+        streamed = session
+
+        def run_streamed(listener: OutputListener) -> Awaitable[ExecutionResult]:
+            return streamed.execute(body.code, body.timeout, listener)
+
+        events = execution_events(run_streamed, status_of, settings.interrupt_on_disconnect)
+        return StreamingResponse(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     async def run() -> ExecutionResult:
         nonlocal session

@@ -1,6 +1,7 @@
 """What the adapters share: reading a tool call's arguments and wording a result."""
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -32,11 +33,16 @@ def code_argument(arguments: str | dict[str, Any] | None) -> str:
 
 
 def text_with_urls(result: ExecutionResult, absolute: Callable[[str], str]) -> str:
-    """The result's text for a model, with image URLs made absolute (a person can open them)."""
-    text = result.text
-    for image in result.images:
-        text = text.replace(image.url, absolute(image.url))
-    return text
+    """The result's text for a model, with the URLs of its images, the files it changed and
+    its full output made absolute (a person can open them)."""
+    urls = [image.url for image in result.images] + [file.url for file in result.files]
+    if result.full_output is not None:
+        urls.append(result.full_output.url)
+    if not urls:
+        return result.text
+    # one pass, longest first: `out.csv` must not be replaced inside `out.csv.bak`'s URL
+    pattern = "|".join(re.escape(url) for url in sorted(set(urls), key=len, reverse=True))
+    return re.sub(pattern, lambda match: absolute(match.group(0)), result.text)
 
 
 def data_url(mime: str, data: str) -> str:

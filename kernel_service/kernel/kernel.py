@@ -21,7 +21,7 @@ import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
 
-from kernel_service.collector import ExecutionCollector, OutputLimits
+from kernel_service.collector import ExecutionCollector, OutputLimits, OutputListener
 from kernel_service.kernel.files import KernelFiles
 from kernel_service.kernel.launcher import (
     AdoptionError,
@@ -298,14 +298,20 @@ class Kernel:
     # ------------------------------------------------------------ execution
 
     async def execute(
-        self, code: str, timeout: float, interrupt_grace: float, limits: OutputLimits
+        self,
+        code: str,
+        timeout: float,
+        interrupt_grace: float,
+        limits: OutputLimits,
+        listener: OutputListener | None = None,
     ) -> RunOutcome:
-        """Run `code`, gather its outputs, and enforce `timeout` from outside the kernel."""
+        """Run `code`, gather its outputs (telling `listener` of each as it arrives), and
+        enforce `timeout` from outside the kernel."""
         loop = asyncio.get_running_loop()
         msg_id = self._client.execute(
             code, silent=False, store_history=True, allow_stdin=False, stop_on_error=True
         )
-        collector = ExecutionCollector(msg_id, limits)
+        collector = ExecutionCollector(msg_id, limits, listener)
         try:
             ending = await self._follow(collector, loop.time() + timeout)
             timed_out = ending == "timeout"

@@ -1,0 +1,116 @@
+"""`POST /execute` as Server-Sent Events: each output as it arrives, then the whole result.
+
+Events (each `data` is one line of JSON):
+
+- `output`: one output in ExecutionResult's terms; a `stream` output carries only the text
+  that just arrived. What the final result drops (outputs past the limits, a later
+  `clear_output`, display updates) is not taken back here: the result is the truth.
+- `result`: the complete ExecutionResult, as the non-streaming answer has it; the last event.
+- `error`: `{"detail", "code"}` when the execution failed after the stream began (an error
+  before it, such as an unknown session, is an ordinary HTTP error).
+
+A comment line is sent every few seconds while nothing else is, so proxies keep the
+connection open. The outputs waiting for a slow client are bounded; past the bound, stream
+text is dropped (and said), never the result.
+"""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from kernel_service.errors import ServiceError
+from kernel_service.models import ExecutionResult, Output, StreamOutput
+
+# While nothing else is sent, a comment this often (seconds).
+KEEPALIVE = 10.0
+# Bytes of outputs held for a client that reads slowly; stream text past it is dropped.
+PENDING_LIMIT = 8 * 1024 * 1024
+
+Run = Callable[[Callable[[Output], None]], Awaitable[ExecutionResult]]
+
+
+def event(name: str, data: str) -> bytes:
+    return f"event: {name}\ndata: {data}\n\n".encode()
+
+
+async def execution_events(
+    run: Run, error_status: Callable[[ServiceError], int], interrupt_on_disconnect: bool
+) -> AsyncIterator[bytes]:
+    """The events of one execution: `run(listener)` executes, telling `listener` of each
+    output. If the client goes (this generator is closed early), the execution is cancelled
+    when `interrupt_on_disconnect` (which interrupts the kernel), else left to finish."""
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+    pending = 0
+    dropped = 0
+
+    def listener(output: Output) -> None:
+        nonlocal pending, dropped
+        item = event("output", output.model_dump_json())
+        if pending + len(item) > PENDING_LIMIT and isinstance(output, StreamOutput):
+            dropped += len(output.text)
+            return
+        if dropped:
+            note = StreamOutput(name="stderr", text=f"\n[{dropped:,} characters not streamed]\n")
+            queue.put_nowait(event("output", note.model_dump_json()))
+            dropped = 0
+        pending += len(item)
+        queue.put_nowait(item)
+
+    async def execute() -> None:
+        try:
+            result = await run(listener)
+        except ServiceError as exc:
+            body = {"detail": str(exc), "code": exc.code, "status": error_status(exc)}
+            queue.put_nowait(event("error", json.dumps(body)))
+        else:
+            queue.put_nowait(event("result", result.model_dump_json()))
+        finally:
+            queue.put_nowait(None)
+
+    task = asyncio.create_task(execute(), name="streamed-execution")
+    finished = False
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(KEEPALIVE):
+                    item = await queue.get()
+            except TimeoutError:
+                yield b": keep-alive\n\n"
+                continue
+            if item is None:
+                finished = True
+                break
+            if item.startswith(b"event: output"):
+                pending -= len(item)
+            yield item
+    finally:
+        if not finished:  # the client went away (or the service is stopping)
+            if interrupt_on_disconnect:
+                task.cancel()  # interrupts the kernel; ends on its own
+            _unattended.add(task)
+            task.add_done_callback(_unattended.discard)
+
+
+# Executions whose client has gone, still ending: held here, as the loop holds tasks weakly.
+_unattended: set["asyncio.Task[None]"] = set()
+
+
+def wants_stream(body_stream: bool, accept: str | None) -> bool:
+    return body_stream or "text/event-stream" in (accept or "")
+
+
+STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The result; with `stream`, Server-Sent Events (see the README).",
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "description": "Each event's data: an output (`output`), the "
+                    "ExecutionResult (`result`) or an ErrorBody with `status` (`error`).",
+                }
+            }
+        },
+    }
+}
