@@ -42,6 +42,9 @@ def main() -> None:
     _wait_for_exit(service_pid)
     if _meta(state_dir, "stopped") == "clean":
         return
+    # read now: no kernel is started while no service runs, and the directory may be gone
+    # (removed by hand) by the deadline, the kernels still running
+    kernels = _kernels(state_dir)
     deadline = time.monotonic() + timeout
     while (remaining := deadline - time.monotonic()) > 0:
         if _service_running(state_dir):
@@ -50,8 +53,8 @@ def main() -> None:
     with _locked(state_dir) as locked:
         # none came back in time; unless one did at the last moment, or it was a later
         # service (with a reaper of its own) that stopped
-        if locked and _meta(state_dir, "service_pid") == str(service_pid):
-            _reap(state_dir, timeout)
+        if locked and _meta(state_dir, "service_pid") in (str(service_pid), None):
+            _reap(state_dir, kernels, timeout)
 
 
 def _wait_for_exit(pid: int) -> None:
@@ -70,9 +73,21 @@ def _meta(state_dir: Path, name: str) -> str | None:
     return None
 
 
+Kernel = tuple[str, int, int, str, str | None]  # id, pid, start ticks, directory, cgroup
+
+
+def _kernels(state_dir: Path) -> list[Kernel]:
+    with contextlib.suppress(sqlite3.Error), _database(state_dir) as db:
+        query = "SELECT kernel_id, pid, start_ticks, directory, cgroup FROM kernels"
+        return [tuple(row) for row in db.execute(query).fetchall()]
+    return []
+
+
 @contextlib.contextmanager
 def _database(state_dir: Path):  # type: ignore[no-untyped-def]
-    db = sqlite3.connect(state_dir / DATABASE, isolation_level=None, timeout=10)
+    # read-write but never created: a missing database is an error, not a new empty one
+    uri = f"{(state_dir / DATABASE).as_uri()}?mode=rw"
+    db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=10)
     try:
         yield db
     finally:
@@ -87,8 +102,13 @@ def _service_running(state_dir: Path) -> bool:
 
 @contextlib.contextmanager
 def _locked(state_dir: Path):  # type: ignore[no-untyped-def]
-    """The state directory's lock if it is free (True), else False; released at the end."""
-    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """The state directory's lock if it is free (True), else False; released at the end.
+    A directory that is gone is free: no service can hold it."""
+    try:
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        yield True
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -100,14 +120,16 @@ def _locked(state_dir: Path):  # type: ignore[no-untyped-def]
         os.close(fd)
 
 
-def _reap(state_dir: Path, timeout: float) -> None:
-    with _database(state_dir) as db:
-        kernels = db.execute("SELECT kernel_id, pid, start_ticks, directory, cgroup FROM kernels")
-        for kernel_id, pid, ticks, directory, cgroup in kernels.fetchall():
-            _kill(pid, ticks, Path(cgroup) if cgroup else None)
-            shutil.rmtree(directory, ignore_errors=True)
-            if cgroup:
-                _remove_cgroup(Path(cgroup))
+def _reap(state_dir: Path, kernels: list[Kernel], timeout: float) -> None:
+    """End the kernels, remove their files and cgroups, then their records (if the
+    database is still there)."""
+    for _, pid, ticks, directory, cgroup in kernels:
+        _kill(pid, ticks, Path(cgroup) if cgroup else None)
+        shutil.rmtree(directory, ignore_errors=True)
+        if cgroup:
+            _remove_cgroup(Path(cgroup))
+    with contextlib.suppress(sqlite3.Error), _database(state_dir) as db:
+        for kernel_id, *_ in kernels:
             db.execute("DELETE FROM kernels WHERE kernel_id = ?", (kernel_id,))
         db.execute("INSERT OR REPLACE INTO meta VALUES ('reaped', ?)", (f"{timeout:g}",))
     print(f"kernel-service reaper: the service did not come back in {timeout:g} s; its "

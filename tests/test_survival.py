@@ -5,6 +5,7 @@ own process here (`kernel-service serve`), so that it can be killed for real."""
 
 import contextlib
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -247,3 +248,19 @@ def test_a_second_service_on_the_same_directories_refuses_to_start(tmp_path: Pat
         # the first one is untouched
         answer = httpx.post(f"{base_url}/execute", json={"code": "1 + 1"}, timeout=60)
         assert answer.json()["result"] == "2"
+
+
+def test_the_reaper_ends_orphans_even_if_the_state_dir_is_removed(tmp_path: Path) -> None:
+    connection = tmp_path / "connection"
+    env = {"KERNEL_SERVICE_ORPHAN_TIMEOUT": "2"}
+    with service_process(tmp_path, env=env) as (process, base_url):
+        answer = httpx.post(f"{base_url}/execute", json={"code": "1"}, timeout=60)
+        assert answer.status_code == 200
+        [kernel] = kernel_processes(connection)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    time.sleep(0.5)  # the reaper has read what it must end
+    shutil.rmtree(tmp_path / "state")
+    assert wait_for(lambda: not alive(kernel.pid), 15), "the orphaned kernel lives on"
+    assert list(connection.iterdir()) == []
+    assert wait_for(lambda: reapers(tmp_path) == [], 5)
