@@ -285,20 +285,19 @@ async def main_async(args: argparse.Namespace) -> int:
     try:
         for name in args.launchers:
             columns.append(await bench.column(name))
-        if "scale" in bench.sections and columns:
-            at = next((c for c in columns if c.name == args.scale_launcher), columns[-1])
+        # the sections run in one configuration (a column) only
+        for section, launcher, run in (
+            ("scale", args.scale_launcher, bench.scale),
+            ("load", args.load_launcher, bench.load),
+        ):
+            if section not in bench.sections or not columns:
+                continue
+            at = next((c for c in columns if c.name == launcher), columns[-1])
             try:
-                await bench.scale(at)
+                await run(at)
             except Exception as exc:
-                at.problems.append(f"scale: {_briefly(exc)}")
-                _say(f"scale failed: {exc}")
-        if "load" in bench.sections and columns:
-            at = next((c for c in columns if c.name == args.load_launcher), columns[-1])
-            try:
-                await bench.load(at)
-            except Exception as exc:
-                at.problems.append(f"load: {_briefly(exc)}")
-                _say(f"load failed: {exc}")
+                at.problems.append(f"{section}: {_briefly(exc)}")
+                _say(f"{section} failed: {exc}")
         if "peers" in bench.sections:
             peers = await run_peers(root / "peers", int(TIMEOUT), root / "peers-install.log")
     finally:
