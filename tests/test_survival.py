@@ -264,3 +264,6 @@ def test_the_reaper_ends_orphans_even_if_the_state_dir_is_removed(tmp_path: Path
     assert wait_for(lambda: not alive(kernel.pid), 15), "the orphaned kernel lives on"
     assert list(connection.iterdir()) == []
     assert wait_for(lambda: reapers(tmp_path) == [], 5)
+    # the session's work dir (its own filesystem) is the next start's to clear
+    with service_process(tmp_path):
+        assert list((tmp_path / "work").iterdir()) == []
