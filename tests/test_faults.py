@@ -308,3 +308,16 @@ def test_clients_racing_for_one_session_id(server: Server) -> None:
     assert deleted.status_code == 204
     assert wait_for(lambda: not alive(new_kernel))
     assert kernel_pids(server) == kernels_before
+
+
+def test_a_session_made_for_a_request_whose_client_left_is_not_kept(server: Server) -> None:
+    """Its id was in the answer nobody read: nobody could ever use it."""
+    before = {s["session_id"] for s in server.client.get("/sessions").json()["sessions"]}
+    timeout = httpx.Timeout(30, read=1.0)
+    with (
+        httpx.Client(base_url=server.base_url, timeout=timeout) as client,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        client.post("/execute", json={"code": "import time; time.sleep(30)"})
+    listed = lambda: {s["session_id"] for s in server.client.get("/sessions").json()["sessions"]}  # noqa: E731
+    assert wait_for(lambda: listed() == before, 10), listed() - before

@@ -1,6 +1,7 @@
 """The HTTP routes: thin translations between HTTP and the session registry."""
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Coroutine
 from typing import Annotated, Any, TypeVar
@@ -14,7 +15,7 @@ from kernel_service.api.errors import status_of
 from kernel_service.api.streaming import STREAM_RESPONSE, execution_events, wants_stream
 from kernel_service.collector import OutputListener
 from kernel_service.config import Settings
-from kernel_service.errors import CodeTooLarge
+from kernel_service.errors import CodeTooLarge, SessionNotFound
 from kernel_service.metrics import Metrics
 from kernel_service.models import (
     IMAGE_MIMES,
@@ -152,6 +153,10 @@ async def execute(
             "session %s: the client disconnected; its execution was cancelled",
             session.session_id if session is not None else "(not made)",
         )
+        if session is not None and body.session_id is None:
+            # made for this request, and its id never reached anyone: nobody can use it
+            with contextlib.suppress(SessionNotFound):
+                await registry.close(session.session_id, owner)
         return Response(status_code=499)  # nobody reads it ("client closed request")
     return _json(result)
 
