@@ -13,7 +13,7 @@ service to end:
   removes their connection directories and cgroups and records, and exits.
 
 Sessions and their work directories stay for the next start, which tells each session's
-next execution that its kernel was ended. It imports little (the state store's names):
+next execution that its kernel was ended. It imports little (psutil and the state store's names):
 it lives as long as the service, so it should cost little memory.
 """
 
@@ -28,6 +28,8 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 from kernel_service.state import DATABASE, LOCK_FILE, start_ticks
 
@@ -124,10 +126,7 @@ def _reap(state_dir: Path, kernels: list[Kernel], timeout: float) -> None:
     """End the kernels, remove their files and cgroups, then their records (if the
     database is still there)."""
     for _, pid, ticks, directory, cgroup in kernels:
-        _kill(pid, ticks, Path(cgroup) if cgroup else None)
-        shutil.rmtree(directory, ignore_errors=True)
-        if cgroup:
-            _remove_cgroup(Path(cgroup))
+        end_kernel(pid, ticks, Path(directory), Path(cgroup) if cgroup else None)
     with contextlib.suppress(sqlite3.Error), _database(state_dir) as db:
         for kernel_id, *_ in kernels:
             db.execute("DELETE FROM kernels WHERE kernel_id = ?", (kernel_id,))
@@ -136,36 +135,30 @@ def _reap(state_dir: Path, kernels: list[Kernel], timeout: float) -> None:
           "kernels were ended", file=sys.stderr)  # fmt: skip
 
 
-def _kill(pid: int, ticks: int, cgroup: Path | None) -> None:
-    """Kill the kernel process if it is still the one recorded, with all it started."""
-    doomed: set[int] = set()
-    if start_ticks(pid) == ticks:
-        doomed.add(pid)
-        children = _children()
-        pending = [pid]
-        while pending:
-            for child in children.get(pending.pop(), []):
-                if child not in doomed:
-                    doomed.add(child)
-                    pending.append(child)
+def end_kernel(pid: int, ticks: int, directory: Path, cgroup: Path | None) -> bool:
+    """End a recorded kernel: kill it, if it is still the process recorded, with all it
+    started and all left in its cgroup; wait until they are gone (their uid is free for
+    another kernel only then); remove its connection directory and cgroup. Whether it ran.
+    """
+    running = start_ticks(pid) == ticks
+    victims: list[psutil.Process] = []
+    if running:
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(pid)
+            victims = [*process.children(recursive=True), process]
     if cgroup is not None:  # what left its process tree, if it kept to its cgroup
         with contextlib.suppress(OSError, ValueError):
-            doomed.update(int(p) for p in (cgroup / "cgroup.procs").read_text().split())
-    for victim in doomed:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(victim, signal.SIGKILL)
-
-
-def _children() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            parent = int(stat[stat.rindex(")") + 2 :].split()[1])
-            children.setdefault(parent, []).append(int(entry))
-    return children
+            for member in (cgroup / "cgroup.procs").read_text().split():
+                with contextlib.suppress(psutil.Error):
+                    victims.append(psutil.Process(int(member)))
+    for victim in victims:
+        with contextlib.suppress(psutil.Error):
+            victim.kill()
+    psutil.wait_procs(victims, timeout=5)
+    shutil.rmtree(directory, ignore_errors=True)
+    if cgroup is not None:
+        _remove_cgroup(cgroup)
+    return running
 
 
 def _remove_cgroup(group: Path) -> None:

@@ -22,9 +22,10 @@ import psutil
 
 from kernel_service.kernel import Kernel, KernelLauncher, KernelOptions
 from kernel_service.kernel.launcher import AdoptionError
+from kernel_service.reaper import end_kernel
 from kernel_service.results import STATE_LOST
 from kernel_service.sessions import SessionRegistry
-from kernel_service.state import KernelRecord, SessionRecord, StateStore, start_ticks
+from kernel_service.state import KernelRecord, SessionRecord, StateStore
 from kernel_service.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,10 @@ async def recover(
             outcome.process.on_exit(partial(_forget, store, kernel_id))
         else:
             reasons[kernel_id] = outcome
-    ended = 0
-    for kernel_id, kernel_record in kernels.items():
-        if kernel_id not in adopted:
-            ended += _end(kernel_record)
-            store.remove_kernel(kernel_id)
+    unadopted = [record for kernel_id, record in kernels.items() if kernel_id not in adopted]
+    ended = sum(await asyncio.to_thread(lambda: [_end(record) for record in unadopted]))
+    for record in unadopted:
+        store.remove_kernel(record.kernel_id)
     for recorded in sessions:
         kernel = adopted.get(recorded.kernel_id or "")
         lost = None if kernel else _lost_words(recorded, reasons, reaped)
@@ -102,25 +102,9 @@ def _forget(store: StateStore, kernel_id: str, _returncode: int) -> None:
     store.remove_kernel(kernel_id)
 
 
-def _end(record: KernelRecord) -> int:
-    """Kill a recorded kernel that is not adopted (if it still runs) and remove its files;
-    1 if it was running."""
-    running = False
-    if start_ticks(record.pid) == record.start_ticks:
-        with contextlib.suppress(psutil.Error):
-            process = psutil.Process(record.pid)
-            victims = [*process.children(recursive=True), process]
-            for victim in victims:
-                with contextlib.suppress(psutil.Error):
-                    victim.kill()
-            running = True
-            # gone before the start goes on: their uid is free for new kernels only then
-            psutil.wait_procs(victims, timeout=5)
-    shutil.rmtree(record.directory, ignore_errors=True)
-    if record.cgroup is not None:
-        with contextlib.suppress(OSError):
-            record.cgroup.rmdir()
-    return int(running)
+def _end(record: KernelRecord) -> bool:
+    """End a recorded kernel that is not adopted (as the reaper does); whether it ran."""
+    return end_kernel(record.pid, record.start_ticks, record.directory, record.cgroup)
 
 
 def _lost_words(record: SessionRecord, reasons: dict[str, str], reaped: str | None) -> str:
