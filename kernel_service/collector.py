@@ -281,6 +281,7 @@ class ExecutionCollector:
         self.msg_id = msg_id
         self.reply: dict[str, Any] | None = None
         self.idle = False
+        self.started = False  # the kernel announced the code (execute_input): it runs now
         self._outputs = _BoundedOutputs(limits)
         self._clear_on_next_output = False
         self._listener = listener
@@ -306,6 +307,8 @@ class ExecutionCollector:
         elif msg_type == "status":
             if content.get("execution_state") == "idle":
                 self.idle = True
+        elif msg_type == "execute_input":
+            self.started = True
         elif msg_type == "clear_output":
             if content.get("wait"):
                 self._clear_on_next_output = True

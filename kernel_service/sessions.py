@@ -106,6 +106,7 @@ class Session:
         self._metrics = metrics
         self._limits = OutputLimits(text=settings.output_limit, rich=settings.rich_output_limit)
         self._lock = asyncio.Lock()
+        self._interrupt_asked = False  # by interrupt(), for the execution holding the lock
         self._store = store
         self._seq = store.last_seq(self.key) if record else 0
         self._result_bytes = store.result_bytes(self.key) if record else 0
@@ -165,6 +166,7 @@ class Session:
         effective = self._settings.effective_timeout(timeout)
         async with self._lock:
             self._touch()
+            self._interrupt_asked = False  # an interrupt of the execution before is not ours
             started = time.perf_counter()
             if self._closed:
                 raise SessionNotFound(self.session_id)
@@ -182,6 +184,7 @@ class Session:
                     interrupt_grace=self._settings.interrupt_grace,
                     limits=self._limits,
                     listener=spill.listener(on_output),
+                    interrupted=self._interrupt_asked,  # asked for while we got ready
                 )
                 files = changed_files(before, await snapshot(self.work_dir), self.session_id)
                 if outcome.kernel_lost:
@@ -233,10 +236,13 @@ class Session:
         return result
 
     def interrupt(self) -> bool:
-        """Interrupt the running execution, if any. True when one was running."""
-        if not self.busy or self._kernel is None:
+        """Interrupt the running execution, if any. True when one was running (or about to:
+        one still waiting for its kernel is interrupted as soon as its code begins)."""
+        if not self.busy:
             return False
-        self._kernel.interrupt()
+        self._interrupt_asked = True
+        if self._kernel is not None:
+            self._kernel.interrupt()
         return True
 
     async def restart(self) -> None:

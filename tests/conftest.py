@@ -48,6 +48,15 @@ def kernel_processes(connection_dir: Path) -> list[psutil.Process]:
     return found
 
 
+def zygotes(server: "Server") -> list[psutil.Process]:
+    """The fork-server's zygote of `server`."""
+    return [
+        p
+        for p in psutil.process_iter(["cmdline", "name"])
+        if p.info["name"] == "ks-zygote" and str(server.connection_dir) in (p.info["cmdline"] or [])
+    ]
+
+
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
     try:

@@ -23,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import Server, alive, kernel_processes, running_server, wait_for
+from tests.conftest import Server, alive, kernel_processes, running_server, wait_for, zygotes
 
 LOOP_30S = "import time\nfor i in range(300):\n    n = i\n    time.sleep(0.1)\ndone = True"
 
@@ -241,6 +241,36 @@ def test_a_kernel_stopped_mid_execution_is_killed_at_the_deadline(server: Server
         assert after["result"] == "False"
         assert status_of(server, session_id) == "idle"
         print(f"answered {answered:.2f} s after the start (timeout 2 s, grace {grace:g} s)")
+
+
+def test_an_interrupt_asked_for_before_the_code_begins_ends_it_as_it_begins(
+    server: Server,
+) -> None:
+    """The kernel ignores SIGINT until it takes up a request, so an interrupt that comes
+    first is held for the code, not lost (the code would run its 30 s). Here the session
+    waits for a new kernel, its last one killed and the zygote stopped meanwhile."""
+    with new_session_with_kernel(server) as (session_id, kernel, _):
+        server.execute("x = 1", session_id)
+        kernel.kill()
+        assert wait_for(lambda: status_of(server, session_id) == "dead")
+        [zygote] = zygotes(server)
+        with ThreadPoolExecutor(1) as pool:
+            zygote.suspend()
+            try:
+                started = time.monotonic()
+                running = pool.submit(server.execute, "import time; time.sleep(30)", session_id)
+                assert wait_for(lambda: status_of(server, session_id) == "starting")
+                answer = server.client.post(f"/sessions/{session_id}/interrupt").json()
+                assert answer["interrupted"] is True
+            finally:
+                zygote.resume()
+            result = running.result(timeout=40)
+            answered = time.monotonic() - started
+        assert result["status"] == "error", result["text"]
+        assert result["error"]["ename"] == "KeyboardInterrupt"
+        assert result["state_lost"] is True  # the kernel it had was killed
+        assert answered < 15, answered
+        assert server.execute("1 + 1", session_id)["result"] == "2"  # not interrupted too
 
 
 # ---------------------------------------------------------------- connection files

@@ -4,23 +4,14 @@ import os
 import signal
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.conftest import SANDBOXED, Server, kernel_processes, running_server, wait_for
+from tests.conftest import SANDBOXED, Server, kernel_processes, running_server, wait_for, zygotes
 
 RANDOMS = (
     "import os, random, numpy as np\n"
     "print(random.random(), np.random.rand(), np.random.default_rng().random(), os.getpid())"
 )
-
-
-def zygotes(server: Server) -> list[psutil.Process]:
-    return [
-        p
-        for p in psutil.process_iter(["cmdline", "name"])
-        if p.info["name"] == "ks-zygote" and str(server.connection_dir) in (p.info["cmdline"] or [])
-    ]
 
 
 def test_forked_kernels_have_their_own_random_streams(server: Server) -> None:

@@ -144,6 +144,8 @@ class Kernel:
         self._context = context
         self._client = self._new_client()
         self._active: ExecutionCollector | None = None
+        self._execution: ExecutionCollector | None = None  # the execute_request in flight
+        self._interrupt_on_start = False
         self._changed = asyncio.Event()
         self._pumps: list[asyncio.Task[None]] = []
         self._killed_by_us = False
@@ -300,23 +302,28 @@ class Kernel:
     async def execute(
         self,
         code: str,
+        *,
         timeout: float,
         interrupt_grace: float,
         limits: OutputLimits,
         listener: OutputListener | None = None,
+        interrupted: bool = False,
     ) -> RunOutcome:
         """Run `code`, gather its outputs (telling `listener` of each as it arrives), and
-        enforce `timeout` from outside the kernel."""
+        enforce `timeout` from outside the kernel. `interrupted`: an interrupt was asked for
+        before the code was sent; it ends the code as soon as it begins."""
         loop = asyncio.get_running_loop()
         msg_id = self._client.execute(
             code, silent=False, store_history=True, allow_stdin=False, stop_on_error=True
         )
         collector = ExecutionCollector(msg_id, limits, listener)
+        self._execution = collector
+        self._interrupt_on_start = interrupted
         try:
             ending = await self._follow(collector, loop.time() + timeout)
             timed_out = ending == "timeout"
             if timed_out:
-                self.interrupt()
+                self._interrupt_at_once(collector)
                 ending = await self._follow(collector, loop.time() + interrupt_grace)
                 if ending == "timeout":  # deaf to interrupts (a long C call): end it
                     self._killed_by_us = self._killed_at_timeout = True
@@ -336,11 +343,12 @@ class Kernel:
             # and don't let the next request reach the kernel before the interrupted one
             # has ended (with stop_on_error, the kernel would abort it).
             if self.alive:
-                self.interrupt()
+                self._interrupt_at_once(collector)
                 await asyncio.shield(self._settle(collector, interrupt_grace))
             raise
         finally:
-            self._active = None
+            self._active = self._execution = None
+            self._interrupt_on_start = False
 
     async def _settle(self, collector: ExecutionCollector, grace: float) -> None:
         """Let an interrupted execution end within `grace`; kill the kernel if it does not."""
@@ -351,7 +359,30 @@ class Kernel:
             await self.process.wait()
 
     def interrupt(self) -> None:
-        """Ask the kernel to raise KeyboardInterrupt (control channel: works in any sandbox)."""
+        """Make the running code raise KeyboardInterrupt.
+
+        ipykernel ignores SIGINT until it has begun handling a request, so an interrupt sent
+        between our execute_request and the kernel taking it up would be lost (and the code
+        run to its end): it is held until the kernel announces the code (execute_input)."""
+        execution = self._execution
+        if execution is not None and not execution.started and execution.reply is None:
+            self._interrupt_on_start = True
+            return
+        self._send_interrupt()
+
+    def _interrupt_at_once(self, collector: ExecutionCollector) -> None:
+        """At a deadline: interrupt whatever runs now, and `collector`'s code as it begins.
+
+        Code that has not begun by then is stuck behind other code (a cell that an earlier
+        service process sent to an adopted kernel) or the kernel is slow to take it up; the
+        signal now frees the kernel of the former, the held one reaches the latter."""
+        if not collector.started:
+            self._send_interrupt()
+        self.interrupt()
+
+    def _send_interrupt(self) -> None:
+        """interrupt_request on the control channel: the kernel signals itself, so this
+        works in any sandbox."""
         if self.alive:
             msg = self._client.session.msg("interrupt_request", {})
             self._client.control_channel.send(msg)
@@ -439,6 +470,9 @@ class Kernel:
             except Exception:  # the collector is pure but its input comes from user code
                 log.exception("kernel %s: message not understood", self.kernel_id)
                 continue
+            if self._interrupt_on_start and active is self._execution and active.started:
+                self._interrupt_on_start = False
+                self._send_interrupt()
             if msg["header"]["msg_type"] in ("execute_reply", "kernel_info_reply", "status"):
                 self._changed.set()
 
