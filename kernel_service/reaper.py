@@ -105,9 +105,10 @@ def _service_running(state_dir: Path) -> bool:
 @contextlib.contextmanager
 def _locked(state_dir: Path):  # type: ignore[no-untyped-def]
     """The state directory's lock if it is free (True), else False; released at the end.
-    A directory that is gone is free: no service can hold it."""
+    A lock file or directory that is gone is free: no service can hold it (and it is not
+    made again: the directory may be being removed)."""
     try:
-        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         yield True
         return

@@ -106,7 +106,8 @@ class Session:
         self._metrics = metrics
         self._limits = OutputLimits(text=settings.output_limit, rich=settings.rich_output_limit)
         self._lock = asyncio.Lock()
-        self._interrupt_asked = False  # by interrupt(), for the execution holding the lock
+        self._executing = False  # an execution holds the lock (a restart may hold it too)
+        self._interrupt_asked = False  # by interrupt(), for that execution
         self._store = store
         self._seq = store.last_seq(self.key) if record else 0
         self._result_bytes = store.result_bytes(self.key) if record else 0
@@ -166,7 +167,6 @@ class Session:
         effective = self._settings.effective_timeout(timeout)
         async with self._lock:
             self._touch()
-            self._interrupt_asked = False  # an interrupt of the execution before is not ours
             started = time.perf_counter()
             if self._closed:
                 raise SessionNotFound(self.session_id)
@@ -175,6 +175,7 @@ class Session:
             self._seq = seq
             full_mb = self._settings.full_output_mb
             spill = FullOutputSpill(self.work_dir, self.session_id, seq, full_mb * MIB)
+            self._executing, self._interrupt_asked = True, False
             try:
                 kernel, lost_before = await self._ready_kernel()
                 before = await snapshot(self.work_dir)
@@ -215,6 +216,7 @@ class Session:
                     self._store.execution_ended(self.key, seq, ending)
                 raise
             finally:
+                self._executing = False
                 spill.close()
                 self._touch()
         size = output_size(result.outputs)
@@ -238,7 +240,7 @@ class Session:
     def interrupt(self) -> bool:
         """Interrupt the running execution, if any. True when one was running (or about to:
         one still waiting for its kernel is interrupted as soon as its code begins)."""
-        if not self.busy:
+        if not self._executing:
             return False
         self._interrupt_asked = True
         if self._kernel is not None:

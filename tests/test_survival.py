@@ -260,7 +260,7 @@ def test_the_reaper_ends_orphans_even_if_the_state_dir_is_removed(tmp_path: Path
         [kernel] = kernel_processes(connection)
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
-    time.sleep(0.5)  # the reaper has read what it must end
+    time.sleep(1.0)  # the reaper has read what it must end (it polls the lock file meanwhile)
     shutil.rmtree(tmp_path / "state")
     assert wait_for(lambda: not alive(kernel.pid), 15), "the orphaned kernel lives on"
     # the reaper removes the kernel's files before it exits

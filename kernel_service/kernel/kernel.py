@@ -371,7 +371,8 @@ class Kernel:
         self._send_interrupt()
 
     def _interrupt_at_once(self, collector: ExecutionCollector) -> None:
-        """At a deadline: interrupt whatever runs now, and `collector`'s code as it begins.
+        """At a deadline, or when the caller gives up: interrupt whatever runs now, and
+        `collector`'s code as it begins.
 
         Code that has not begun by then is stuck behind other code (a cell that an earlier
         service process sent to an adopted kernel) or the kernel is slow to take it up; the
