@@ -211,7 +211,8 @@ def test_timeout_is_capped_by_the_configured_maximum(tmp_path: Path) -> None:
     [
         ("import os\nprint('bye', flush=True)\nos._exit(3)", "exited with code 3"),
         ("import ctypes\nctypes.string_at(0)", "segmentation fault"),
-        ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "out of memory"),
+        # (out of memory or not: its memory cgroup tells, tests/test_sandbox.py)
+        ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "killed by SIGKILL"),
     ],
 )
 def test_kernel_death_is_reported_and_a_fresh_kernel_follows(

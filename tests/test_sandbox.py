@@ -369,6 +369,17 @@ def test_forked_memory_counts_against_one_limit(server: Server, attacker: str) -
     assert run(server, attacker, "1 + 1")["result"] == "2"
 
 
+def test_a_sigkill_that_is_not_the_oom_killers_is_not_called_out_of_memory(
+    server: Server, attacker: str
+) -> None:
+    if server.client.get("/healthz").json()["isolation"]["memory_cgroup_mb"] is None:
+        pytest.skip("no memory cgroups on this host: a SIGKILL is taken for the OOM killer")
+    result = run(server, attacker, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    assert result["error"]["ename"] == "KernelDied"
+    assert "killed by SIGKILL, not by the out-of-memory killer" in result["error"]["evalue"]
+    assert "out of memory" not in result["text"]
+
+
 def test_every_mount_is_nosuid_and_only_the_work_places_are_writable(
     server: Server, attacker: str
 ) -> None:

@@ -86,6 +86,19 @@ class MemoryCgroups:
         log.warning("memory cgroup %s still busy at exit", self.root)
 
 
+def oom_kills(group: Path) -> int | None:
+    """How many of the group's processes the out-of-memory killer has ended (any OOM kill,
+    the group's limit or the host's); None when that cannot be read."""
+    try:
+        for line in (group / "memory.oom_control").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _remove_tree(root: Path) -> None:
     for group in root.glob("*"):
         if group.is_dir():

@@ -22,6 +22,7 @@ import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
 
 from kernel_service.collector import ExecutionCollector, OutputLimits, OutputListener
+from kernel_service.kernel.cgroups import oom_kills
 from kernel_service.kernel.files import KernelFiles
 from kernel_service.kernel.launcher import (
     AdoptionError,
@@ -93,14 +94,26 @@ class RunOutcome:
         return self.ending in ("killed", "died")
 
 
-def describe_exit(returncode: int) -> str:
-    """Words for why a kernel process ended, for people and models alike."""
+def describe_exit(returncode: int, oom_kills: int | None = None) -> str:
+    """Words for why a kernel process ended, for people and models alike. `oom_kills`, read
+    from the kernel's memory cgroup as it ended (None without one), tells a SIGKILL of the
+    out-of-memory killer from another."""
     if returncode < 0:
         number = -returncode
         try:
             name = signal.Signals(number).name
         except ValueError:
             name = f"signal {number}"
+        if number == signal.SIGKILL and oom_kills == 0:
+            return (
+                "it was killed by SIGKILL, not by the out-of-memory killer (a kill sent by "
+                "the code itself or from outside)"
+            )
+        if number == signal.SIGKILL and oom_kills:
+            return (
+                "it was killed by the out-of-memory killer (out of memory: the code used more "
+                "memory than its limit allows)"
+            )
         if number == signal.SIGKILL:
             return (
                 "it was killed by SIGKILL, most likely by the out-of-memory killer "
@@ -152,6 +165,7 @@ class Kernel:
         self._killed_at_timeout = False
         self._closed = False
         self._bad_messages = 0
+        self._oom_kills: int | None = None  # its cgroup's, read as it ends by a SIGKILL
         process.on_exit(self._on_exit)
 
     # ------------------------------------------------------------ lifecycle
@@ -478,6 +492,9 @@ class Kernel:
                 self._changed.set()
 
     def _on_exit(self, returncode: int) -> None:
+        if returncode == -signal.SIGKILL and self.process.cgroup is not None:
+            # before the launcher removes the cgroup (a task it starts on the same exit)
+            self._oom_kills = oom_kills(self.process.cgroup)
         if not self._killed_by_us:
             log.warning("kernel %s ended unexpectedly: %s", self.kernel_id, self.exit_words())
         self._changed.set()
@@ -489,7 +506,9 @@ class Kernel:
         if (reason := self.process.exit_reason()) is not None:
             return reason
         returncode = self.process.returncode
-        return describe_exit(returncode) if returncode is not None else "it stopped answering"
+        if returncode is None:
+            return "it stopped answering"
+        return describe_exit(returncode, self._oom_kills)
 
     def exit_cause(self) -> ExitCause | None:
         """Why the kernel ended, in a word; None while it runs."""
@@ -500,8 +519,9 @@ class Kernel:
             return "timeout" if self._killed_at_timeout else "shutdown"
         if self.process.exit_reason() is not None:
             return "unknown"  # it was not our child when it ended: no exit status
-        if returncode == -signal.SIGKILL:
-            return "out_of_memory"  # a SIGKILL we did not send: the OOM killer, most likely
+        if returncode == -signal.SIGKILL and self._oom_kills != 0:
+            # a SIGKILL we did not send: the OOM killer (its cgroup says so), most likely
+            return "out_of_memory"
         return "signal" if returncode < 0 else "exited"
 
     def _log_excerpt(self) -> str:
