@@ -104,17 +104,17 @@ def describe_exit(returncode: int, oom_kills: int | None = None) -> str:
             name = signal.Signals(number).name
         except ValueError:
             name = f"signal {number}"
-        if number == signal.SIGKILL and oom_kills == 0:
-            return (
-                "it was killed by SIGKILL, not by the out-of-memory killer (a kill sent by "
-                "the code itself or from outside)"
-            )
-        if number == signal.SIGKILL and oom_kills:
-            return (
-                "it was killed by the out-of-memory killer (out of memory: the code used more "
-                "memory than its limit allows)"
-            )
         if number == signal.SIGKILL:
+            if oom_kills == 0:
+                return (
+                    "it was killed by SIGKILL, not by the out-of-memory killer (a kill sent "
+                    "by the code itself or from outside)"
+                )
+            if oom_kills:
+                return (
+                    "it was killed by the out-of-memory killer (out of memory: the code used "
+                    "more memory than its limit allows)"
+                )
             return (
                 "it was killed by SIGKILL, most likely by the out-of-memory killer "
                 "(out of memory: the code used more memory than the machine allows)"
