@@ -108,9 +108,12 @@ class Settings(BaseSettings):
     text_limit: PositiveInt = Field(
         10_000, description="Characters of the LLM-facing `text` rendering (head and tail kept)."
     )
-    max_message_bytes: PositiveInt = Field(
-        64 * MIB,
-        description="Largest kernel message read; bigger ones are dropped to protect memory.",
+    max_message_bytes: PositiveInt | None = Field(
+        None,
+        description="Largest message read from a kernel; a larger one is refused before it is "
+        "read (its output, and what followed it in that call, is lost, and the answer says "
+        "so). Default: the largest message whose output could be kept (half of "
+        "rich_output_limit, plus the text limits, plus room for the message's own fields).",
     )
     images_per_session: PositiveInt = Field(
         100, description="Images kept per session for their URLs (oldest dropped first)."
@@ -173,6 +176,14 @@ class Settings(BaseSettings):
         if self.api_key is None:
             return []
         return [key.strip() for key in self.api_key.get_secret_value().split(",") if key.strip()]
+
+    def message_limit(self) -> int:
+        """The largest message read from a kernel (see `max_message_bytes`)."""
+        if self.max_message_bytes is not None:
+            return self.max_message_bytes
+        # a kept output holds at most half of each budget; text is counted in characters,
+        # up to 4 bytes each in UTF-8 and 6 in escaped JSON
+        return self.rich_output_limit // 2 + 6 * self.output_limit + MIB
 
     def effective_timeout(self, asked: float | None) -> float:
         """The timeout an execution gets: what was asked, or the default, capped by max_timeout."""

@@ -94,11 +94,16 @@ def build_result(
         if error is not None and not any(isinstance(o, ErrorOutput) for o in outputs):
             notices.append(f"{error.ename}: {error.evalue}")
         if outcome.ending == "output_lost":
-            notices.append(
-                "[Output was lost: a message from the kernel was larger than the service "
-                "accepts, so it and what followed it in this call (including the value) are "
-                "missing. Print less at once.]"
+            # never an "ok" with output missing: a lost output is an error of its own
+            lost = ExecutionError(
+                ename="OutputLost",
+                evalue=f"Part of this call's output was lost: {outcome.lost}. The code "
+                "ran to its end, but what it printed or displayed after that point, the "
+                "value included, is missing here. Print or display less at once.",
             )
+            notices.append(f"OutputLost: {lost.evalue}")
+            status = "error"
+            error = error or lost
 
     text = uncut_text(outputs, images, "\n".join(notices) or None, files)
     full_output = None
@@ -113,7 +118,12 @@ def build_result(
         outputs=outputs,
         error=error,
         images=images,
-        text=fit_text(text, text_limit, full_output),
+        text=fit_text(
+            text,
+            text_limit,
+            full_output,
+            next((o for o in outputs if isinstance(o, TruncatedOutput)), None),
+        ),
         duration_ms=round(duration_ms, 3),
         state_lost=outcome.kernel_lost or lost_before is not None,
         files=list(files),

@@ -22,7 +22,6 @@ from kernel_service.kernel import (
     KernelOptions,
     KernelStartError,
     SubprocessLauncher,
-    zmq_context,
 )
 from kernel_service.kernel.fonts import prepare_font_cache
 from kernel_service.kernel.forkserver import (
@@ -58,7 +57,7 @@ class Runtime:
             matplotlib_dir=settings.matplotlib_dir.resolve(),
             # two tries fit in the configured time: a stuck kernel is replaced once
             start_timeout=settings.kernel_start_timeout / 2,
-            zmq_context=zmq_context(settings.max_message_bytes),
+            max_message_bytes=settings.message_limit(),
             preload_modules=tuple(
                 m.strip() for m in settings.preload_modules.split(",") if m.strip()
             ),
@@ -167,7 +166,6 @@ class Runtime:
             if not keep:
                 reaper.terminate()  # nothing left for it to end
             await self.launcher.close(kernels_left=keep)
-            self.options.zmq_context.destroy(linger=0)
             self._unlock(store)
             await asyncio.to_thread(_reaped, reaper, keep)
 

@@ -271,10 +271,13 @@ def test_a_message_over_the_size_cap_is_dropped_and_the_session_goes_on(tmp_path
     with running_server(tmp_path, max_message_bytes=1024 * 1024) as server:
         session_id = server.new_session()
         server.execute("kept = 1", session_id)
-        result = server.execute("print('y' * 5_000_000)\n'value'", session_id)
-        assert result["status"] == "ok"
+        code = "display({'text/plain': 'y' * 5_000_000}, raw=True)\n'value'"
+        result = server.execute(code, session_id)
+        assert result["status"] == "error"  # never "ok" with output missing
+        assert result["error"]["ename"] == "OutputLost"
+        assert "more than the service accepts" in result["error"]["evalue"]
         assert "y" * 100 not in result["stdout"]
-        assert "Output was lost" in result["text"]
+        assert "OutputLost" in result["text"]
         after = server.execute("print('small'); kept", session_id)
         assert after["stdout"] == "small\n"
         assert after["result"] == "1"

@@ -1,4 +1,5 @@
-"""The only package that speaks the kernel protocol (jupyter_client): launch, execute, interrupt."""
+"""The only package that speaks the kernel protocol (jupyter_client's Session over our own
+bounded ZMTP sockets): launch, execute, interrupt."""
 
 from kernel_service.kernel.kernel import (
     ExitCause,
@@ -6,7 +7,6 @@ from kernel_service.kernel.kernel import (
     KernelOptions,
     KernelStartError,
     RunOutcome,
-    zmq_context,
 )
 from kernel_service.kernel.launcher import KernelLauncher, SubprocessLauncher
 
@@ -18,5 +18,4 @@ __all__ = [
     "KernelStartError",
     "RunOutcome",
     "SubprocessLauncher",
-    "zmq_context",
 ]

@@ -17,12 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import zmq
-import zmq.asyncio
-from jupyter_client.asynchronous.client import AsyncKernelClient
-
 from kernel_service.collector import ExecutionCollector, OutputLimits, OutputListener
 from kernel_service.kernel.cgroups import oom_kills
+from kernel_service.kernel.channels import Channel, KernelChannels
 from kernel_service.kernel.files import KernelFiles
 from kernel_service.kernel.launcher import (
     AdoptionError,
@@ -34,8 +31,11 @@ from kernel_service.state import KernelRecord, start_ticks
 
 log = logging.getLogger(__name__)
 
-# After the execute_reply, how long iopub may lag before its output is taken as lost.
+# After the execute_reply, how long iopub may lag before the kernel is asked whether its
+# output was lost (a probe whose iopub status, coming after ours, proves ours was dropped),
+# and how long the answer to that probe may take before the output is taken as lost.
 _IOPUB_GRACE = 5.0
+_PROBE_WAIT = 30.0
 # How long a dying kernel's last messages may take to arrive.
 _DEATH_DRAIN = 0.05
 # Between kernel_info requests while waiting for a new kernel to be ready.
@@ -77,8 +77,8 @@ class KernelOptions:
     matplotlib_dir: Path
     start_timeout: float
     preload_modules: tuple[str, ...]
-    # Shared by every kernel's sockets: one ZMQ I/O thread for the whole service.
-    zmq_context: zmq.asyncio.Context
+    # Largest message read from a kernel; a larger one is refused unread (see wire.py).
+    max_message_bytes: int
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,7 @@ class RunOutcome:
     collector: ExecutionCollector
     ending: Ending
     exit_reason: str | None = None
+    lost: str | None = None  # why output was lost (with ending "output_lost")
 
     @property
     def kernel_lost(self) -> bool:
@@ -127,20 +128,6 @@ def describe_exit(returncode: int, oom_kills: int | None = None) -> str:
     return f"it exited with code {returncode}"
 
 
-def zmq_context(max_message_bytes: int) -> zmq.asyncio.Context:
-    """The context kernels' sockets are made in, with the service's socket defaults."""
-    context = zmq.asyncio.Context()
-    # Oversized messages (a flood of output) are dropped instead of filling our memory.
-    context.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-    # ...and few are queued: a kernel can send faster than we parse, and each queued
-    # message is held in our memory.
-    context.setsockopt(zmq.RCVHWM, 4)
-    # Reconnect fast: a new kernel binds its ports a few ms after we connect.
-    context.setsockopt(zmq.RECONNECT_IVL, 10)
-    context.setsockopt(zmq.LINGER, 0)
-    return context
-
-
 class Kernel:
     """A kernel process and the client that talks to it."""
 
@@ -149,22 +136,26 @@ class Kernel:
         kernel_id: str,
         process: KernelProcess,
         files: KernelFiles,
-        context: zmq.asyncio.Context,
+        max_message_bytes: int,
     ) -> None:
         self.kernel_id = kernel_id
         self.process = process
         self.files = files
-        self._context = context
-        self._client = self._new_client()
+        self._channels = KernelChannels(
+            files.connection_info, max_message_bytes, self._dispatch, self._on_refused
+        )
         self._active: ExecutionCollector | None = None
         self._execution: ExecutionCollector | None = None  # the execute_request in flight
         self._interrupt_on_start = False
+        # An execution given up by its caller, still ending; the next one waits for it.
+        self._settling: asyncio.Task[None] | None = None
+        self._lost: str | None = None  # why output of the active request was lost
+        self._probe: str | None = None  # msg_id of a request sent to check for lost output
+        self._probe_answered = False
         self._changed = asyncio.Event()
-        self._pumps: list[asyncio.Task[None]] = []
         self._killed_by_us = False
         self._killed_at_timeout = False
         self._closed = False
-        self._bad_messages = 0
         self._oom_kills: int | None = None  # its cgroup's, read as it ends by a SIGKILL
         process.on_exit(self._on_exit)
 
@@ -202,7 +193,7 @@ class Kernel:
             if isinstance(exc, OSError):
                 raise KernelStartError(f"the kernel process could not be started: {exc}") from exc
             raise
-        kernel = cls(kernel_id, process, files, options.zmq_context)
+        kernel = cls(kernel_id, process, files, options.max_message_bytes)
         try:
             if on_launch is not None:
                 on_launch(kernel)
@@ -232,7 +223,7 @@ class Kernel:
             raise AdoptionError("its connection file is not the one it was started with")
         process = launcher.adopt(record)
         files = KernelFiles(record.directory, record.connection)
-        kernel = cls(record.kernel_id, process, files, options.zmq_context)
+        kernel = cls(record.kernel_id, process, files, options.max_message_bytes)
         try:
             kernel._start_channels()
             await kernel._wait_ready(_ADOPT_TIMEOUT, control=True)
@@ -272,15 +263,12 @@ class Kernel:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            if control:
-                request = self._client.session.msg("kernel_info_request", {})
-                self._client.control_channel.send(request)
-                msg_id = request["header"]["msg_id"]
-            else:
-                msg_id = self._client.kernel_info()
+            msg_id = self._channels.send(
+                "control" if control else "shell", "kernel_info_request", {}
+            )
             collector = ExecutionCollector(msg_id, _PROBE_LIMITS)
             ending = await self._follow(
-                collector, min(deadline, loop.time() + _READY_RETRY), iopub_grace=_READY_RETRY
+                collector, min(deadline, loop.time() + _READY_RETRY), probe=False
             )
             if ending == "done":
                 return
@@ -327,12 +315,26 @@ class Kernel:
         enforce `timeout` from outside the kernel. `interrupted`: an interrupt was asked for
         before the code was sent; it ends the code as soon as it begins."""
         loop = asyncio.get_running_loop()
-        msg_id = self._client.execute(
-            code, silent=False, store_history=True, allow_stdin=False, stop_on_error=True
+        if self._settling is not None:
+            # the kernel would abort this code (stop_on_error) were it sent before the
+            # interrupted code has ended
+            await asyncio.shield(self._settling)
+        msg_id = self._channels.send(
+            "shell",
+            "execute_request",
+            {
+                "code": code,
+                "silent": False,
+                "store_history": True,
+                "user_expressions": {},
+                "allow_stdin": False,
+                "stop_on_error": True,
+            },
         )
         collector = ExecutionCollector(msg_id, limits, listener)
         self._execution = collector
         self._interrupt_on_start = interrupted
+        self._lost = None
         try:
             ending = await self._follow(collector, loop.time() + timeout)
             timed_out = ending == "timeout"
@@ -347,18 +349,20 @@ class Kernel:
             if ending == "died":
                 await asyncio.sleep(_DEATH_DRAIN)  # let its last words arrive
                 return RunOutcome(collector, "died", self.exit_words())
-            if ending == "output_lost":
-                await self._reconnect()
-                if not timed_out:
-                    return RunOutcome(collector, "output_lost")
-            return RunOutcome(collector, "interrupted" if timed_out else "done")
+            if timed_out:
+                return RunOutcome(collector, "interrupted")
+            if self._lost is not None:
+                return RunOutcome(collector, "output_lost", lost=self._lost)
+            return RunOutcome(collector, "done")
         except asyncio.CancelledError:
             # The caller gave up (client gone, service stopping): don't leave code running,
             # and don't let the next request reach the kernel before the interrupted one
-            # has ended (with stop_on_error, the kernel would abort it).
-            if self.alive:
+            # has ended (with stop_on_error, the kernel would abort it). The caller may be
+            # cancelled again and again (anyio's cancel scopes do that): the ending goes on
+            # in a task of its own, which the next execution waits for.
+            if self.alive and self._settling is None:
                 self._interrupt_at_once(collector)
-                await asyncio.shield(self._settle(collector, interrupt_grace))
+                self._settling = asyncio.create_task(self._settle(collector, interrupt_grace))
             raise
         finally:
             self._active = self._execution = None
@@ -367,10 +371,14 @@ class Kernel:
     async def _settle(self, collector: ExecutionCollector, grace: float) -> None:
         """Let an interrupted execution end within `grace`; kill the kernel if it does not."""
         loop = asyncio.get_running_loop()
-        if await self._follow(collector, loop.time() + grace) == "timeout":
-            self._killed_by_us = True
-            self.process.kill()
-            await self.process.wait()
+        try:
+            if await self._follow(collector, loop.time() + grace) == "timeout":
+                self._killed_by_us = True
+                self.process.kill()
+                await self.process.wait()
+        finally:
+            self._active = None
+            self._settling = None
 
     def interrupt(self) -> None:
         """Make the running code raise KeyboardInterrupt.
@@ -399,31 +407,46 @@ class Kernel:
         """interrupt_request on the control channel: the kernel signals itself, so this
         works in any sandbox."""
         if self.alive:
-            msg = self._client.session.msg("interrupt_request", {})
-            self._client.control_channel.send(msg)
+            self._channels.send("control", "interrupt_request", {})
 
     async def _follow(
-        self, collector: ExecutionCollector, deadline: float, iopub_grace: float = _IOPUB_GRACE
+        self, collector: ExecutionCollector, deadline: float, probe: bool = True
     ) -> Literal["done", "died", "timeout", "output_lost"]:
         """Feed `collector` until its request is complete, the kernel dies, or time is up.
 
-        Once the reply is in, iopub has `iopub_grace` seconds to go idle, whatever the deadline.
+        Once the reply is in, iopub has `_IOPUB_GRACE` seconds to go idle, whatever the
+        deadline (with `probe`: then the kernel is probed, and the output is taken as lost
+        only when the probe's status arrives first or it too goes unanswered); without
+        `probe`, the deadline alone counts.
         """
         loop = asyncio.get_running_loop()
         self._active = collector
-        reply_seen_at: float | None = None
+        self._probe, self._probe_answered = None, False
+        reply_seen = False
         while True:
             if collector.done:
                 return "done"
             if not self.alive:
                 return "died"
-            if collector.reply is not None and reply_seen_at is None:
+            if self._lost is not None and collector.reply is not None:
+                return "output_lost"  # a refused message: its idle may be lost too
+            if self._probe_answered:
+                self._lost = "the kernel's output for this call did not arrive"
+                return "output_lost"
+            if collector.reply is not None and not reply_seen and probe:
                 # The code has finished; iopub only has to catch up.
-                reply_seen_at = loop.time()
-                deadline = reply_seen_at + iopub_grace
+                reply_seen = True
+                deadline = loop.time() + _IOPUB_GRACE
             remaining = deadline - loop.time()
             if remaining <= 0:
-                return "output_lost" if reply_seen_at is not None else "timeout"
+                if not reply_seen:
+                    return "timeout"
+                if self._probe is None:
+                    self._probe = self._channels.send("shell", "kernel_info_request", {})
+                    deadline = loop.time() + _PROBE_WAIT
+                    continue
+                self._lost = "the kernel's output for this call did not arrive"
+                return "output_lost"
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
@@ -431,65 +454,45 @@ class Kernel:
 
     # ------------------------------------------------------------ channels
 
-    def _new_client(self) -> AsyncKernelClient:
-        client = AsyncKernelClient(context=self._context)
-        client.load_connection_info(self.files.connection_info)  # type: ignore[arg-type]
-        return client
-
     def _start_channels(self) -> None:
-        self._client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=True)
-        self._pumps = [
-            asyncio.create_task(self._pump(self._client.shell_channel), name="shell-pump"),
-            asyncio.create_task(self._pump(self._client.iopub_channel), name="iopub-pump"),
-            asyncio.create_task(self._pump(self._client.control_channel), name="control-pump"),
-        ]
+        self._channels.start()
 
     def _stop_channels(self) -> None:
-        for pump in self._pumps:
-            pump.cancel()
-        self._pumps = []
-        self._client.stop_channels()
+        self._channels.close()
 
-    async def _reconnect(self) -> None:
-        """New channels after a dropped oversized message left iopub silent."""
-        log.warning("kernel %s: iopub output was lost; reconnecting channels", self.kernel_id)
-        self._stop_channels()
-        # A closed jupyter_client channel cannot be reopened: a new client makes new sockets.
-        self._client = self._new_client()
-        self._start_channels()
-        with contextlib.suppress(KernelStartError):
-            await self._wait_ready(timeout=5.0)
-
-    async def _pump(self, channel: Any) -> None:
-        """Hand every message of one channel to the execution in flight; drop the rest."""
-        while True:
-            try:
-                msg: dict[str, Any] = await channel.get_msg()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a malformed or unsigned message must not stop the pump
-                if not channel.is_alive():
-                    return
-                self._bad_messages += 1
-                if self._bad_messages & (self._bad_messages - 1) == 0:  # 1, 2, 4, 8, ...
-                    log.warning(
-                        "kernel %s: %d unreadable messages", self.kernel_id, self._bad_messages
-                    )
-                await asyncio.sleep(0)
-                continue
-            active = self._active
-            if active is None:
-                continue
-            try:
-                active.feed(msg)
-            except Exception:  # the collector is pure but its input comes from user code
-                log.exception("kernel %s: message not understood", self.kernel_id)
-                continue
-            if self._interrupt_on_start and active is self._execution and active.started:
-                self._interrupt_on_start = False
-                self._send_interrupt()
-            if msg["header"]["msg_type"] in ("execute_reply", "kernel_info_reply", "status"):
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        """Hand a message from the kernel to the request in flight; drop the rest."""
+        header = msg.get("header")
+        msg_type = header.get("msg_type") if isinstance(header, dict) else None
+        if self._probe is not None and msg_type == "status":
+            parent = msg.get("parent_header")
+            if isinstance(parent, dict) and parent.get("msg_id") == self._probe:
+                self._probe_answered = True
                 self._changed.set()
+        active = self._active
+        if active is None:
+            return
+        try:
+            active.feed(msg)
+        except Exception:  # the collector is pure but its input comes from user code
+            log.exception("kernel %s: message not understood", self.kernel_id)
+            return
+        if self._interrupt_on_start and active is self._execution and active.started:
+            self._interrupt_on_start = False
+            self._send_interrupt()
+        if msg_type in ("execute_reply", "kernel_info_reply", "status"):
+            self._changed.set()
+
+    def _on_refused(self, channel: Channel, reason: str) -> None:
+        refused = self._channels.refused
+        if refused & (refused - 1) == 0:  # 1, 2, 4, 8, ...: a flood does not flood the log
+            log.warning(
+                "kernel %s: %s message refused (%d so far): %s",
+                self.kernel_id, channel, refused, reason,
+            )  # fmt: skip
+        if self._active is not None:
+            self._lost = f"the kernel sent {reason}, more than the service accepts"
+            self._changed.set()
 
     def _on_exit(self, returncode: int) -> None:
         if returncode == -signal.SIGKILL and self.process.cgroup is not None:

@@ -23,14 +23,43 @@ CJK_FAMILIES = (
 )
 
 
+# Characters of printed text per stream message (a few hundred kB on the wire): the service
+# refuses any message larger than the output it could keep, so a long print is sent in
+# pieces, of which it keeps the first and the last and counts the rest.
+STREAM_PIECE = 256 * 1024
+
+
 def prepare(preload: list[str]) -> None:
     """Import the given modules (so user imports are instant) and configure matplotlib."""
+    _send_long_prints_in_pieces()
     for name in preload:
         try:
             importlib.import_module(name)
         except Exception as exc:  # a missing optional module must not stop the kernel
             print(f"kernel-service: could not preload {name}: {exc}", file=sys.__stderr__)
     _configure_matplotlib()
+
+
+def _send_long_prints_in_pieces() -> None:
+    try:
+        session = get_ipython().kernel.session  # type: ignore[name-defined]  # noqa: F821
+    except Exception:  # not in a kernel
+        return
+    send = session.send
+
+    def send_in_pieces(stream, msg_or_type, *args, **kwargs):  # type: ignore[no-untyped-def]
+        text = None
+        if isinstance(msg_or_type, dict) and msg_or_type.get("msg_type") == "stream":
+            text = msg_or_type.get("content", {}).get("text")
+        if not isinstance(text, str) or len(text) <= STREAM_PIECE:
+            return send(stream, msg_or_type, *args, **kwargs)
+        content, parent = msg_or_type["content"], msg_or_type["parent_header"]
+        for start in range(0, len(text), STREAM_PIECE):
+            piece = {**content, "text": text[start : start + STREAM_PIECE]}
+            sent = send(stream, session.msg("stream", piece, parent=parent), *args, **kwargs)
+        return sent
+
+    session.send = send_in_pieces
 
 
 def _configure_matplotlib() -> None:
