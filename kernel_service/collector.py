@@ -6,7 +6,9 @@ its request. The execution is complete when the `execute_reply` has arrived *and
 iopub has gone `idle` for the request (as nbclient does).
 
 Memory is bounded: the first half of `output_limit` characters is kept from the start,
-the other half from the end, and what lies between is counted, not kept.
+the other half from the end, and what lies between is counted, not kept. Every field an
+output carries counts (an error's name, a display's metadata and id too), whatever the
+kernel puts there.
 """
 
 import json
@@ -28,6 +30,10 @@ from kernel_service.models import (
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
 
 Entry = dict[str, Any]
+# Characters of an error's name or a display's id kept; longer ones are cut.
+NAME_LIMIT = 200
+# Characters (as JSON) of an output's metadata kept; larger metadata is dropped.
+METADATA_LIMIT = 16 * 1024
 # Told of each output as it arrives (streaming).
 OutputListener = Callable[[Output], None]
 
@@ -89,8 +95,10 @@ def _sizes(entry: Entry) -> tuple[int, int]:
     if kind == "stream":
         return len(entry["text"]), 0
     if kind == "error":
-        return sum(len(line) for line in entry["traceback"]) + len(entry["evalue"]), 0
-    text = rich = 0
+        traceback = sum(len(line) for line in entry["traceback"])
+        return traceback + len(entry["evalue"]) + len(entry["ename"]), 0
+    text = len(entry.get("display_id") or "") + _value_size(entry.get("metadata") or {})
+    rich = 0
     for mime, value in entry["data"].items():
         if is_rich_mime(mime):
             rich += _value_size(value)
@@ -103,12 +111,19 @@ def _is_stream(entry: Entry, name: str | None = None) -> bool:
     return entry["output_type"] == "stream" and (name is None or entry["name"] == name)
 
 
-def cut_middle(text: str, limit: int) -> tuple[str, int]:
-    """`text` cut in the middle to about `limit` characters, and how many were left out."""
+def cut_middle(text: str, limit: int, inner_note: tuple[str, int] = ("", 0)) -> tuple[str, int]:
+    """`text` cut in the middle to about `limit` characters, and how many were left out.
+
+    `inner_note`: a note in `text` that stands for characters cut earlier, and how many;
+    if this cut removes it, its count is added to this one's (the note counts what was
+    printed, not what was left of it)."""
     if len(text) <= limit:
         return text, 0
     half = limit // 2
     omitted = len(text) - 2 * half
+    note, earlier = inner_note
+    if note and note in text[half : len(text) - half]:
+        omitted += earlier - len(note)
     return f"{text[:half]}\n[... {omitted:,} characters omitted ...]\n{text[-half:]}", omitted
 
 
@@ -134,7 +149,7 @@ class _BoundedOutputs:
         self.omitted_outputs = 0
 
     def add(self, entry: Entry) -> None:
-        entry = self._fit(entry)
+        """Keep a fitted entry (see `fit`) within the budgets."""
         text, rich = _sizes(entry)
         if not self._cutting:
             text_room = self._half_text - self._head_text
@@ -187,7 +202,7 @@ class _BoundedOutputs:
         if not _is_stream(entry):
             self.omitted_outputs += 1
 
-    def _fit(self, entry: Entry) -> Entry:
+    def fit(self, entry: Entry) -> Entry:
         """The entry with any part too large for a half budget cut or left out."""
         kind = entry["output_type"]
         if kind == "error":
@@ -198,11 +213,29 @@ class _BoundedOutputs:
                 joined, omitted_lines = cut_middle(joined, self._half_text // 2)
                 traceback = joined.split("\n")
                 omitted += omitted_lines
-            self.omitted_chars += omitted
-            return {**entry, "evalue": evalue, "traceback": traceback}
+            ename, omitted_name = _cut_name(entry["ename"])
+            self.omitted_chars += omitted + omitted_name
+            return {**entry, "ename": ename, "evalue": evalue, "traceback": traceback}
         if kind in ("display_data", "execute_result"):
-            return {**entry, "data": self._fit_data(entry["data"])}
+            fitted = {
+                **entry,
+                "data": self._fit_data(entry["data"]),
+                "metadata": self._fit_metadata(entry["metadata"]),
+            }
+            if entry.get("display_id") is not None:
+                fitted["display_id"], omitted = _cut_name(entry["display_id"])
+                self.omitted_chars += omitted
+            return fitted
         return entry
+
+    def _fit_metadata(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        if not metadata:
+            return metadata
+        size = _value_size(metadata)
+        if size <= METADATA_LIMIT:
+            return metadata
+        self.omitted_chars += size
+        return {}
 
     def _fit_data(self, data: dict[str, Any]) -> dict[str, Any]:
         fitted: dict[str, Any] = {}
@@ -235,12 +268,15 @@ class _BoundedOutputs:
     ) -> None:
         """Replace the data of every output with `display_id`, within the budgets."""
         fitted = self._fit_data(data)
-        new_text, new_rich = _sizes({"output_type": "display_data", "data": fitted})
+        metadata = self._fit_metadata(metadata)
+        new_text, new_rich = _sizes(
+            {"output_type": "display_data", "data": fitted, "metadata": metadata}
+        )
         for in_head, region in ((True, self._head), (False, self._tail)):
             for entry in region:
                 if entry.get("display_id") != display_id:
                     continue
-                old_text, old_rich = _sizes(entry)
+                old_text, old_rich = _sizes({**entry, "display_id": None})
                 text_used = (self._head_text if in_head else self._tail_text) - old_text
                 rich_used = (self._head_rich if in_head else self._tail_rich) - old_rich
                 if text_used + new_text > self._half_text or rich_used + new_rich > self._half_rich:
@@ -318,11 +354,14 @@ class ExecutionCollector:
             display_id = _dict(content.get("transient")).get("display_id")
             if display_id is not None:
                 self._outputs.update_display(
-                    str(display_id), _dict(content.get("data")), _dict(content.get("metadata"))
+                    _cut_name(str(display_id))[0],
+                    _dict(content.get("data")),
+                    _dict(content.get("metadata")),
                 )
         else:
             entry = _entry_from(msg_type, content)
             if entry is not None:
+                entry = self._outputs.fit(entry)
                 if self._listener is not None:
                     self._listener(_output_of(entry))
                 if self._clear_on_next_output:
@@ -354,6 +393,13 @@ class ExecutionCollector:
             evalue=str(self.reply.get("evalue", "")),
             traceback=[strip_ansi(line) for line in self.reply.get("traceback", [])],
         )
+
+
+def _cut_name(name: str) -> tuple[str, int]:
+    """A name (an error's, a display's id) cut to NAME_LIMIT, and how much was left out."""
+    if len(name) <= NAME_LIMIT:
+        return name, 0
+    return name[: NAME_LIMIT - 1] + "…", len(name) - NAME_LIMIT + 1
 
 
 def _dict(value: Any) -> dict[str, Any]:

@@ -65,17 +65,27 @@ def uncut_text(
     return "\n".join(part for part in parts if part) or NO_OUTPUT
 
 
-def fit_text(text: str, limit: int, full_output: FullOutput | None = None) -> str:
+def fit_text(
+    text: str,
+    limit: int,
+    full_output: FullOutput | None = None,
+    truncated: TruncatedOutput | None = None,
+) -> str:
     """`text` cut in the middle to about `limit` characters; with `full_output`, its last
-    line says where the whole output is."""
+    line says where the whole output is. `truncated`: the outputs' own cut, whose count the
+    note of this cut includes when this cut removes its note."""
+    inner = ("", 0)
+    if truncated is not None:
+        note = truncation_note(truncated.omitted_chars, truncated.omitted_outputs)
+        inner = (note, truncated.omitted_chars)
     if full_output is None:
-        return cut_middle(text, limit)[0]
+        return cut_middle(text, limit, inner)[0]
     whole = "full output" if full_output.complete else "start of the full output"
     note = (
         f"[output truncated; the {whole} ({human_size(full_output.size)}): "
         f"{full_output.url}, or open({full_output.path!r}) in code]"
     )
-    return f"{cut_middle(text, max(limit - len(note) - 1, 2))[0]}\n{note}"
+    return f"{cut_middle(text, max(limit - len(note) - 1, 2), inner)[0]}\n{note}"
 
 
 def human_size(size: int) -> str:

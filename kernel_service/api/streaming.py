@@ -10,8 +10,9 @@ Events (each `data` is one line of JSON):
   before it, such as an unknown session, is an ordinary HTTP error).
 
 A comment line is sent every few seconds while nothing else is, so proxies keep the
-connection open. The outputs waiting for a slow client are bounded; past the bound, stream
-text is dropped (and said), never the result.
+connection open. The outputs waiting for a slow client are bounded (PENDING_LIMIT bytes, or
+one output when none waits); past the bound, outputs are dropped (and said), never the
+result.
 """
 
 import asyncio
@@ -20,11 +21,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from kernel_service.errors import ServiceError
-from kernel_service.models import ExecutionResult, Output, StreamOutput
+from kernel_service.models import ExecutionResult, Output, StreamOutput, truncation_note
 
 # While nothing else is sent, a comment this often (seconds).
 KEEPALIVE = 10.0
-# Bytes of outputs held for a client that reads slowly; stream text past it is dropped.
+# Bytes of outputs held for a client that reads slowly; outputs past it are dropped.
 PENDING_LIMIT = 8 * 1024 * 1024
 
 Run = Callable[[Callable[[Output], None]], Awaitable[ExecutionResult]]
@@ -34,39 +35,60 @@ def event(name: str, data: str) -> bytes:
     return f"event: {name}\ndata: {data}\n\n".encode()
 
 
+class _EventQueue:
+    """The events waiting for the client, at most PENDING_LIMIT bytes of outputs (or one
+    output when none waits); outputs past that are dropped and a note says so."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._pending = 0  # bytes of output events waiting
+        self._dropped_chars = self._dropped_outputs = 0
+
+    def put_output(self, output: Output) -> None:
+        item = event("output", output.model_dump_json())
+        if self._pending and self._pending + len(item) > PENDING_LIMIT:
+            if isinstance(output, StreamOutput):
+                self._dropped_chars += len(output.text)
+            else:
+                self._dropped_outputs += 1
+            return
+        if self._dropped_chars or self._dropped_outputs:
+            note = truncation_note(self._dropped_chars, self._dropped_outputs).replace(
+                "output truncated", "not streamed (the client read too slowly)"
+            )
+            self.put(event("output", StreamOutput(name="stderr", text=note).model_dump_json()))
+            self._dropped_chars = self._dropped_outputs = 0
+        self._pending += len(item)
+        self.put(item)
+
+    def put(self, item: bytes | None) -> None:
+        self._queue.put_nowait(item)
+
+    async def get(self) -> bytes | None:
+        item = await self._queue.get()
+        if item is not None and item.startswith(b"event: output"):
+            self._pending = max(self._pending - len(item), 0)
+        return item
+
+
 async def execution_events(
     run: Run, error_status: Callable[[ServiceError], int], interrupt_on_disconnect: bool
 ) -> AsyncIterator[bytes]:
     """The events of one execution: `run(listener)` executes, telling `listener` of each
     output. If the client goes (this generator is closed early), the execution is cancelled
     when `interrupt_on_disconnect` (which interrupts the kernel), else left to finish."""
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-    pending = 0
-    dropped = 0
-
-    def listener(output: Output) -> None:
-        nonlocal pending, dropped
-        item = event("output", output.model_dump_json())
-        if pending + len(item) > PENDING_LIMIT and isinstance(output, StreamOutput):
-            dropped += len(output.text)
-            return
-        if dropped:
-            note = StreamOutput(name="stderr", text=f"\n[{dropped:,} characters not streamed]\n")
-            queue.put_nowait(event("output", note.model_dump_json()))
-            dropped = 0
-        pending += len(item)
-        queue.put_nowait(item)
+    queue = _EventQueue()
 
     async def execute() -> None:
         try:
-            result = await run(listener)
+            result = await run(queue.put_output)
         except ServiceError as exc:
             body = {"detail": str(exc), "code": exc.code, "status": error_status(exc)}
-            queue.put_nowait(event("error", json.dumps(body)))
+            queue.put(event("error", json.dumps(body)))
         else:
-            queue.put_nowait(event("result", result.model_dump_json()))
+            queue.put(event("result", result.model_dump_json()))
         finally:
-            queue.put_nowait(None)
+            queue.put(None)
 
     task = asyncio.create_task(execute(), name="streamed-execution")
     finished = False
@@ -81,8 +103,6 @@ async def execution_events(
             if item is None:
                 finished = True
                 break
-            if item.startswith(b"event: output"):
-                pending -= len(item)
             yield item
     finally:
         if not finished:  # the client went away (or the service is stopping)
