@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kernel_service.errors import (
     CodeTooLarge,
+    FileChanged,
     FileNotFound,
     FileTooLarge,
     ImageNotFound,
@@ -46,6 +47,7 @@ STATUS_OF: dict[type[ServiceError], int] = {
     SymlinkRefused: 400,
     NotAFile: 400,
     FileNotFound: 404,
+    FileChanged: 409,
     FileTooLarge: 413,
     InvalidUpload: 422,
     WorkspaceFull: 507,

@@ -28,6 +28,7 @@ from kernel_service.files import (
     file_ref,
     list_files,
     open_file,
+    read_whole,
     remove,
     room_for_upload,
     split_path,
@@ -47,6 +48,9 @@ FilePath = Annotated[
 MULTIPART_OVERHEAD = 64 * 1024
 # Read at a time when a file is downloaded.
 DOWNLOAD_CHUNK = 1024 * 1024
+# A file up to this size is read whole before it is sent, so the download is the file as
+# it was at one moment even while the code changes it; a larger one is streamed.
+DOWNLOAD_WHOLE = 16 * MIB
 MAX_LISTED = 10_000
 _UPLOAD_PATH = re.compile(r"^/sessions/[^/]+/files/")
 _BINARY = {"type": "string", "format": "binary"}
@@ -79,7 +83,7 @@ def is_upload(scope: Scope) -> bool:
     response_model=FileRef,
     responses={
         200: {"model": FileRef, "description": "An existing file was replaced."},
-        **_errors(400, 404, 413, 422, 507),
+        **_errors(400, 404, 409, 413, 422, 507),
     },
     openapi_extra={"requestBody": _UPLOAD_BODY},
 )
@@ -168,7 +172,7 @@ async def _receive_form(request: Request, boundary: bytes | None, upload: Upload
             "content": {"*/*": {"schema": _BINARY}},
             "description": "The file's bytes, as an attachment; its type guessed from its name.",
         },
-        **_errors(400, 404, 422),
+        **_errors(400, 404, 409, 422),
     },
 )
 async def get_file(
@@ -177,16 +181,24 @@ async def get_file(
     """Download a file of the session's work directory."""
     session = registry.get(session_id, owner)
     fd, found = open_file(session.work_dir, file_path)
-    file = os.fdopen(fd, "rb", buffering=0)  # closed when read, or when dropped unread
     name = file_path.rsplit("/", 1)[-1]
     headers = {
         "Content-Type": mimetypes.guess_type(name)[0] or "application/octet-stream",
-        "Content-Length": str(found.st_size),
         "Content-Disposition": _attachment(name),
         # a file written by user code: never let a browser run it on our origin
         "Content-Security-Policy": "sandbox",
         "X-Content-Type-Options": "nosniff",
     }
+    if found.st_size <= DOWNLOAD_WHOLE:
+        try:
+            data = await asyncio.to_thread(read_whole, fd, file_path, found)
+        finally:
+            os.close(fd)
+        return Response(data, headers=headers)
+    # read from the one descriptor: a file the code replaces or removes meanwhile is sent
+    # whole as it was; one it cuts short ends the download early (see _read)
+    file = os.fdopen(fd, "rb", buffering=0)  # closed when read, or when dropped unread
+    headers["Content-Length"] = str(found.st_size)
     return StreamingResponse(_read(file, found.st_size), headers=headers)
 
 
@@ -240,7 +252,7 @@ async def get_files(
 @router.delete(
     "/sessions/{session_id}/files/{file_path:path}",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=_errors(400, 404, 422),
+    responses=_errors(400, 404, 409, 422),
 )
 async def delete_file(
     session_id: SessionId, file_path: FilePath, registry: Registry, owner: Owner
