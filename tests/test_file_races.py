@@ -7,6 +7,8 @@ from pathlib import Path
 
 import httpx
 
+from kernel_service.api.files import DOWNLOAD_WHOLE
+from kernel_service.config import MIB
 from tests.conftest import Server, wait_for
 
 # The kernel turns `x` into a directory with files, then nothing, then a link out of the
@@ -86,37 +88,83 @@ def test_requests_racing_a_kernel_that_swaps_a_directory_and_a_link(
     assert (outside / "f").read_text() == "not the session's"
 
 
-# The kernel cuts `big` to 1000 bytes once `cut` appears, and then writes `done`.
+# Once `cut` appears, the kernel cuts `big` to 1000 bytes in place, or puts another file
+# in its place; then it writes `done`.
 CUTTER = """
 import os, threading, time
 
-def _cut(deadline):
+def _cut(replace, deadline):
     while not os.path.exists("cut") and time.monotonic() < deadline:
         time.sleep(0.005)
-    with open("big", "r+b") as f:
-        f.truncate(1000)
+    if replace:
+        open("new", "wb").write(b"new" * 100)
+        os.rename("new", "big")
+    else:
+        with open("big", "r+b") as f:
+            f.truncate(1000)
     open("done", "w").close()
 
-threading.Thread(target=_cut, args=(time.monotonic() + 60,), daemon=True).start()
+threading.Thread(target=_cut, args=({replace}, time.monotonic() + 60), daemon=True).start()
 """
 
 
-def test_a_file_cut_short_while_it_downloads_comes_whole(server: Server, session: str) -> None:
-    """The download is of the file as it was when it was asked for: its Content-Length and
-    all of its bytes, though the code cuts the file after the first bytes went out."""
+def _download_while_the_code_cuts(
+    server: Server, session: str, size: int, replace: bool = False
+) -> tuple[bytes, Exception | None]:
+    """What a client reads of `big` (`size` bytes) when the code changes it after the first
+    64 KiB arrived (and its answer, if the download did not end well)."""
     files = f"/sessions/{session}/files"
-    size = 4 * 1024 * 1024
     server.execute(f"open('big', 'wb').write(bytes(range(256)) * {size // 256})", session)
-    server.execute(CUTTER, session)
+    server.execute(CUTTER.format(replace=replace), session)
+    received = []
     reader = httpx.Client(base_url=server.base_url, timeout=60)
     with reader, reader.stream("GET", f"{files}/big") as download:
         assert download.status_code == 200
         assert download.headers["content-length"] == str(size)
         chunks = download.iter_raw(64 * 1024)
-        received = [next(chunks)]
-        # the code cuts the file while the rest is on its way
+        received.append(next(chunks))
+        # the code changes the file while the rest is on its way
         assert server.client.put(f"{files}/cut", content=b"").status_code == 201
         assert wait_for(lambda: server.client.get(f"{files}/done").status_code == 200, 30)
-        assert server.client.get(f"{files}/big").headers["content-length"] == "1000"
-        received += list(chunks)
-    assert b"".join(received) == bytes(range(256)) * (size // 256)
+        now = 300 if replace else 1000
+        assert server.client.get(f"{files}/big").headers["content-length"] == str(now)
+        try:
+            received += list(chunks)
+        except httpx.HTTPError as exc:
+            return b"".join(received), exc
+    return b"".join(received), None
+
+
+def test_a_file_cut_short_while_it_downloads_comes_whole(server: Server, session: str) -> None:
+    """Up to DOWNLOAD_WHOLE, the download is the file as it was when it was asked for: its
+    Content-Length and all of its bytes, though the code cuts it after the first bytes
+    went out."""
+    size = 4 * MIB
+    assert size <= DOWNLOAD_WHOLE
+    received, failed = _download_while_the_code_cuts(server, session, size)
+    assert failed is None
+    assert received == bytes(range(256)) * (size // 256)
+
+
+def test_a_large_file_replaced_while_it_downloads_comes_whole(server: Server, session: str) -> None:
+    """Streamed from the one descriptor opened: the file as it was, though the code puts
+    another in its place meanwhile."""
+    size = DOWNLOAD_WHOLE + 4 * MIB
+    received, failed = _download_while_the_code_cuts(server, session, size, replace=True)
+    assert failed is None
+    assert received == bytes(range(256)) * (size // 256)
+
+
+def test_a_large_file_cut_in_place_while_it_downloads_is_an_incomplete_download(
+    server: Server, session: str
+) -> None:
+    """Past DOWNLOAD_WHOLE the bytes promised are not there to send: the download ends early,
+    which the client sees as an incomplete body, never as a complete shorter file."""
+    size = DOWNLOAD_WHOLE + 4 * MIB
+    received, failed = _download_while_the_code_cuts(server, session, size)
+    assert isinstance(failed, httpx.RemoteProtocolError)
+    assert "incomplete" in str(failed) or "without sending complete message body" in str(failed)
+    assert len(received) < size
+    assert received == (bytes(range(256)) * (size // 256))[: len(received)]
+    # the service goes on: the file as it is now
+    assert server.client.get(f"/sessions/{session}/files/big").content == received[:1000]
