@@ -251,7 +251,10 @@ def _remove_dir(parent: int, name: str, path: str) -> None:
     O_NOFOLLOW | O_DIRECTORY relative to the one above (never a link, nor anything that
     could block an open, as a FIFO would), everything else is unlinked; at most
     WALK_ENTRIES entries (FileChanged past them: the code is filling it as it goes)."""
-    top = _open_dir(parent, name, path, path)
+    try:
+        top = _open_dir(parent, name, path, path)
+    except (SymlinkRefused, NotAFile):  # a directory a moment ago
+        raise FileChanged(path, "Nothing was removed.") from None
     stack = [(parent, name, top)]  # (the directory's parent, its name, it), deepest last
     budget = WALK_ENTRIES
     try:

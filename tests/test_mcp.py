@@ -491,3 +491,20 @@ def test_an_mcp_session_belongs_to_the_key_that_opened_it(
             continue
         message = record.getMessage()
         assert record.levelno <= logging.DEBUG or not any(i in message for i in ids), message
+
+
+def test_the_sdks_records_of_session_ids_are_lowered_to_debug(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Shown where the SDK's logger logs debug, as debug; an error keeps its level, the id
+    cut out."""
+    with running_server(tmp_path):
+        caplog.set_level(logging.DEBUG, logger="mcp.server.streamable_http_manager")
+        manager = logging.getLogger("mcp.server.streamable_http_manager")
+        session_id = "0123456789abcdef0123456789abcdef"
+        manager.info("Created new transport with session ID: %s", session_id)
+        manager.error("Session %s crashed", session_id)
+    seen = {r.getMessage(): r.levelname for r in caplog.records if r.name == manager.name}
+    assert seen[f"Created new transport with session ID: {session_id}"] == "DEBUG"
+    assert seen["Session <id> crashed"] == "ERROR"
+    assert seen["StreamableHTTP session manager shutting down"] == "INFO"  # no id: as it was
