@@ -47,6 +47,10 @@ SNAPSHOT_INLINE = 256
 SNAPSHOT_ENTRIES = 10_000
 # Entries a listing or a size count walks at most (files and directories).
 WALK_ENTRIES = 100_000
+# A DELETE removes directories nested this deep at most (a descriptor per level), and
+# stops after this many entries.
+REMOVE_DEPTH = 256
+REMOVE_ENTRIES = 1_000_000
 # Changed files one result reports at most.
 REPORTED_FILES = 100
 
@@ -249,14 +253,15 @@ def remove(work_dir: Path, path: str) -> None:
 def _remove_dir(parent: int, name: str, path: str) -> None:
     """Remove the directory `name` in `parent` and all in it. Each directory is opened with
     O_NOFOLLOW | O_DIRECTORY relative to the one above (never a link, nor anything that
-    could block an open, as a FIFO would), everything else is unlinked; at most
-    WALK_ENTRIES entries (FileChanged past them: the code is filling it as it goes)."""
+    could block an open, as a FIFO would), everything else is unlinked. One descriptor is
+    held per level: NotAFile for directories nested deeper than REMOVE_DEPTH; FileChanged
+    past REMOVE_ENTRIES entries (the code keeps filling it)."""
     try:
         top = _open_dir(parent, name, path, path)
     except (SymlinkRefused, NotAFile):  # a directory a moment ago
         raise FileChanged(path, "Nothing was removed.") from None
     stack = [(parent, name, top)]  # (the directory's parent, its name, it), deepest last
-    budget = WALK_ENTRIES
+    budget = REMOVE_ENTRIES
     try:
         while stack:
             above, current, fd = stack[-1]
@@ -265,7 +270,7 @@ def _remove_dir(parent: int, name: str, path: str) -> None:
                 for entry in entries:
                     budget -= 1
                     if budget < 0:
-                        raise FileChanged(path, "Some of it was removed.")
+                        raise FileChanged(path, "Some of it was removed, not all.")
                     if entry.is_dir(follow_symlinks=False):
                         subdir = entry.name
                         break
@@ -275,6 +280,9 @@ def _remove_dir(parent: int, name: str, path: str) -> None:
                 stack.pop()
                 os.close(fd)
                 os.rmdir(current, dir_fd=above)
+            elif len(stack) >= REMOVE_DEPTH:
+                shown = f"holds directories nested more than {REMOVE_DEPTH} deep"
+                raise NotAFile(path, f"{shown}: remove them from the code")
             else:
                 stack.append((fd, subdir, os.open(subdir, _DIR_FLAGS, dir_fd=fd)))
     finally:
