@@ -128,6 +128,18 @@ class FileNotFound(ServiceError):
         )
 
 
+class FileChanged(ServiceError):
+    """The session's code changed the path while the service worked on it (a race)."""
+
+    code = "file_changed"
+
+    def __init__(self, path: str, outcome: str) -> None:
+        super().__init__(
+            f"{path!r} changed while the service was at it: the session's code is changing "
+            f"it at the same time. {outcome} Try again once the code leaves it alone."
+        )
+
+
 class FileTooLarge(ServiceError):
     code = "file_too_large"
 

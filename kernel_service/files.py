@@ -17,7 +17,6 @@ import contextlib
 import errno
 import itertools
 import os
-import shutil
 import stat
 import uuid
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from kernel_service.errors import (
+    FileChanged,
     FileNotFound,
     FileTooLarge,
     InvalidFilePath,
@@ -47,11 +47,17 @@ SNAPSHOT_INLINE = 256
 SNAPSHOT_ENTRIES = 10_000
 # Entries a listing or a size count walks at most (files and directories).
 WALK_ENTRIES = 100_000
+# A DELETE removes directories nested this deep at most (a descriptor per level), and
+# stops after this many entries.
+REMOVE_DEPTH = 256
+REMOVE_ENTRIES = 1_000_000
 # Changed files one result reports at most.
 REPORTED_FILES = 100
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+# What a path the code changes under the service gives: gone, a link, a directory, or not
+_RACED = (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST)
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,8 @@ def _open_root(work_dir: Path, path: str) -> int:
 
 
 def _refusal(parent: int, name: str, path: str, shown: str, exc: OSError) -> Exception:
-    """Why `name` in `parent` could not be opened, as the error to raise."""
+    """Why `name` in `parent` could not be opened, as the error to raise: what is there now
+    when that explains it, else FileChanged (the code changed it in between)."""
     try:
         found = os.stat(name, dir_fd=parent, follow_symlinks=False)
     except FileNotFoundError:
@@ -122,10 +129,12 @@ def _refusal(parent: int, name: str, path: str, shown: str, exc: OSError) -> Exc
         return exc
     if stat.S_ISLNK(found.st_mode):
         return SymlinkRefused(path, shown)
-    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-        return NotAFile(shown, "is not a directory")
     if not stat.S_ISREG(found.st_mode) and not stat.S_ISDIR(found.st_mode):
         return NotAFile(shown, "is not a regular file")
+    if exc.errno == errno.ENOTDIR and stat.S_ISREG(found.st_mode):
+        return NotAFile(shown, "is not a directory")
+    if exc.errno in _RACED:
+        return FileChanged(path, "Nothing was done.")
     return exc
 
 
@@ -191,9 +200,34 @@ def open_file(work_dir: Path, path: str) -> tuple[int, os.stat_result]:
     return fd, found
 
 
+def read_whole(fd: int, path: str, found: os.stat_result, attempts: int = 3) -> bytes:
+    """All of the open file `fd` (`found`: its status when opened), as it was at one moment:
+    read again while the code changes it (its size or times change while it is read), and
+    FileChanged once `attempts` reads all saw it change."""
+    for _ in range(attempts):
+        data = bytearray()
+        while chunk := os.pread(fd, found.st_size + 1 - len(data), len(data)):
+            data += chunk
+            if len(data) > found.st_size:
+                break
+        now = os.fstat(fd)
+        if len(data) == found.st_size and _unchanged(found, now):
+            return bytes(data)
+        found = now
+    raise FileChanged(path, "Nothing was sent.")
+
+
+def _unchanged(before: os.stat_result, after: os.stat_result) -> bool:
+    return (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
+        after.st_size,
+        after.st_mtime_ns,
+        after.st_ctime_ns,
+    )
+
+
 def remove(work_dir: Path, path: str) -> None:
     """Remove the file, directory (with all in it) or symbolic link (not what it points
-    to) at `path`; nothing is followed."""
+    to) at `path`; nothing is followed. FileChanged when the code changes it meanwhile."""
     parts, parent = _parent_of(work_dir, path)
     try:
         try:
@@ -201,13 +235,59 @@ def remove(work_dir: Path, path: str) -> None:
         except FileNotFoundError:
             raise FileNotFound(path) from None
         if stat.S_ISDIR(found.st_mode):
-            shutil.rmtree(parts[-1], dir_fd=parent)  # fd-based: never follows a link
+            _remove_dir(parent, parts[-1], path)
         else:
             os.unlink(parts[-1], dir_fd=parent)
     except FileNotFoundError:
         raise FileNotFound(path) from None
+    except OSError as exc:
+        if exc.errno in _RACED:
+            raise FileChanged(
+                path, "It may be partly removed: GET /sessions/{id}/files lists what is left."
+            ) from None
+        raise
     finally:
         os.close(parent)
+
+
+def _remove_dir(parent: int, name: str, path: str) -> None:
+    """Remove the directory `name` in `parent` and all in it. Each directory is opened with
+    O_NOFOLLOW | O_DIRECTORY relative to the one above (never a link, nor anything that
+    could block an open, as a FIFO would), everything else is unlinked. One descriptor is
+    held per level: NotAFile for directories nested deeper than REMOVE_DEPTH; FileChanged
+    past REMOVE_ENTRIES entries (the code keeps filling it)."""
+    try:
+        top = _open_dir(parent, name, path, path)
+    except (SymlinkRefused, NotAFile):  # a directory a moment ago
+        raise FileChanged(path, "Nothing was removed.") from None
+    stack = [(parent, name, top)]  # (the directory's parent, its name, it), deepest last
+    budget = REMOVE_ENTRIES
+    try:
+        while stack:
+            above, current, fd = stack[-1]
+            with os.scandir(fd) as entries:
+                subdir = None
+                for entry in entries:
+                    budget -= 1
+                    if budget < 0:
+                        raise FileChanged(path, "Some of it was removed, not all.")
+                    if entry.is_dir(follow_symlinks=False):
+                        subdir = entry.name
+                        break
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.name, dir_fd=fd)
+            if subdir is None:  # empty now: up a level
+                stack.pop()
+                os.close(fd)
+                os.rmdir(current, dir_fd=above)
+            elif len(stack) >= REMOVE_DEPTH:
+                shown = f"holds directories nested more than {REMOVE_DEPTH} deep"
+                raise NotAFile(path, f"{shown}: remove them from the code")
+            else:
+                stack.append((fd, subdir, os.open(subdir, _DIR_FLAGS, dir_fd=fd)))
+    finally:
+        for _, _, fd in stack:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------- writing
@@ -250,6 +330,8 @@ class Upload:
             self.abort()
             if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
                 raise WorkspaceFull(os.strerror(exc.errno)) from None
+            if isinstance(exc, OSError) and exc.errno in _RACED:  # a directory removed
+                raise FileChanged(path, "Nothing was written.") from None
             raise
         finally:
             os.close(root)
@@ -269,7 +351,10 @@ class Upload:
             else:
                 made = True
             try:
-                following = _open_dir(current, name, self.path, shown)
+                try:
+                    following = _open_dir(current, name, self.path, shown)
+                except FileNotFound:  # there a moment ago
+                    raise FileChanged(self.path, "Nothing was written.") from None
                 if made:
                     os.fchown(following, self._uid, self._gid)
             except BaseException:
@@ -329,6 +414,8 @@ class Upload:
             self.abort()
             if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
                 raise NotAFile(self.path, "is a directory") from None
+            if exc.errno in _RACED:  # its directory, or the new file, removed by the code
+                raise FileChanged(self.path, "Nothing was written.") from None
             raise
         self._close()  # the directories made hold the file now
         return FileStat(self.path, found.st_size, found.st_mtime_ns)

@@ -62,6 +62,20 @@ def test_bodies_that_are_not_a_json_object_are_422(
     assert session_count(server) == before
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_a_json_body_sent_as_another_type_is_told_the_header(
+    server: Server, content_type: str
+) -> None:
+    for path in ("/execute", "/sessions"):
+        headers = {"content-type": content_type}
+        response = server.client.post(path, content=b'{"code": "1"}', headers=headers)
+        detail = error_of(response, 422, "invalid_request")
+        assert detail == (
+            f"The body was sent as {content_type!r}: send it as JSON, with the header "
+            "`Content-Type: application/json`."
+        )
+
+
 def test_a_body_that_is_not_utf8_is_422_and_says_so(server: Server) -> None:
     for path in ("/execute", "/sessions"):
         response = server.client.post(path, content=b'{"code": "\xff\xfe"}', headers=JSON)
@@ -247,3 +261,37 @@ def test_mcp_answers_bad_bodies_with_protocol_errors(server: Server) -> None:
         response = server.client.post("/mcp", content=body, headers=headers)
         assert response.status_code == 400, response.text
         assert response.json()["error"]["code"] < 0
+
+
+# ---------------------------------------------------------------- input()
+
+NO_ONE_TO_TYPE = "{}() is not available: this kernel has no one to type an answer; pass the "
+NO_ONE_TO_TYPE += "value in the code instead."
+
+
+@pytest.mark.parametrize("fork_server", [True, False], ids=["fork-server", "plain"])
+def test_input_and_getpass_say_so_in_one_sentence(tmp_path: Path, fork_server: bool) -> None:
+    with running_server(tmp_path, fork_server=fork_server) as server:
+        launch = server.client.get("/healthz").json()["isolation"].get("launch", "plain")
+        assert (launch == "fork-server") == fork_server
+        session = server.new_session()
+        for name, code in (
+            ("input", "x = input('Your name? ')"),
+            ("getpass", "import getpass\ndef ask():\n    return getpass.getpass()\nask()"),
+        ):
+            result = server.execute(code, session)
+            sentence = NO_ONE_TO_TYPE.format(name)
+            assert result["status"] == "error"
+            assert result["error"] == {
+                "ename": "StdinNotImplementedError",
+                "evalue": sentence,
+                "traceback": [f"StdinNotImplementedError: {sentence}"],
+            }
+            assert result["text"] == f"StdinNotImplementedError: {sentence}"
+        # code that expects it can still catch it
+        caught = server.execute(
+            "from IPython.core.error import StdinNotImplementedError\n"
+            "try:\n    input()\nexcept StdinNotImplementedError:\n    print('caught')",
+            session,
+        )
+        assert caught["stdout"] == "caught\n"

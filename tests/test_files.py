@@ -462,3 +462,16 @@ def test_adapters_make_file_urls_absolute_once_each() -> None:
     )  # fmt: skip
     absolute = text_with_urls(result, lambda url: f"http://h{url}")
     assert absolute == text.replace("/sessions", "http://h/sessions")
+
+
+def test_delete_removes_a_deep_tree_and_refuses_a_deeper_one(server: Server, session: str) -> None:
+    """One descriptor per level is held while a directory is removed: 256 levels at most."""
+    files = f"/sessions/{session}/files"
+    make = "import os\nos.makedirs('/'.join(['{top}'] + ['d'] * {depth}))\nopen('{top}/f', 'w')"
+    server.execute(make.format(top="deep", depth=200), session)
+    assert server.client.delete(f"{files}/deep").status_code == 204
+    assert "deep" not in names_in(server, session)
+    server.execute(make.format(top="deeper", depth=300), session)
+    refused = server.client.delete(f"{files}/deeper")
+    assert (refused.status_code, refused.json()["code"]) == (400, "not_a_file")
+    assert "nested more than 256 deep" in refused.json()["detail"]

@@ -4,6 +4,7 @@ HTTP) and as `kernel-service mcp` over stdio, with real kernels."""
 import asyncio
 import base64
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
@@ -414,3 +416,95 @@ def test_stdio_server_ends_on_a_signal_with_stdin_still_open(tmp_path: Path, sig
     assert kernel_processes(tmp_path / "connection") == []
     assert list((tmp_path / "connection").iterdir()) == []
     assert wait_for(lambda: not descendants() - before)
+
+
+def test_an_mcp_session_belongs_to_the_key_that_opened_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another key holding an Mcp-Session-Id gets 404 for POST, GET and DELETE, as for an
+    unknown session; the owner's session, its kernel and its GET stream are untouched; the
+    id is never logged above debug."""
+    caplog.set_level(logging.INFO)
+    accept = {"Accept": "application/json, text/event-stream"}
+    version = {"Mcp-Protocol-Version": HANDSHAKE_PROTOCOL_VERSIONS[-1]}
+    with running_server(tmp_path, api_key=f"{KEY_A},{KEY_B}") as server:
+
+        def headers(key: str, session_id: str) -> dict[str, str]:
+            bearer = {"Authorization": f"Bearer {key}", "Mcp-Session-Id": session_id}
+            return {**accept, **version, **bearer}
+
+        def refused(response: httpx.Response) -> None:
+            assert response.status_code == 404, response.text
+            assert response.json()["error"]["message"] == "Session not found"
+
+        def get_stream(key: str, session_id: str) -> int:
+            with server.client.stream("GET", "/mcp", headers=headers(key, session_id)) as got:
+                return got.status_code  # an owner's stream ends when this closes
+
+        def attack(session_id: str) -> None:
+            params = {"name": TOOL_NAME, "arguments": {"code": "n = 666"}}
+            call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": params}
+            refused(server.client.post("/mcp", json=call, headers=headers(KEY_B, session_id)))
+            assert get_stream(KEY_B, session_id) == 404
+            refused(server.client.delete("/mcp", headers=headers(KEY_B, session_id)))
+
+        # an MCP session with no GET stream yet: the other key can neither take it nor end
+        # the session, and the owner opens it after
+        bearer_a = {"Authorization": f"Bearer {KEY_A}"}
+        opened = server.client.post("/mcp", json=INITIALIZE, headers={**accept, **bearer_a})
+        assert opened.status_code == 200, opened.text
+        plain = opened.headers["mcp-session-id"]
+        initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        assert (
+            server.client.post("/mcp", json=initialized, headers=headers(KEY_A, plain)).status_code
+            == 202
+        )
+        attack(plain)
+        assert get_stream(KEY_A, plain) == 200
+
+        # the official client's session, with a kernel: the other key's call never runs
+        seen: list[str] = []
+
+        async def remember(response: httpx2.Response) -> None:
+            if "mcp-session-id" in response.headers:
+                seen.append(response.headers["mcp-session-id"])
+
+        async def scenario() -> None:
+            http = httpx2.AsyncClient(headers=bearer_a, event_hooks={"response": [remember]})
+            transport = streamable_http_client(f"{server.base_url}/mcp", http_client=http)
+            async with http, Client(transport) as alpha:
+                first = await alpha.call_tool(TOOL_NAME, {"code": "n = 1"})
+                [kernel] = kernel_processes(server.connection_dir)
+                await asyncio.to_thread(attack, seen[-1])
+                again = await alpha.call_tool(TOOL_NAME, {"code": "n"})
+                assert text(again) == "Out[2]: 1"  # its variables, not the other key's
+                assert session_of(again) == session_of(first)
+                assert kernel_processes(server.connection_dir) == [kernel]
+
+        asyncio.run(scenario())
+        assert server.client.delete("/mcp", headers=headers(KEY_A, plain)).status_code == 200
+    ids = {plain, *seen}
+    assert len(ids) == 2
+    # the service's records (the test's own MCP client logs the id it received)
+    for record in caplog.records:
+        if record.name.startswith("mcp.client."):
+            continue
+        message = record.getMessage()
+        assert record.levelno <= logging.DEBUG or not any(i in message for i in ids), message
+
+
+def test_the_sdks_records_of_session_ids_are_lowered_to_debug(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Shown where the SDK's logger logs debug, as debug; an error keeps its level, the id
+    cut out."""
+    with running_server(tmp_path):
+        caplog.set_level(logging.DEBUG, logger="mcp.server.streamable_http_manager")
+        manager = logging.getLogger("mcp.server.streamable_http_manager")
+        session_id = "0123456789abcdef0123456789abcdef"
+        manager.info("Created new transport with session ID: %s", session_id)
+        manager.error("Session %s crashed", session_id)
+    seen = {r.getMessage(): r.levelname for r in caplog.records if r.name == manager.name}
+    assert seen[f"Created new transport with session ID: {session_id}"] == "DEBUG"
+    assert seen["Session <id> crashed"] == "ERROR"
+    assert seen["StreamableHTTP session manager shutting down"] == "INFO"  # no id: as it was

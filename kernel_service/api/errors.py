@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kernel_service.errors import (
     CodeTooLarge,
+    FileChanged,
     FileNotFound,
     FileTooLarge,
     ImageNotFound,
@@ -46,6 +47,7 @@ STATUS_OF: dict[type[ServiceError], int] = {
     SymlinkRefused: 400,
     NotAFile: 400,
     FileNotFound: 404,
+    FileChanged: 409,
     FileTooLarge: 413,
     InvalidUpload: 422,
     WorkspaceFull: 507,
@@ -71,8 +73,15 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, ServiceError)
         return error_response(status_of(exc), str(exc), exc.code)
 
-    async def invalid_request(_: Request, exc: Exception) -> JSONResponse:
+    async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        wrong_type = _not_json(request)
+        if wrong_type is not None and any(e.get("loc", ())[:1] == ("body",) for e in exc.errors()):
+            detail = (
+                f"The body was sent as {wrong_type!r}: send it as JSON, with the header "
+                "`Content-Type: application/json`."
+            )
+            return error_response(422, detail, "invalid_request")
         errors = [
             {"loc": e.get("loc"), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()
         ]
@@ -98,6 +107,20 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
+
+
+def _not_json(request: Request) -> str | None:
+    """The request's Content-Type when it is there and not JSON (FastAPI then takes the body
+    for bytes, and says only that they are not an object)."""
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return None
+    media_type = content_type.partition(";")[0].strip().lower()
+    if media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        return None
+    return content_type
 
 
 def _unparsable(exc: StarletteHTTPException) -> str:

@@ -6,6 +6,8 @@ is downloadable. Paths are checked and walked without following a link (see file
 """
 
 import asyncio
+import contextlib
+import logging
 import mimetypes
 import os
 import re
@@ -18,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
-from starlette.types import Scope
+from starlette.types import Receive, Scope, Send
 
 from kernel_service.api.routes import Config, Owner, Registry, SessionId, _errors
 from kernel_service.config import MIB
@@ -28,12 +30,14 @@ from kernel_service.files import (
     file_ref,
     list_files,
     open_file,
+    read_whole,
     remove,
     room_for_upload,
     split_path,
 )
 from kernel_service.models import FileList, FileRef
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 FilePath = Annotated[
@@ -47,6 +51,11 @@ FilePath = Annotated[
 MULTIPART_OVERHEAD = 64 * 1024
 # Read at a time when a file is downloaded.
 DOWNLOAD_CHUNK = 1024 * 1024
+# A file up to this size is read whole before it is sent, so the download is the file as
+# it was at one moment even while the code changes it; a larger one is streamed. Files read
+# whole and not yet sent hold at most DOWNLOAD_WHOLE_TOTAL bytes: past it, they stream too.
+DOWNLOAD_WHOLE = 8 * MIB
+DOWNLOAD_WHOLE_TOTAL = 64 * MIB
 MAX_LISTED = 10_000
 _UPLOAD_PATH = re.compile(r"^/sessions/[^/]+/files/")
 _BINARY = {"type": "string", "format": "binary"}
@@ -79,7 +88,7 @@ def is_upload(scope: Scope) -> bool:
     response_model=FileRef,
     responses={
         200: {"model": FileRef, "description": "An existing file was replaced."},
-        **_errors(400, 404, 413, 422, 507),
+        **_errors(400, 404, 409, 413, 422, 507),
     },
     openapi_extra={"requestBody": _UPLOAD_BODY},
 )
@@ -168,7 +177,7 @@ async def _receive_form(request: Request, boundary: bytes | None, upload: Upload
             "content": {"*/*": {"schema": _BINARY}},
             "description": "The file's bytes, as an attachment; its type guessed from its name.",
         },
-        **_errors(400, 404, 422),
+        **_errors(400, 404, 409, 422),
     },
 )
 async def get_file(
@@ -177,27 +186,94 @@ async def get_file(
     """Download a file of the session's work directory."""
     session = registry.get(session_id, owner)
     fd, found = open_file(session.work_dir, file_path)
-    file = os.fdopen(fd, "rb", buffering=0)  # closed when read, or when dropped unread
     name = file_path.rsplit("/", 1)[-1]
     headers = {
         "Content-Type": mimetypes.guess_type(name)[0] or "application/octet-stream",
-        "Content-Length": str(found.st_size),
         "Content-Disposition": _attachment(name),
         # a file written by user code: never let a browser run it on our origin
         "Content-Security-Policy": "sandbox",
         "X-Content-Type-Options": "nosniff",
     }
-    return StreamingResponse(_read(file, found.st_size), headers=headers)
+    if found.st_size <= DOWNLOAD_WHOLE and _held.take(found.st_size):
+        try:
+            data = await asyncio.to_thread(read_whole, fd, file_path, found)
+        except BaseException:
+            _held.give_back(found.st_size)
+            raise
+        finally:
+            os.close(fd)
+        return _Whole(data, headers)
+    # read from the one descriptor: a file the code replaces or removes meanwhile is sent
+    # whole as it was; one it cuts short in place ends the download early (see _Stream)
+    file = os.fdopen(fd, "rb", buffering=0)  # closed when read, or when dropped unread
+    headers["Content-Length"] = str(found.st_size)
+    return _Stream(_read(file, file_path, found.st_size), headers=headers)
 
 
-async def _read(file: Any, size: int) -> AsyncIterator[bytes]:
-    """`size` bytes of `file` (fewer if it shrank meanwhile), read off the event loop."""
+class _Held:
+    """Bytes of downloads read whole and not yet sent (on the event loop: no lock)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def take(self, size: int) -> bool:
+        if self.bytes + size > DOWNLOAD_WHOLE_TOTAL:
+            return False
+        self.bytes += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.bytes -= size
+
+
+_held = _Held()
+
+
+class _Whole(Response):
+    """A file read whole: its bytes are given back to `_held` once sent (or not sent)."""
+
+    def __init__(self, data: bytes, headers: dict[str, str]) -> None:
+        super().__init__(data, headers=headers)
+        self._size = len(data)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            _held.give_back(self._size)
+            self.body = b""
+
+
+class _CutShort(Exception):
+    """The file ended before the bytes its Content-Length promised."""
+
+
+class _Stream(StreamingResponse):
+    """A streamed file; cut short by the code while it is sent, it ends with fewer bytes
+    than its Content-Length said and the server closes the connection: the one way HTTP/1.1
+    has to tell the client that the body is incomplete (not a service fault to log as one)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with contextlib.suppress(_CutShort):
+            await super().__call__(scope, receive, send)
+
+
+async def _read(file: Any, path: str, size: int) -> AsyncIterator[bytes]:
+    """`size` bytes of `file`, read off the event loop; _CutShort if it has fewer now."""
     try:
-        while size > 0:
-            chunk: bytes = await asyncio.to_thread(file.read, min(size, DOWNLOAD_CHUNK))
+        left = size
+        while left > 0:
+            chunk: bytes = await asyncio.to_thread(file.read, min(left, DOWNLOAD_CHUNK))
             if not chunk:
-                return
-            size -= len(chunk)
+                log.info(
+                    "download of %r ended early, after %d of %d bytes: the code cut the file "
+                    "while it was sent",
+                    path,
+                    size - left,
+                    size,
+                )
+                raise _CutShort
+            left -= len(chunk)
             yield chunk
     finally:
         file.close()
@@ -240,7 +316,7 @@ async def get_files(
 @router.delete(
     "/sessions/{session_id}/files/{file_path:path}",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=_errors(400, 404, 422),
+    responses=_errors(400, 404, 409, 422),
 )
 async def delete_file(
     session_id: SessionId, file_path: FilePath, registry: Registry, owner: Owner

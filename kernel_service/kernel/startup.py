@@ -1,4 +1,5 @@
-"""Runs inside each kernel at start: preload the data stack and make plots ready (CJK included).
+"""Runs inside each kernel at start: preload the data stack, make plots ready (CJK included),
+and make `input()` and `getpass()` say in one sentence that nobody can answer them.
 
 The kernel executes this file (`IPKernelApp.exec_lines`) in a namespace of its own, with
 `PRELOAD` set; it must never fail the kernel's start.
@@ -22,6 +23,11 @@ CJK_FAMILIES = (
     "Microsoft YaHei",
 )
 
+NO_INPUT = (
+    "{}() is not available: this kernel has no one to type an answer; pass the value in the "
+    "code instead."
+)
+
 
 # Characters of printed text per stream message (a few hundred kB on the wire): the service
 # refuses any message larger than the output it could keep, so a long print is sent in
@@ -38,6 +44,37 @@ def prepare(preload: list[str]) -> None:
         except Exception as exc:  # a missing optional module must not stop the kernel
             print(f"kernel-service: could not preload {name}: {exc}", file=sys.__stderr__)
     _configure_matplotlib()
+    _refuse_input()
+
+
+def _refuse_input() -> None:
+    """No client answers the kernel's input requests: `input()` and `getpass()` raise
+    StdinNotImplementedError with one plain sentence as all of its traceback, not
+    ipykernel's. (ipykernel points both at its kernel's methods for each execution: those
+    are replaced.)"""
+    try:
+        from IPython import get_ipython
+        from IPython.core import error
+    except ImportError:
+        return
+    kernel = getattr(get_ipython(), "kernel", None)
+    if kernel is None:
+        return
+
+    class StdinNotImplementedError(error.StdinNotImplementedError):
+        """IPython's, shown as its one line (IPython asks an error for its traceback)."""
+
+        def _render_traceback_(self) -> list[str]:
+            return [f"StdinNotImplementedError: {self}"]
+
+    def refuse(name: str) -> object:
+        def refused(*args: object, **kwargs: object) -> str:
+            raise StdinNotImplementedError(NO_INPUT.format(name))
+
+        return refused
+
+    kernel.raw_input = refuse("input")
+    kernel.getpass = refuse("getpass")
 
 
 def _send_long_prints_in_pieces() -> None:
