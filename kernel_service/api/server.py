@@ -20,6 +20,7 @@ import asyncio
 import logging
 import resource
 import time
+from collections import OrderedDict
 from typing import Any, ClassVar
 
 import uvicorn
@@ -68,16 +69,37 @@ _TOO_MANY_CONNECTIONS = _response(
 
 
 class Edge:
-    """The limits of one server, and its connections that wait on an unfinished head."""
+    """The limits of one server, and its connections that wait on an unfinished head: one
+    timer for them all, set for the one that has waited longest."""
 
     def __init__(self, max_head_bytes: int, head_timeout: float, max_connections: int) -> None:
         self.max_head_bytes = max_head_bytes
         self.head_timeout = head_timeout
         self.max_connections = max_connections
-        # insertion-ordered: the one that has waited longest first
-        self.waiting: dict[GuardedHttpProtocol, None] = {}
+        # each waiting connection → the loop time it began to wait; the longest first
+        self.waiting: OrderedDict[GuardedHttpProtocol, float] = OrderedDict()
+        self._sweep: asyncio.TimerHandle | None = None
         self.refused = 0
         self._warned_at = -float("inf")
+
+    def wait(self, protocol: "GuardedHttpProtocol") -> None:
+        """`protocol` waits on a head from now on (unless it already does)."""
+        if protocol not in self.waiting:
+            self.waiting[protocol] = protocol.loop.time()
+            if self._sweep is None:
+                self._sweep = protocol.loop.call_later(self.head_timeout, self._drop_late)
+
+    def done(self, protocol: "GuardedHttpProtocol") -> None:
+        self.waiting.pop(protocol, None)
+
+    def _drop_late(self) -> None:
+        self._sweep = None
+        while self.waiting:
+            oldest, since = next(iter(self.waiting.items()))
+            if oldest.loop.time() < since + self.head_timeout:
+                self._sweep = oldest.loop.call_at(since + self.head_timeout, self._drop_late)
+                return
+            oldest.drop()
 
     def make_room(self) -> bool:
         """Drop the connection that has waited longest on its head; false if none waits."""
@@ -108,7 +130,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._refused = False
         self._in_head = True  # the bytes that come now are a request head
         self._head_bytes = 0
-        self._head_deadline: asyncio.TimerHandle | None = None
         if len(self.connections) >= self.edge.max_connections and not self.edge.make_room():
             self._refused = True
             self.edge.note_refused()
@@ -121,7 +142,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._refused:
             return
-        self._head_done()
+        self.edge.done(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -151,7 +172,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._head_done()
+        self.edge.done(self)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -172,23 +193,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _wait_for_head(self) -> None:
         """The connection serves no request now: it has head_timeout to bring one, and
         a newer connection may take its place at the cap."""
-        if self._head_deadline is None:
-            self._head_deadline = self.loop.call_later(self.edge.head_timeout, self.drop)
-            self.edge.waiting[self] = None
-
-    def _head_done(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
-        self.edge.waiting.pop(self, None)
+        self.edge.wait(self)
 
     def drop(self) -> None:
         """Close a connection whose head is late (or whose place a newer one takes)."""
-        self._head_done()
+        self.edge.done(self)
         self.transport.close()
 
     def _close_with(self, response: bytes) -> None:
-        self._head_done()
+        self.edge.done(self)
         if self.cycle is None or self.cycle.response_complete:  # not inside another answer
             self.transport.write(response)
         self.transport.close()
