@@ -25,8 +25,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port the HTTP server binds to.")
     log_level: str = Field("info", description="Log level of the service (debug, info, ...).")
 
-    max_head_bytes: PositiveInt = Field(
+    max_head_bytes: int = Field(
         64 * 1024,
+        ge=1024,
         description="Largest request head (request line and headers) read; a bigger one gets "
         "431 and its connection is closed.",
     )

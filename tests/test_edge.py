@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from pydantic import ValidationError
 
 from kernel_service.api.server import connection_cap
 from kernel_service.config import Settings
@@ -296,6 +297,12 @@ def test_the_connection_cap_leaves_the_kernels_their_files() -> None:
     assert connection_cap(Settings(max_connections=50), open_file_limit=1024) == 50
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert connection_cap(defaults) == connection_cap(defaults, soft)
+
+
+def test_edge_settings_that_would_refuse_every_request_are_refused() -> None:
+    for bad in ({"max_head_bytes": 100}, {"head_timeout": 0}, {"keep_alive_timeout": 0}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            Settings(**bad)
 
 
 def test_a_body_that_still_comes_after_an_early_answer_has_the_time_of_a_head(
