@@ -3,6 +3,7 @@ heads over the size limit, heads that never finish (slowloris), thousands of con
 and idle kept-alive ones. The service closes them and keeps answering everyone else."""
 
 import contextlib
+import json
 import resource
 import socket
 import threading
@@ -78,6 +79,15 @@ def _answer_length(data: bytes) -> int:
     return len(head) + 4
 
 
+def refused(reply: bytes, status: int, code: str) -> bool:
+    """The server's refusal, or nothing: a close with unread data may reset the connection
+    before the client reads the answer."""
+    if not reply:
+        return True
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return head.startswith(f"HTTP/1.1 {status} ".encode()) and json.loads(body)["code"] == code
+
+
 @contextlib.contextmanager
 def sockets() -> Iterator[list[socket.socket]]:
     """A list to put sockets in, all closed at the end."""
@@ -147,6 +157,8 @@ def test_a_flood_of_unfinished_heads_and_an_endless_header_leave_the_service_ser
         try:
             for n in range(flood):  # half send nothing, half the start of a head
                 held.append(connect(port, PARTIAL_HEAD if n % 2 else b""))
+            # connections are taken in turn: this one comes once the server holds the flood
+            assert httpx.get(f"{base_url}/healthz", timeout=10).status_code == 200
             for _ in range(5):  # each on a new connection, as a new client would
                 with httpx.Client(base_url=base_url, timeout=60) as client:
                     started = time.monotonic()
@@ -180,7 +192,7 @@ def test_an_oversized_head_is_refused_without_being_read(tmp_path: Path) -> None
                 pass
             reply = answer(sock)
         assert sent < 64 * MIB  # what the socket buffers took before the close
-        assert reply == b"" or reply.startswith(b"HTTP/1.1 431 "), reply
+        assert refused(reply, 431, "head_too_large")
         assert service.memory_info().rss - rss_before < 32 * MIB
         assert httpx.get(f"{base_url}/healthz", timeout=10).status_code == 200
 
@@ -194,7 +206,7 @@ def test_a_head_is_held_to_the_configured_size(tmp_path: Path) -> None:
         # a later request on the same connection is held to the limit too
         fits.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n")
         reply = answer(fits)
-        assert reply == b"" or reply.startswith(b"HTTP/1.1 431 "), reply
+        assert refused(reply, 431, "head_too_large")
         assert all_closed([fits], 10)
         for head in (  # in one piece, and a byte short of the end then the rest
             b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n",
@@ -203,7 +215,7 @@ def test_a_head_is_held_to_the_configured_size(tmp_path: Path) -> None:
             sock = connect(server.port, head)
             held.append(sock)
             reply = answer(sock)
-            assert reply == b"" or reply.startswith(b"HTTP/1.1 431 "), reply
+            assert refused(reply, 431, "head_too_large")
             assert all_closed([sock], 10)
         assert server.client.get("/healthz").status_code == 200
 
@@ -234,7 +246,7 @@ def test_over_the_cap_a_connection_is_refused_at_once_while_the_others_are_serve
         held.append(over)
         started = time.monotonic()
         reply = answer(over)
-        assert reply == b"" or reply.startswith(b"HTTP/1.1 503 "), reply
+        assert refused(reply, 503, "too_many_connections")
         assert all_closed([over], 10)
         assert time.monotonic() - started < 5  # at once, not at a timeout
         kept_alive.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")

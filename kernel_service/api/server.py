@@ -17,6 +17,7 @@ Idle kept-alive connections are closed after `keep_alive_timeout` (uvicorn's own
 """
 
 import asyncio
+import json
 import logging
 import resource
 import time
@@ -52,19 +53,26 @@ def connection_cap(settings: Settings, open_file_limit: int | None = None) -> in
     return max(open_file_limit - reserved, open_file_limit // 4)
 
 
-def _response(status: int, reason: str, message: str) -> bytes:
-    body = message.encode()
+def _error(status: int, reason: str, code: str, detail: str) -> bytes:
+    """A whole response as the routes give errors (JSON), after which the connection ends."""
+    body = json.dumps({"detail": detail, "code": code}).encode()
     return (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     ).encode() + body
 
 
-_HEAD_TOO_LARGE = _response(
-    431, "Request Header Fields Too Large", "The request line and headers are too large."
+_HEAD_TOO_LARGE = _error(
+    431,
+    "Request Header Fields Too Large",
+    "head_too_large",
+    "The request line and headers are too large (KERNEL_SERVICE_MAX_HEAD_BYTES).",
 )
-_TOO_MANY_CONNECTIONS = _response(
-    503, "Service Unavailable", "Too many open connections; try again shortly."
+_TOO_MANY_CONNECTIONS = _error(
+    503,
+    "Service Unavailable",
+    "too_many_connections",
+    "Too many open connections (KERNEL_SERVICE_MAX_CONNECTIONS); try again shortly.",
 )
 
 
