@@ -122,13 +122,13 @@ class EndlessHeader(threading.Thread):
         deadline = time.monotonic() + 120  # stops by itself whatever happens
         while not self.stopped.is_set() and time.monotonic() < deadline:
             sent = 0
-            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
-                try:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
                     sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: ")
                     while not self.stopped.is_set() and sent < 1024 * MIB:
                         sent += sock.send(chunk)
-                except OSError:  # closed by the server: reset, broken pipe or a timeout
-                    pass
+            except OSError:  # closed by the server: reset, broken pipe or a timeout
+                pass
             self.sent_per_connection.append(sent)
 
 
