@@ -25,6 +25,27 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port the HTTP server binds to.")
     log_level: str = Field("info", description="Log level of the service (debug, info, ...).")
 
+    max_head_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="Largest request head (request line and headers) read; a bigger one gets "
+        "431 and its connection is closed.",
+    )
+    head_timeout: PositiveFloat = Field(
+        10.0,
+        description="Seconds a connection has to send a complete request head, from its start "
+        "(or from the first byte of a later request on it); then it is closed.",
+    )
+    max_connections: NonNegativeInt = Field(
+        0,
+        description="Open HTTP connections at most (0: what the open-file limit leaves once "
+        "every kernel has its files). At the cap a new connection replaces the one that has "
+        "waited longest on an unfinished head, or gets 503 and is closed.",
+    )
+    keep_alive_timeout: PositiveInt = Field(
+        5, description="Seconds an idle kept-alive HTTP connection stays open."
+    )
+
     connection_dir: Path = Field(
         Path("connection"), description="Where kernel connection files are written (0600)."
     )

@@ -22,6 +22,7 @@ import pytest
 import uvicorn
 
 from kernel_service.api import create_app
+from kernel_service.api.server import uvicorn_config
 from kernel_service.config import Settings
 from kernel_service.kernel.zygote import KERNEL_NAME
 
@@ -102,8 +103,7 @@ class Server:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on")
-        self._server = uvicorn.Server(config)
+        self._server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
         )
