@@ -24,7 +24,7 @@ import pytest
 import kernel_service
 from kernel_service.kernel.cgroups import CFS_PERIOD_US, CPU_SHARES
 from kernel_service.kernel.forkserver import ZYGOTE_FILE
-from kernel_service.kernel.sandbox import PROC_MASKED
+from kernel_service.kernel.sandbox import PROC_MASKED, SandboxLimits, host_headroom
 from kernel_service.reaper import CGROUP_ROOT, CONTROLLERS, own_cgroups
 from tests.conftest import SANDBOXED, Server, running_server, service_process, wait_for
 
@@ -248,10 +248,22 @@ def test_the_orphan_reaper_removes_every_cgroup_of_its_kernels(tmp_path: Path) -
     assert service_cgroups(second.pid) == []
 
 
+def test_limits_that_could_exhaust_the_host_are_called_out() -> None:
+    limits = SandboxLimits(
+        memory_bytes=2 << 30, processes=64, file_bytes=1 << 30, open_files=256, tmp_bytes=1 << 28
+    )
+    assert host_headroom(1, limits) == []
+    files, pids = host_headroom(1000, limits)
+    assert "16,384,000 open files" in files and "fs/file-max" in files
+    assert "KERNEL_SERVICE_SANDBOX_OPEN_FILES" in files
+    assert "66,000 processes" in pids and "kernel/pid_max" in pids
+
+
 # ------------------------------------------------------------------ the bar (issue 12, §3)
 
 KEY_A, KEY_B = "tenant-a-key-0123456789", "tenant-b-key-0123456789"
 HOLD_S = 60  # the attack's processes end themselves after this, whatever happens
+RUNS = 30  # of `1+1` for each p50: other work on a shared machine moves a 20-run median
 # Every child opens files until EMFILE, the kernel forks until fork fails.
 ATTACK = f"""
 import os, time
@@ -285,6 +297,14 @@ def host_tasks() -> tuple[int, int, int]:
     return processes, tasks, int(Path("/proc/sys/kernel/pid_max").read_text())
 
 
+def sample(peaks: dict[str, int]) -> None:
+    """The highest open files, processes and tasks seen on the host so far."""
+    files, _ = host_files()
+    processes, tasks, _ = host_tasks()
+    for name, value in (("files", files), ("processes", processes), ("tasks", tasks)):
+        peaks[name] = max(peaks[name], value)
+
+
 def files_settle(timeout: float = 10.0) -> bool:
     """Until the host's open files stay put for 0.2 s (within 1000)."""
     deadline = time.monotonic() + timeout
@@ -316,8 +336,9 @@ def test_sixteen_sessions_of_one_key_cannot_exhaust_the_host(tmp_path: Path) -> 
     While the attack forks (some seconds of both CPUs busy with 16 x 54 forks of a 200 MB
     process) the p50 is printed, not held to the bar: every runnable kernel then gets its
     share, and each of the bystander's wake-ups waits its turn (see README, "What is not
-    isolated"). Bounded: the attack's processes end themselves after HOLD_S seconds, and
-    the sessions are deleted at the end."""
+    isolated"); it is only held to 0.5 s, against starvation. Bounded: the attack's
+    processes end themselves after HOLD_S seconds, and the sessions are deleted at the end.
+    """
     settings = {"api_key": f"{KEY_A},{KEY_B}", "max_sessions_per_key": 16}
     with (
         running_server(tmp_path, **settings) as server,
@@ -329,7 +350,7 @@ def test_sixteen_sessions_of_one_key_cannot_exhaust_the_host(tmp_path: Path) -> 
         quiet = bystander.post("/sessions", json={}).json()["session_id"]
         for _ in range(5):
             one_plus_one(bystander, quiet)
-        idle = statistics.median(one_plus_one(bystander, quiet) for _ in range(20))
+        idle = statistics.median(one_plus_one(bystander, quiet) for _ in range(RUNS))
         sessions = [tenant.post("/sessions", json={}).json()["session_id"] for _ in range(16)]
         assert tenant.post("/sessions", json={}).status_code == 429  # no 17th
         for session in sessions:  # each kernel started before the clock runs
@@ -337,13 +358,6 @@ def test_sixteen_sessions_of_one_key_cannot_exhaust_the_host(tmp_path: Path) -> 
         files_before, file_max = host_files()
         _, tasks_before, pid_max = host_tasks()
         peaks = {"files": 0, "processes": 0, "tasks": 0}
-
-        def sample() -> None:
-            files, _ = host_files()
-            processes, tasks, _ = host_tasks()
-            for name, value in (("files", files), ("processes", processes), ("tasks", tasks)):
-                peaks[name] = max(peaks[name], value)
-
         results: list[str] = []
 
         def attack(session: str) -> None:
@@ -360,7 +374,7 @@ def test_sixteen_sessions_of_one_key_cannot_exhaust_the_host(tmp_path: Path) -> 
         try:
             while any(t.is_alive() for t in attackers):
                 forking.append(one_plus_one(bystander, quiet))
-                sample()
+                sample(peaks)
         finally:
             for thread in attackers:
                 thread.join(timeout=120)
@@ -371,9 +385,9 @@ def test_sixteen_sessions_of_one_key_cannot_exhaust_the_host(tmp_path: Path) -> 
         # the bystander, meanwhile
         assert files_settle(), "the host's open files kept changing"
         holding = []
-        for _ in range(20):
+        for _ in range(RUNS):
             holding.append(one_plus_one(bystander, quiet))
-            sample()
+            sample(peaks)
         held_for = time.monotonic() - started
         loaded = statistics.median(holding)
         forks = sorted(int(line.split()[0]) for line in results)
@@ -391,6 +405,7 @@ def test_sixteen_sessions_of_one_key_cannot_exhaust_the_host(tmp_path: Path) -> 
         assert peaks["files"] < file_max / 4, summary
         assert peaks["tasks"] < pid_max / 4 and peaks["processes"] < pid_max / 4, summary
         assert loaded <= max(2 * idle, idle + 0.005), summary
+        assert statistics.median(forking) < 0.5, f"starved while the attack forked: {summary}"
         for session in sessions:
             assert tenant.delete(f"/sessions/{session}").status_code == 204
         bystander.delete(f"/sessions/{quiet}")
