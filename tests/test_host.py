@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 import kernel_service
+from kernel_service.kernel import cgroups
 from kernel_service.kernel.cgroups import CFS_PERIOD_US, CPU_SHARES
 from kernel_service.kernel.forkserver import ZYGOTE_FILE
 from kernel_service.kernel.sandbox import PROC_MASKED, SandboxLimits, host_headroom
@@ -246,6 +247,20 @@ def test_the_orphan_reaper_removes_every_cgroup_of_its_kernels(tmp_path: Path) -
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=30)
     assert service_cgroups(second.pid) == []
+
+
+def test_a_missing_or_unusable_controller_is_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a cpu hierarchy without cpu.shares (a plain directory), no memory or pids at all
+    monkeypatch.setattr(cgroups, "CGROUP_ROOT", tmp_path)
+    (tmp_path / "cpu").mkdir()
+    found = cgroups.KernelCgroups.detect()
+    assert found.roots == {} and set(found.missing) == set(CONTROLLERS), found.missing
+    assert "cpu.shares is not there" in found.missing["cpu"]
+    assert list((tmp_path / "cpu").iterdir()) == []  # the probe is gone
+    assert found.group("k-1") is None
+    assert found.create("k-1", cgroups.CgroupLimits(memory_bytes=1 << 30, tasks=66)) == []
 
 
 def test_limits_that_could_exhaust_the_host_are_called_out() -> None:
