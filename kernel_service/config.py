@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import (
     Field,
+    NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
@@ -163,12 +164,21 @@ class Settings(BaseSettings):
         2048, description="Address space per kernel (RLIMIT_AS); past it: MemoryError."
     )
     sandbox_processes: PositiveInt = Field(
-        256, description="Processes and threads per kernel (RLIMIT_NPROC of its own uid)."
+        64,
+        description="Processes and threads per kernel (RLIMIT_NPROC of its own uid, and its "
+        "pids cgroup).",
     )
     sandbox_file_mb: PositiveInt = Field(
         1024, description="Largest file a kernel may write (RLIMIT_FSIZE)."
     )
-    sandbox_open_files: PositiveInt = Field(1024, description="Open files per kernel.")
+    sandbox_open_files: PositiveInt = Field(
+        256, description="Open files per process of a kernel (RLIMIT_NOFILE)."
+    )
+    sandbox_cpus: NonNegativeFloat = Field(
+        0.0,
+        description="CPU time each kernel may use, in CPUs (a cgroup quota; 0: no quota, "
+        "kernels share the CPUs equally).",
+    )
     sandbox_tmp_mb: PositiveInt = Field(
         256, description="Size of each kernel's private /tmp (memory-backed)."
     )

@@ -35,6 +35,8 @@ from kernel_service.state import DATABASE, LOCK_FILE, start_ticks
 
 PR_SET_NAME = 15
 NAME = b"ks-reaper"
+CGROUP_ROOT = Path("/sys/fs/cgroup")  # cgroup v1: one hierarchy per controller below it
+CONTROLLERS = ("memory", "pids", "cpu")  # the ones a kernel gets a group in
 
 
 def main() -> None:
@@ -164,16 +166,46 @@ def end_kernel(pid: int, ticks: int, directory: Path, cgroup: Path | None) -> bo
 
 def _remove_cgroup(group: Path) -> None:
     for _ in range(100):  # the last processes take a moment to leave
-        try:
-            group.rmdir()
-        except FileNotFoundError:
-            break
-        except OSError:
-            time.sleep(0.05)
-            continue
-        break
-    with contextlib.suppress(OSError):  # the dead service's own group, once empty
-        group.parent.rmdir()
+        busy = False
+        for member in cgroups_of(group):
+            try:
+                member.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                busy = True
+                continue
+            with contextlib.suppress(OSError):  # the dead service's own group, once empty
+                member.parent.rmdir()
+        if not busy:
+            return
+        time.sleep(0.05)
+
+
+def cgroups_of(group: Path) -> list[Path]:
+    """A kernel's cgroups: the one recorded (its memory cgroup, where there is one) and its
+    namesakes in the other controllers. Each is `<controller>/<the service's own group>/
+    kernel-service-<pid>-<tag>/<kernel>`, so they are found under this process's own groups
+    (a reaper's are its service's; a service started again runs where it ran before)."""
+    groups = [group]
+    tail = group.relative_to(group.parent.parent)
+    for controller, own in own_cgroups().items():
+        namesake = CGROUP_ROOT / controller / own.lstrip("/") / tail
+        if controller in CONTROLLERS and namesake != group and namesake.is_dir():
+            groups.append(namesake)
+    return groups
+
+
+def own_cgroups() -> dict[str, str]:
+    """This process's group in each cgroup v1 controller (`/proc/self/cgroup`)."""
+    groups = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for controller in controllers.split(","):
+                if controller:
+                    groups[controller] = path
+    return groups
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from kernel_service.kernel.sandbox import (
     BubblewrapLauncher,
     SandboxLimits,
     default_read_only_paths,
+    host_headroom,
 )
 from kernel_service.metrics import Metrics
 from kernel_service.pool import KernelPool
@@ -229,7 +230,10 @@ def make_launcher(settings: Settings, options: KernelOptions) -> KernelLauncher:
         file_bytes=settings.sandbox_file_mb * MIB,
         open_files=settings.sandbox_open_files,
         tmp_bytes=settings.sandbox_tmp_mb * MIB,
+        cpus=settings.sandbox_cpus,
     )
+    for warning in host_headroom(settings.max_sessions + settings.pool_size, limits):
+        log.warning("%s", warning)
     uids = (settings.sandbox_uid_base, settings.sandbox_uid_count)
     read_only = default_read_only_paths(STARTUP_FILE)
     launcher = (

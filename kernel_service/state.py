@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS kernels (
     directory TEXT NOT NULL,
     connection TEXT NOT NULL,      -- JSON, with the HMAC key
     uid INTEGER,                   -- the sandbox uid it runs as
-    cgroup TEXT,                   -- its memory cgroup's directory
+    cgroup TEXT,                   -- its cgroup (memory's, else pids' or cpu's): the others by name
     started_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sessions (

@@ -27,7 +27,13 @@ from kernel_service.kernel.launcher import (
     SubprocessLauncher,
     WatchedProcess,
 )
-from kernel_service.kernel.sandbox import ETC_FILES, FEW_THREADS_ENV, BubblewrapLauncher
+from kernel_service.kernel.sandbox import (
+    ETC_FILES,
+    FEW_THREADS_ENV,
+    PROC_MASKED,
+    PROC_READ_ONLY,
+    BubblewrapLauncher,
+)
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +305,7 @@ class SandboxedForkLauncher(BubblewrapLauncher):
         self._root = Path("/run/kernel-service-root")
 
     async def _start(
-        self, spec: LaunchSpec, uid: int, cgroup_procs: Path | None, seccomp_fd: int
+        self, spec: LaunchSpec, uid: int, cgroup_procs: list[Path], seccomp_fd: int
     ) -> KernelProcess:
         self._root.mkdir(mode=0o700, exist_ok=True)
         limits = self._limits
@@ -310,8 +316,10 @@ class SandboxedForkLauncher(BubblewrapLauncher):
             "sandbox": {
                 "uid": uid,
                 "root": str(self._root),
-                "cgroup_procs": str(cgroup_procs) if cgroup_procs else None,
+                "cgroup_procs": [str(p) for p in cgroup_procs],
                 "etc": list(ETC_FILES),
+                "proc_masked": list(PROC_MASKED),
+                "proc_read_only": list(PROC_READ_ONLY),
                 "read_only": [str(p) for p in self._read_only],
                 "files_dir": str(spec.files.directory),
                 "font_caches": [str(p) for p in self.font_caches(spec)],

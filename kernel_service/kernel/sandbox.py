@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 
-from kernel_service.kernel.cgroups import MemoryCgroups
+from kernel_service.kernel.cgroups import CPU_SHARES, CgroupLimits, KernelCgroups
 from kernel_service.kernel.launcher import (
     AdoptionError,
     KernelLauncher,
@@ -46,6 +46,23 @@ ETC_FILES = (
     "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "ssl", "ca-certificates", "fonts",
     "localtime", "mime.types", "nsswitch.conf", "passwd", "group", "hosts", "alternatives",
 )  # fmt: skip
+# What of /proc a kernel does not see, as container runtimes (runc, containerd) mask it, and
+# what else tells of the host or of other tenants: disks and their I/O (each session's work
+# directory is a loop device), per-filesystem details (ext4 and jbd2 list those devices),
+# file locks, pressure stall figures, the boot command line and the kernel's build config.
+# A file becomes an unreadable /dev/null, a directory an empty read-only tmpfs. Left
+# readable: what programs size themselves by (cpuinfo, meminfo, stat, loadavg, uptime,
+# vmstat), host-wide totals that name no tenant. There is no /sys at all.
+PROC_MASKED = (
+    "acpi", "asound", "kcore", "keys", "latency_stats", "timer_list", "timer_stats",
+    "sched_debug", "scsi",
+    "diskstats", "partitions", "fs", "locks", "swaps", "pressure", "cmdline", "config.gz",
+)  # fmt: skip
+# Read-only in /proc (bubblewrap does these itself, the fork-server's child does them too).
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")
+# Processes in a kernel's cgroup that are not the kernel's: the launch's two root wrappers
+# (bwrap and its pid 1, or the zygote's child and its pid 1).
+_WRAPPER_TASKS = 2
 _MIB = 1024 * 1024
 # Fewer malloc arenas keep the address space (what RLIMIT_AS counts) small; one BLAS thread
 # keeps thread pools from eating the process limit (and a zygote free of threads).
@@ -68,6 +85,7 @@ class SandboxLimits:
     file_bytes: int  # RLIMIT_FSIZE: the largest file it may write
     open_files: int  # RLIMIT_NOFILE
     tmp_bytes: int  # size of its private /tmp (RAM)
+    cpus: float = 0.0  # CPU quota of its cgroup, in CPUs; 0: none
 
 
 class BubblewrapLauncher(KernelLauncher):
@@ -92,17 +110,22 @@ class BubblewrapLauncher(KernelLauncher):
                 "to run as root; or run without a sandbox: KERNEL_SERVICE_SANDBOX=none"
             )
         self._bwrap, self._setpriv, self._prlimit = bwrap, setpriv, prlimit
-        self._cgroups = MemoryCgroups.detect()
-        # Above RLIMIT_AS, so one process growing gets MemoryError first; /tmp and /dev/shm
-        # are memory too and count here.
-        self._cgroup_limit = limits.memory_bytes + limits.tmp_bytes + 16 * _MIB + 128 * _MIB
+        self._cgroups = KernelCgroups.detect()
+        self._cgroup_limits = CgroupLimits(
+            # Above RLIMIT_AS, so one process growing gets MemoryError first; /tmp and
+            # /dev/shm are memory too and count here.
+            memory_bytes=limits.memory_bytes + limits.tmp_bytes + 16 * _MIB + 128 * _MIB,
+            # RLIMIT_NPROC stops the kernel first; this holds whatever its uid does
+            tasks=limits.processes + _WRAPPER_TASKS,
+            cpus=limits.cpus,
+        )
         try:
             self._seccomp = build_filter()
         except OSError as exc:
             raise SandboxUnavailable(f"the seccomp filter could not be built: {exc}") from exc
 
     def describe(self) -> dict[str, Any]:
-        limits = self._limits
+        limits, roots = self._limits, self._cgroups.roots
         return {
             "sandbox": self.isolation,
             "network": "none (private network namespace, ipc transport only)",
@@ -115,11 +138,23 @@ class BubblewrapLauncher(KernelLauncher):
             "max_file_mb": limits.file_bytes // _MIB,
             "max_open_files": limits.open_files,
             "tmp_mb": limits.tmp_bytes // _MIB,
-            "memory_cgroup_mb": self._cgroup_limit // _MIB if self._cgroups else None,
-            "cgroups": "memory (v1), all of a kernel's processes together"
-            if self._cgroups
-            else "not available here (rlimits only: memory is limited per process)",
+            "memory_cgroup_mb": self._cgroup_limits.memory_bytes // _MIB
+            if "memory" in roots
+            else None,
+            "pids_cgroup_max": self._cgroup_limits.tasks if "pids" in roots else None,
+            "cpu_shares": CPU_SHARES if "cpu" in roots else None,
+            "cpu_quota": limits.cpus if "cpu" in roots and limits.cpus > 0 else None,
+            "cgroups": self._describe_cgroups(),
+            "proc_masked": [f"/proc/{name}" for name in PROC_MASKED],
         }
+
+    def _describe_cgroups(self) -> str:
+        used = ", ".join(self._cgroups.roots)
+        words = f"{used} (v1): a group per kernel, all its processes together" if used else ""
+        missing = "; ".join(f"{name}: {why}" for name, why in self._cgroups.missing.items())
+        if missing:
+            words += f"{'; ' if words else ''}not available here ({missing}): rlimits only"
+        return words
 
     def verify(self) -> None:
         """Start a sandbox once, so a host that refuses namespaces is found at start-up."""
@@ -151,14 +186,12 @@ class BubblewrapLauncher(KernelLauncher):
 
     async def launch(self, spec: LaunchSpec) -> KernelProcess:
         uid = self._uids.take()
-        cgroup = self._cgroups.root / spec.files.directory.name if self._cgroups else None
+        cgroup = self._cgroups.group(spec.files.directory.name)
         try:
             # The kernel's files become its own; a walk that never follows its symlinks.
             await asyncio.to_thread(_chown_tree, spec.files.directory, uid)
             await asyncio.to_thread(_chown_tree, spec.work_dir, uid)
-            procs = None
-            if self._cgroups is not None and cgroup is not None:
-                procs = self._cgroups.create(cgroup.name, self._cgroup_limit)
+            procs = self._cgroups.create(spec.files.directory.name, self._cgroup_limits)
             seccomp_fd = self.seccomp_program()
             try:
                 process = await self._start(spec, uid, procs, seccomp_fd)
@@ -167,7 +200,7 @@ class BubblewrapLauncher(KernelLauncher):
         except BaseException:
             self._uids.give_back(uid)
             if cgroup is not None:
-                MemoryCgroups.remove(cgroup)
+                KernelCgroups.remove(cgroup)
             raise
         process.sandbox_uid, process.cgroup = uid, cgroup
         process.on_exit(lambda _: self._release(uid, cgroup))
@@ -182,24 +215,48 @@ class BubblewrapLauncher(KernelLauncher):
         return seccomp_fd
 
     async def _start(
-        self, spec: LaunchSpec, uid: int, cgroup_procs: Path | None, seccomp_fd: int
+        self, spec: LaunchSpec, uid: int, cgroup_procs: list[Path], seccomp_fd: int
     ) -> KernelProcess:
-        """The sandboxed process, its uid, files and cgroup prepared (bubblewrap here)."""
-        argv = self._argv(spec, uid, seccomp_fd)
-        if cgroup_procs is not None:
-            # joins the cgroup before anything forks, then becomes prlimit → bwrap
-            argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup_procs), *argv]
-        # No --die-with-parent: the kernel outlives a service that is killed (launcher.py).
-        popen = subprocess.Popen(  # noqa: ASYNC220 (a fork+exec: ~1 ms)
-            argv,
-            env={"PATH": "/usr/bin:/bin"},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-            pass_fds=(seccomp_fd,),
-        )
+        """The sandboxed process, its uid, files and cgroups prepared (bubblewrap here)."""
+        limits = self._limits
+        # bubblewrap reads its options from a file: they (host paths, the kernel's
+        # environment) are not on its command line, which the kernel sees as
+        # /proc/1/cmdline; the command (its own, seen in /proc/self/cmdline) is
+        args_fd = os.memfd_create("bwrap-args")
+        try:
+            os.write(
+                args_fd,
+                b"".join(f"{arg}\0".encode() for arg in self._bwrap_args(spec, uid, seccomp_fd)),
+            )
+            os.lseek(args_fd, 0, os.SEEK_SET)
+            argv = [
+                self._prlimit,
+                f"--as={limits.memory_bytes}",
+                f"--nproc={limits.processes}",
+                f"--fsize={limits.file_bytes}",
+                f"--nofile={limits.open_files}",
+                "--core=0",
+                "--",
+                self._bwrap, "--args", str(args_fd), "--", *self._command(spec, uid),
+            ]  # fmt: skip
+            if cgroup_procs:
+                # joins the cgroups before anything forks, then becomes prlimit → bwrap
+                join = 'for p; do [ "$p" = -- ] && break; echo $$ > "$p" || exit 1; done'
+                argv = ["/bin/sh", "-c", f'{join}; shift {len(cgroup_procs) + 1}; exec "$@"',
+                        "sh", *map(str, cgroup_procs), "--", *argv]  # fmt: skip
+            # No --die-with-parent: the kernel outlives a killed service (launcher.py).
+            popen = subprocess.Popen(  # noqa: ASYNC220 (a fork+exec: ~1 ms)
+                argv,
+                env={"PATH": "/usr/bin:/bin"},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                pass_fds=(seccomp_fd, args_fd),
+            )
+        finally:
+            os.close(args_fd)
         return PopenKernelProcess(popen, exit_status_of_child=True)
 
     def adopt(self, record: KernelRecord) -> KernelProcess:
@@ -221,14 +278,13 @@ class BubblewrapLauncher(KernelLauncher):
 
     async def _remove_cgroup(self, cgroup: Path) -> None:
         for _ in range(100):  # the namespace's last processes take a moment to go
-            if MemoryCgroups.remove(cgroup):
+            if KernelCgroups.remove(cgroup):
                 return
             await asyncio.sleep(0.05)
         log.warning("cgroup %s still busy; left for the service's exit", cgroup)
 
     async def close(self, kernels_left: bool = False) -> None:
-        if self._cgroups is not None:
-            await self._cgroups.close(kernels_left)
+        await self._cgroups.close(kernels_left)
 
     async def on_ready(self, spec: LaunchSpec) -> None:
         # Its sockets are bound: from now on the kernel may not change its directory.
@@ -253,18 +309,10 @@ class BubblewrapLauncher(KernelLauncher):
         matplotlib_dir = Path(spec.env.get("MPLCONFIGDIR", "/nonexistent"))
         return sorted(matplotlib_dir.glob("fontlist-*.json"))
 
-    def _argv(self, spec: LaunchSpec, uid: int, seccomp_fd: int) -> list[str]:
+    def _bwrap_args(self, spec: LaunchSpec, uid: int, seccomp_fd: int) -> list[str]:
         limits = self._limits
         env = self.kernel_env(spec, uid)
         argv = [
-            self._prlimit,
-            f"--as={limits.memory_bytes}",
-            f"--nproc={limits.processes}",
-            f"--fsize={limits.file_bytes}",
-            f"--nofile={limits.open_files}",
-            "--core=0",
-            "--",
-            self._bwrap,
             "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--hostname", "sandbox",
             "--new-session",
@@ -275,8 +323,15 @@ class BubblewrapLauncher(KernelLauncher):
         ]  # fmt: skip
         for name in ETC_FILES:
             argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+        argv += ["--proc", "/proc"]
+        for name in PROC_MASKED:
+            masked = f"/proc/{name}"
+            if os.path.isdir(masked):
+                argv += ["--perms", "0555", "--tmpfs", masked, "--remount-ro", masked]
+            elif os.path.exists(masked):
+                argv += ["--ro-bind", "/dev/null", masked]
         argv += [
-            "--proc", "/proc", "--dev", "/dev",
+            "--dev", "/dev",
             "--perms", "1777", "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp",
             "--perms", "1777", "--size", str(16 * _MIB), "--tmpfs", "/dev/shm",
             "--perms", "1777", "--dir", "/tmp/matplotlib",
@@ -294,13 +349,42 @@ class BubblewrapLauncher(KernelLauncher):
             argv += ["--setenv", key, value]
         argv += [
             "--seccomp", str(seccomp_fd),
-            "--",
+        ]  # fmt: skip
+        return argv
+
+    def _command(self, spec: LaunchSpec, uid: int) -> list[str]:
+        """What bubblewrap runs: the kernel, dropped to its uid."""
+        return [
             self._setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
             "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
             "--",
             *spec.ipykernel_argv(),
         ]  # fmt: skip
-        return argv
+
+
+def host_headroom(kernels: int, limits: SandboxLimits) -> list[str]:
+    """Where `kernels` kernels, each holding all the processes and open files it may, would
+    take more than half of the host's file table or pids: a sentence for each, saying what
+    to lower. (The figures are per kernel: RLIMIT_NOFILE per process times its processes.)"""
+    worst = (
+        ("open files", kernels * limits.processes * limits.open_files, "fs/file-max",
+         "KERNEL_SERVICE_SANDBOX_OPEN_FILES or KERNEL_SERVICE_SANDBOX_PROCESSES"),
+        ("processes", kernels * (limits.processes + _WRAPPER_TASKS), "kernel/pid_max",
+         "KERNEL_SERVICE_SANDBOX_PROCESSES"),
+    )  # fmt: skip
+    sentences = []
+    for what, held, name, settings in worst:
+        try:
+            host = int(Path("/proc/sys", name).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if held > host / 2:
+            sentences.append(
+                f"{kernels} kernels at their limits could hold {held:,} {what}, "
+                f"{held / host:.0%} of this host's {host:,} ({name}): one tenant could "
+                f"exhaust the host; lower KERNEL_SERVICE_MAX_SESSIONS or {settings}"
+            )
+    return sentences
 
 
 def default_read_only_paths(startup_file: Path) -> tuple[Path, ...]:

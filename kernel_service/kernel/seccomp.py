@@ -3,7 +3,8 @@
 Built with libseccomp (through pyseccomp) and handed to bubblewrap as BPF. It denies what
 a kernel never needs and an attacker would: new namespaces (a user namespace would undo
 the privilege drop), mounts, ptrace, kernel keyrings, BPF, io_uring (sockets without
-socket()), module loading, terminal injection, and every socket family but Unix, IP and
+socket()), module loading, terminal injection, LDT and NUMA-policy calls, secret memory,
+fanotify, landlock, obsolete calls, and every socket family but Unix, IP and
 netlink — AF_VSOCK reaches the hypervisor even from an empty network namespace. IP stays
 allowed: ipykernel binds a loopback pipe inside the (empty) network namespace.
 """
@@ -25,6 +26,14 @@ _DENIED_SYSCALLS = (
     "syslog", "iopl", "ioperm", "quotactl", "personality", "lookup_dcookie",
     "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "vhangup",
     "nfsservctl", "uselib", "sethostname", "setdomainname",
+    # nothing a kernel needs, each a piece of the host kernel to attack: x86 segment tables,
+    # secret memory, filesystem-wide notification, NUMA placement (Docker allows it only
+    # with CAP_SYS_NICE), self-sandboxing, obsolete calls
+    "modify_ldt", "memfd_secret", "fanotify_init", "fanotify_mark",
+    "set_mempolicy", "set_mempolicy_home_node", "mbind", "migrate_pages", "move_pages",
+    "landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self",
+    "_sysctl", "sysfs", "ustat", "vm86", "vm86old", "create_module", "get_kernel_syms",
+    "query_module", "bdflush",
 )  # fmt: skip
 _NAMESPACE_FLAGS = (
     0x10000000,  # CLONE_NEWUSER

@@ -58,7 +58,6 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 CAP_LAST = 63
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
-PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")
 MAX_MESSAGE = 1 << 20
 
 
@@ -201,8 +200,8 @@ def _sandboxed(request: dict[str, Any], output: int, seccomp: int | None) -> int
     """Join the cgroup, enter new namespaces, and wait for the namespace's init; its status."""
     os.dup2(output, 2)  # errors of the set-up reach the service's output tail
     sandbox = request["sandbox"]
-    if sandbox.get("cgroup_procs"):
-        with open(sandbox["cgroup_procs"], "w") as procs:
+    for path in sandbox["cgroup_procs"]:
+        with open(path, "w") as procs:
             procs.write(str(os.getpid()))
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
     _check(_libc.unshare(flags | CLONE_NEWCGROUP), "unshare")
@@ -233,6 +232,7 @@ def _init(request: dict[str, Any], output: int, seccomp: int | None) -> None:
         kernel = os.fork()
         if kernel == 0:
             _become_kernel(request, output, seccomp)
+        _hide_command_line()
         os.close(output)
         if seccomp is not None:
             os.close(seccomp)
@@ -291,9 +291,17 @@ def _build_root(request: dict[str, Any]) -> None:  # noqa: PLR0915 (one mount af
             bind(os.path.realpath(f"/etc/{name}"), f"/etc/{name}", True)
     make_dir("/proc")
     _mount("proc", at("/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    for name in PROC_READ_ONLY:  # as bubblewrap does: the kernel's knobs stay untouched
+    for name in sandbox["proc_read_only"]:  # the kernel's knobs stay untouched
         if os.path.exists(at(f"/proc/{name}")):
             bind(at(f"/proc/{name}"), f"/proc/{name}", True)
+    for name in sandbox["proc_masked"]:  # as bubblewrap's arguments mask them
+        path = at(f"/proc/{name}")
+        if os.path.isdir(path):
+            _mount(
+                "tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0555"
+            )
+        elif os.path.exists(path):
+            bind("/dev/null", f"/proc/{name}", True)
     make_dir("/dev")
     _mount("tmpfs", at("/dev"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
     for device in DEVICES:
@@ -326,6 +334,21 @@ def _build_root(request: dict[str, Any]) -> None:  # noqa: PLR0915 (one mount af
     _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
     os.chdir("/")
     _mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _hide_command_line() -> None:
+    """Pid 1's command line (the zygote's, with host paths) becomes its name alone: the
+    kernel reads it as /proc/1/cmdline. Its argument strings are overwritten in place, the
+    last byte not NUL: Linux then reads them as a title set by the process, up to a NUL."""
+    with open("/proc/self/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48, 49)
+    name = b"ks-init"
+    if end - start < len(name) + 2:
+        return
+    ctypes.memset(start, 0, end - start)
+    ctypes.memmove(start, name, len(name))
+    ctypes.memset(end - 1, ord(" "), 1)
 
 
 def _loopback_up() -> None:
