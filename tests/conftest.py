@@ -210,8 +210,9 @@ def service_process(
     uid_base: int | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """The real `python -m kernel_service serve` on a free loopback port, its directories in
-    `tmp_path` (so a second one there carries on the first's sessions; give it the same
-    `uid_base`); its log appended to service.log. Killed at the end if still running."""
+    `tmp_path` (so a second one there carries on the first's sessions, and their uids); its
+    kernels' uids claimed automatically unless `uid_base` is given; its log appended to
+    service.log. Killed at the end if still running."""
     log_file = tmp_path / "service.log"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -238,7 +239,7 @@ def service_process(
         env={
             **os.environ,
             **({} if SANDBOXED else {"KERNEL_SERVICE_SANDBOX": "none"}),
-            "KERNEL_SERVICE_SANDBOX_UID_BASE": str(uid_base or fresh_uid_base()),
+            **({"KERNEL_SERVICE_SANDBOX_UID_BASE": str(uid_base)} if uid_base else {}),
             "KERNEL_SERVICE_SANDBOX_UID_COUNT": "1000",
             "KERNEL_SERVICE_POOL_SIZE": "0",
             **(env or {}),
