@@ -238,7 +238,9 @@ def test_death_between_calls_is_reported_on_the_next_call(server: Server, sessio
         "threading.Thread(target=lambda: (time.sleep(0.3), os._exit(7)), daemon=True).start()",
         session,
     )
-    time.sleep(1.5)
+    # the service saw the kernel end (a new one is started at the next call)
+    status = lambda: server.client.get(f"/sessions/{session}").json()["status"]  # noqa: E731
+    assert wait_for(lambda: status() == "dead", 60)
     result = server.execute("1 + 1", session)
     assert result["status"] == "ok"
     assert result["result"] == "2"
