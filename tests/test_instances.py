@@ -13,6 +13,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
@@ -221,3 +222,53 @@ def test_directories_of_a_running_service_are_refused_in_one_line(tmp_path: Path
         other = ["--connection-dir", str(tmp_path / "c"), "--work-dir", str(tmp_path / "w")]
         reason = refusal(["mcp", "--state-dir", str(tmp_path / "0" / "state"), *other], env)
     assert reason.startswith(f"another kernel-service process uses {tmp_path / '0' / 'state'}")
+
+
+@needs_sandbox
+def test_claims_made_at_once_never_overlap() -> None:
+    """Eight processes claim a block each at the same moment (they wait on one pipe)."""
+    code = (
+        "import sys\nfrom kernel_service.kernel.uids import claim\n"
+        "sys.stdin.readline()\nprint(claim(100).range, flush=True)\nsys.stdin.read()"
+    )
+    claimants = [
+        subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+        for _ in range(8)
+    ]  # fmt: skip
+    try:
+        for claimant in claimants:
+            assert claimant.stdin is not None
+            claimant.stdin.write("go\n")
+            claimant.stdin.flush()
+        ranges = []
+        for claimant in claimants:
+            assert claimant.stdout is not None
+            ranges.append(UidRange.parse(claimant.stdout.readline().strip()))
+    finally:
+        for claimant in claimants:
+            claimant.communicate(timeout=60)  # stdin closed: it exits, its claim goes
+    assert None not in ranges
+    uids = [uid for uids in ranges if uids for uid in uids.uids]
+    assert len(uids) == len(set(uids)) == 800
+    assert_released([uids for uids in ranges if uids])
+
+
+@needs_sandbox
+def test_a_block_some_process_runs_as_is_passed_over_unless_it_is_ours() -> None:
+    free = claim(100)
+    free.release()
+    uid = free.range.first + 5
+    squatter = subprocess.Popen(["sleep", "600"], user=uid, group=uid)
+    try:
+        assert wait_for(lambda: psutil.Process(squatter.pid).uids().real == uid, 60)
+        other = claim(100)
+        assert uid not in other.range.uids  # a killed service's kernel, say
+        other.release()
+        # a restart whose recorded kernel it is gets its range back
+        again = claim(100, earlier=free.range, own={uid})
+        assert again.range == free.range
+        again.release()
+    finally:
+        squatter.kill()
+        squatter.wait()
