@@ -3,8 +3,9 @@
 Each kernel gets a private network namespace (it reaches the service only through the ipc
 sockets in its bind-mounted directory), its own PID namespace, a read-only system and
 Python, a private size-capped /tmp, its session's work directory as /workspace, a clean
-environment, a uid of its own (so per-uid limits are per kernel), no capabilities, no new
-privileges, a seccomp filter and rlimits.
+environment, a uid of its own (so per-uid limits are per kernel; from the range this
+service process claimed, see uids.py), no capabilities, no new privileges, a seccomp
+filter and rlimits.
 
 bubblewrap runs as root *without* a user namespace and the kernel drops to its uid inside
 (setpriv): an unprivileged bwrap could not reach a Python installed under a 0700 /root,
