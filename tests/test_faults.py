@@ -239,7 +239,7 @@ def test_a_kernel_stopped_mid_execution_is_killed_at_the_deadline(server: Server
         finally:
             if alive(kernel.pid):  # SIGKILL ends a stopped process too
                 os.kill(kernel.pid, signal.SIGKILL)
-        assert answered < 2 + grace + 3, answered
+        assert answered < 20, answered  # (2 s + the grace, with room for a loaded machine)
         assert result["status"] == "timeout"
         assert result["error"]["ename"] == "TimeoutError"
         assert result["state_lost"] is True

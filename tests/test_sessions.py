@@ -87,15 +87,23 @@ def test_requests_to_one_session_are_serialised(server: Server, session: str) ->
 
 def test_different_sessions_run_concurrently(server: Server) -> None:
     sessions = [server.new_session() for _ in range(3)]
+    # each says it runs, then waits for the test's go, given only once all three run: run
+    # one after another, the first would wait in vain (and give up after 60 s)
+    code = (
+        "import os, time\nopen('running', 'w').close()\ndeadline = time.monotonic() + 60\n"
+        "while not os.path.exists('go') and time.monotonic() < deadline:\n"
+        "    time.sleep(0.02)\nos.path.exists('go')"
+    )
     try:
-        started = time.monotonic()
         with ThreadPoolExecutor(3) as pool:
-            results = list(
-                pool.map(lambda s: server.execute("import time; time.sleep(1.5)", s), sessions)
-            )
-        elapsed = time.monotonic() - started
-        assert all(r["status"] == "ok" for r in results)
-        assert elapsed < 3.5, f"3 x 1.5 s in {elapsed:.1f} s: not concurrent"
+            running = [pool.submit(server.execute, code, s) for s in sessions]
+            work_dirs = [server.settings.work_dir / s for s in sessions]
+            all_run = wait_for(lambda: all((d / "running").exists() for d in work_dirs), 60)
+            for work_dir in work_dirs:
+                (work_dir / "go").touch()
+            results = [r.result(timeout=120) for r in running]
+        assert all_run, "the sessions did not run at the same time"
+        assert [r["result"] for r in results] == ["True"] * 3
     finally:
         for session_id in sessions:
             server.client.delete(f"/sessions/{session_id}")
