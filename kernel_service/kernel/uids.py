@@ -115,9 +115,14 @@ def _claim_exactly(fd: int, wanted: UidRange, foreign: set[int]) -> UidClaim:
 
 
 def _open_lock_file() -> int:
-    LOCK_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-    return os.open(LOCK_FILE, flags, 0o600)
+    try:
+        LOCK_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        return os.open(LOCK_FILE, flags, 0o600)
+    except OSError as exc:
+        raise UidRangeInUse(
+            f"{LOCK_FILE}, where uids are claimed, cannot be opened: {exc}"
+        ) from None
 
 
 def _lock(fd: int, uids: UidRange) -> bool:
