@@ -74,8 +74,10 @@ def processes_running(*argv: str) -> list[psutil.Process]:
     ]
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll `condition` until it holds or `timeout` passes; its last value."""
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> bool:
+    """Poll `condition` until it holds or `timeout` passes; its last value. The default is
+    generous: a state that comes in milliseconds may take seconds on a loaded machine, and
+    waiting longer costs only a test that fails."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
