@@ -3,7 +3,6 @@
 Every server's shutdown is checked: no kernel process and no connection file may remain.
 """
 
-import itertools
 import os
 import shutil
 import socket
@@ -150,18 +149,10 @@ class Server:
         assert sorted(p.name for p in self.connection_dir.iterdir()) == []
 
 
-_servers_made = itertools.count()
-
-
-def fresh_uid_base() -> int:
-    """Kernel uids of their own for each server: servers that run at once must not share,
-    in this test run or in another one on the same machine (a block of 100 servers per pid)."""
-    return 220000 + 100_000 * (os.getpid() % 20_000) + 1000 * (next(_servers_made) % 100)
-
-
 def make_settings(tmp: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
-        "sandbox_uid_base": fresh_uid_base(),
+        # each server claims a free block of uids by itself, as a service does, apart from
+        # every other server of this run or of another one on the machine
         "sandbox_uid_count": 1000,
         "connection_dir": tmp / "connection",
         "work_dir": tmp / "work",
