@@ -3,7 +3,7 @@ service process, so that any number of services can run on one host without sett
 
 Every range is claimed by a lock on bytes of one host-wide file, LOCK_FILE: the bytes
 numbered as the range's uids, locked for writing (an open file description lock, taken
-or refused by the kernel in one step, so two services starting at once cannot both get
+or refused by Linux in one step, so two services starting at once cannot both get
 overlapping ranges). The lock goes with the service process, however it ends.
 
 - Automatic (no KERNEL_SERVICE_SANDBOX_UID_BASE): the first free block of `count` uids
