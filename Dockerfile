@@ -7,7 +7,9 @@
 # container is the isolation boundary: one container per tenant. For the per-kernel
 # sandbox inside the container, run it as root with the rights bubblewrap needs:
 #   docker run --rm --user root --cap-add SYS_ADMIN --security-opt seccomp=unconfined \
-#     --security-opt apparmor=unconfined -e KERNEL_SERVICE_SANDBOX=bubblewrap ...
+#     --security-opt apparmor=unconfined -e KERNEL_SERVICE_SANDBOX=bubblewrap \
+#     -v /run/kernel-service:/run/kernel-service ...
+# (the host's kernel uid claims, shared by every sandboxed container: README, "Uids").
 FROM python:3.11-slim-bookworm
 
 # A CJK font so plots can label in Chinese; tini reaps what kernels leave behind;

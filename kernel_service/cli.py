@@ -9,12 +9,14 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import uvicorn
+from pydantic import ValidationError
 
 from kernel_service import __version__
 from kernel_service.config import Settings
@@ -65,20 +67,51 @@ def main(argv: list[str] | None = None) -> None:
     overrides: dict[str, Any] = {
         key: value for key, value in vars(args).items() if key != "command" and value is not None
     }
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        _refuse(_bad_settings(exc, flags=set(vars(args)) - {"command"}))
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from kernel_service.kernel.sandbox import SandboxUnavailable
+    from kernel_service.kernel.uids import UidRangeInUse
+    from kernel_service.state import DirectoryInUse
 
+    # What is known to stop a start is said in one line; anything else is a bug: traceback.
     try:
         if args.command == "mcp":
             _serve_mcp(settings)
         else:
             _serve_http(settings)
     except SandboxUnavailable as exc:
-        sys.exit(f"kernel-service: refusing to start: the sandbox is not available: {exc}")
+        _refuse(f"the sandbox is not available: {exc}")
+    except (DirectoryInUse, UidRangeInUse, _PortInUse) as exc:
+        _refuse(str(exc))
+
+
+class _PortInUse(Exception):
+    pass
+
+
+def _refuse(reason: str) -> NoReturn:
+    sys.exit(f"kernel-service: refusing to start: {reason}")
+
+
+def _bad_settings(exc: ValidationError, flags: set[str]) -> str:
+    """One line naming each setting that is wrong (never echoing an API key)."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        message = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:  # a rule over several settings: the message names them
+            problems.append(message)
+            continue
+        name = str(error["loc"][0])
+        flag = f" (--{name.replace('_', '-')})" if name in flags else ""
+        got = "" if "key" in name else f", got {error['input']!r}"
+        problems.append(f"KERNEL_SERVICE_{name.upper()}{flag}: {message}{got}")
+    return "bad setting: " + "; ".join(problems)
 
 
 def _serve_http(settings: Settings) -> None:
@@ -90,7 +123,10 @@ def _serve_http(settings: Settings) -> None:
             f"kernel-service: refusing to listen on {settings.host} without an API key: set "
             "KERNEL_SERVICE_API_KEY, or pass --insecure if something else guards the service"
         )
+    if settings.port != 0:
+        _check_port(settings.host, settings.port)
     app = create_app(settings)
+    app.state.runtime.claim()
     server = uvicorn.Server(uvicorn_config(app, settings))
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
@@ -116,6 +152,7 @@ def _serve_mcp(settings: Settings) -> None:
         )
     try:
         runtime = Runtime(settings)
+        runtime.claim()
     except BaseException:
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
@@ -151,6 +188,18 @@ def _serve_mcp(settings: Settings) -> None:
     finally:
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Raises _PortInUse if the port cannot be listened on now (the server binds it only
+    once kernels are carried on: a refusal then would come late and long)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise _PortInUse(f"cannot listen on {host}:{port}: {reason}") from None
 
 
 def _is_loopback(host: str) -> bool:

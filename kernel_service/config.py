@@ -187,10 +187,15 @@ class Settings(BaseSettings):
         ge=0,
         description="Size of each session's work directory, its own filesystem (0: no cap).",
     )
-    sandbox_uid_base: int = Field(
-        210000, ge=1000, description="First of the uids given to kernels, one per live kernel."
+    sandbox_uid_base: int | None = Field(
+        None,
+        ge=1000,
+        description="First of the uids given to kernels, one per live kernel; unset: a free "
+        "range is claimed (from 210000 on), so that several services share a host.",
     )
-    sandbox_uid_count: PositiveInt = Field(10000, description="How many uids kernels may use.")
+    sandbox_uid_count: PositiveInt = Field(
+        10000, description="How many uids kernels may use (the size of the claimed range)."
+    )
     preload_modules: str = Field(
         "numpy,pandas,matplotlib.pyplot",
         description="Modules each kernel imports at start (comma-separated; empty for none).",
@@ -199,7 +204,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _timeouts_are_consistent(self) -> "Settings":
         if self.default_timeout > self.max_timeout:
-            raise ValueError("default_timeout must not exceed max_timeout")
+            raise ValueError(
+                "KERNEL_SERVICE_DEFAULT_TIMEOUT must not exceed KERNEL_SERVICE_MAX_TIMEOUT"
+            )
         return self
 
     def api_keys(self) -> list[str]:

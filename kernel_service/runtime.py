@@ -37,6 +37,7 @@ from kernel_service.kernel.sandbox import (
     default_read_only_paths,
     host_headroom,
 )
+from kernel_service.kernel.uids import UidRange
 from kernel_service.metrics import Metrics
 from kernel_service.pool import KernelPool
 from kernel_service.recovery import recover
@@ -70,7 +71,9 @@ class Runtime:
         )
         self.metrics = Metrics()
         self.store: StateStore | None = None  # while running
-        self._locks: list[int] = []  # on the connection and work directories, while running
+        self._claimed: StateStore | None = None  # claimed, not running yet
+        self.uids: UidRange | None = None  # the kernels' (sandboxed), once claimed
+        self._locks: list[int] = []  # on the connection and work directories, while claimed
         start_kernel = self._start_kernel
         self.pool = KernelPool(
             settings.pool_size,
@@ -88,13 +91,40 @@ class Runtime:
             "work_dir": self.workspaces.describe(),
         }
 
+    def claim(self) -> None:
+        """Take what this service process holds while it runs: its state, connection and
+        work directories (locked), and the uids of its kernels (the range the state's last
+        service had, if it is free). `running` does it if it was not done before; the
+        command line does it first, so that a refusal is one line. Raises DirectoryInUse
+        or UidRangeInUse."""
+        if self._claimed is not None:
+            return
+        settings, options = self.settings, self.options
+        store = StateStore(settings.state_dir)
+        try:
+            # what is in them is this service's to adopt or to remove: no other may use them
+            for directory in (options.connection_dir, settings.work_dir):
+                directory.mkdir(parents=True, exist_ok=True)
+                self._locks.append(lock_directory(directory))
+            own = {kernel.uid for kernel in store.kernels() if kernel.uid is not None}
+            uids = self.launcher.claim_uids(UidRange.parse(store.meta("uid_range")), own)
+            if uids is not None:
+                store.set_meta("uid_range", str(uids))
+            self.uids = uids
+        except BaseException:
+            self._unlock(store)
+            raise
+        self._claimed = store
+
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """The state directory locked, what an earlier service process left carried on or
         removed, the culler and the orphan reaper running; on exit every session is closed
         and every kernel ended, or with `keep_kernels` all left for the next start."""
         settings, options = self.settings, self.options
-        store = await asyncio.to_thread(StateStore, settings.state_dir)
+        await asyncio.to_thread(self.claim)
+        store, self._claimed = self._claimed, None
+        assert store is not None
         try:
             await self._carry_on(store)
         except BaseException:
@@ -103,11 +133,12 @@ class Runtime:
             raise
         reaper = _start_reaper(settings, store)
         log.info(
-            "kernel-service %s ready: isolation=%s %s, connection files in %s, state in %s, "
+            "kernel-service %s ready: isolation=%s %s%s, connection files in %s, state in %s, "
             "max %d sessions",
             __version__,
             self.launcher.isolation,
             self.isolation,
+            f", kernel uids {self.uids}" if self.uids else "",
             options.connection_dir,
             store.directory,
             settings.max_sessions,
@@ -126,13 +157,8 @@ class Runtime:
 
     async def _carry_on(self, store: StateStore) -> None:
         """Adopt what the store records (see recovery.py) and clear what nobody owns."""
-        settings, options = self.settings, self.options
+        options = self.options
         self.store = self.registry.store = store
-        options.connection_dir.mkdir(parents=True, exist_ok=True)
-        settings.work_dir.mkdir(parents=True, exist_ok=True)
-        # what is in them is this service's to adopt or to remove: no other may use them
-        for directory in (options.connection_dir, settings.work_dir):
-            self._locks.append(lock_directory(directory))
         before = store.service_started(os.getpid())
         await prepare_font_cache(options.matplotlib_dir)
         recovered = await recover(store, self.registry, self.launcher, options, self.workspaces)
@@ -176,6 +202,7 @@ class Runtime:
         for fd in self._locks:
             os.close(fd)
         self._locks.clear()
+        self.launcher.release_uids()
 
     async def _start_kernel(self, work_dir: Path) -> Kernel:
         """A ready kernel, recorded in the state store as soon as its process exists. One

@@ -147,7 +147,7 @@ class StateStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
-            self._set_meta("schema", str(_SCHEMA_VERSION))
+            self.set_meta("schema", str(_SCHEMA_VERSION))
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -167,18 +167,18 @@ class StateStore:
         """Record this service's pid; how the one before it ended (None: it was killed)."""
         before = self.meta("stopped")
         self._write("DELETE FROM meta WHERE name = 'stopped'")
-        self._set_meta("service_pid", str(pid))
+        self.set_meta("service_pid", str(pid))
         return before
 
     def service_stopped(self, how: str) -> None:
         """`clean` (kernels ended) or `kept` (kernels left running for the next start)."""
-        self._set_meta("stopped", how)
+        self.set_meta("stopped", how)
 
     def meta(self, name: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return row[0] if row else None
 
-    def _set_meta(self, name: str, value: str) -> None:
+    def set_meta(self, name: str, value: str) -> None:
         self._write("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
 
     # ------------------------------------------------------------ kernels

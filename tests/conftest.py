@@ -3,7 +3,6 @@
 Every server's shutdown is checked: no kernel process and no connection file may remain.
 """
 
-import itertools
 import os
 import shutil
 import socket
@@ -75,8 +74,10 @@ def processes_running(*argv: str) -> list[psutil.Process]:
     ]
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll `condition` until it holds or `timeout` passes; its last value."""
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> bool:
+    """Poll `condition` until it holds or `timeout` passes; its last value. The default is
+    generous: a state that comes in milliseconds may take seconds on a loaded machine, and
+    waiting longer costs only a test that fails."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -148,18 +149,10 @@ class Server:
         assert sorted(p.name for p in self.connection_dir.iterdir()) == []
 
 
-_servers_made = itertools.count()
-
-
-def fresh_uid_base() -> int:
-    """Kernel uids of their own for each server: servers that run at once must not share,
-    in this test run or in another one on the same machine (a block of 100 servers per pid)."""
-    return 220000 + 100_000 * (os.getpid() % 20_000) + 1000 * (next(_servers_made) % 100)
-
-
 def make_settings(tmp: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
-        "sandbox_uid_base": fresh_uid_base(),
+        # each server claims a free block of uids by itself, as a service does, apart from
+        # every other server of this run or of another one on the machine
         "sandbox_uid_count": 1000,
         "connection_dir": tmp / "connection",
         "work_dir": tmp / "work",
@@ -210,8 +203,9 @@ def service_process(
     uid_base: int | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """The real `python -m kernel_service serve` on a free loopback port, its directories in
-    `tmp_path` (so a second one there carries on the first's sessions; give it the same
-    `uid_base`); its log appended to service.log. Killed at the end if still running."""
+    `tmp_path` (so a second one there carries on the first's sessions, and their uids); its
+    kernels' uids claimed automatically unless `uid_base` is given; its log appended to
+    service.log. Killed at the end if still running."""
     log_file = tmp_path / "service.log"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -238,7 +232,7 @@ def service_process(
         env={
             **os.environ,
             **({} if SANDBOXED else {"KERNEL_SERVICE_SANDBOX": "none"}),
-            "KERNEL_SERVICE_SANDBOX_UID_BASE": str(uid_base or fresh_uid_base()),
+            **({"KERNEL_SERVICE_SANDBOX_UID_BASE": str(uid_base)} if uid_base else {}),
             "KERNEL_SERVICE_SANDBOX_UID_COUNT": "1000",
             "KERNEL_SERVICE_POOL_SIZE": "0",
             **(env or {}),

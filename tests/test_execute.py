@@ -166,7 +166,7 @@ def test_timeout_interrupts_and_the_session_survives(server: Server, session: st
     elapsed = time.monotonic() - started
     assert result["status"] == "timeout"
     assert result["state_lost"] is False
-    assert 1 <= elapsed < 3
+    assert 1 <= elapsed < 15  # (the loop never ends by itself; a bound that holds under load)
     assert result["error"]["ename"] == "TimeoutError"
     assert "interrupted" in result["text"] and "intact" in result["text"]
     assert server.execute("kept", session)["result"] == "'still here'"
@@ -190,7 +190,7 @@ def test_timeout_of_uninterruptible_code_restarts_the_kernel(
     elapsed = time.monotonic() - started
     assert result["status"] == "timeout"
     assert result["state_lost"] is True
-    assert elapsed < 1 + 2
+    assert elapsed < 15  # (the code runs for minutes or for ever; a bound that holds under load)
     assert "restarted" in result["text"] and "lost" in result["text"]
     after = server.execute("'lost' in globals()", session)
     assert after["result"] == "False"
@@ -202,7 +202,7 @@ def test_timeout_is_capped_by_the_configured_maximum(tmp_path: Path) -> None:
         started = time.monotonic()
         result = server.execute("import time\ntime.sleep(30)", timeout=10**9)
         assert result["status"] == "timeout"
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 20  # long before the 30 s sleep ends
         assert "1 s time limit (the most this service allows)" in result["text"]
 
 
@@ -221,7 +221,7 @@ def test_kernel_death_is_reported_and_a_fresh_kernel_follows(
     server.execute("before = 1", session)
     started = time.monotonic()
     result = server.execute(code, session, timeout=60)
-    assert time.monotonic() - started < 5, "death must be noticed, not waited out"
+    assert time.monotonic() - started < 30, "death must be noticed, not waited out (60 s)"
     assert result["status"] == "error"
     assert result["state_lost"] is True
     assert result["error"]["ename"] == "KernelDied"
@@ -238,7 +238,9 @@ def test_death_between_calls_is_reported_on_the_next_call(server: Server, sessio
         "threading.Thread(target=lambda: (time.sleep(0.3), os._exit(7)), daemon=True).start()",
         session,
     )
-    time.sleep(1.5)
+    # the service saw the kernel end (a new one is started at the next call)
+    status = lambda: server.client.get(f"/sessions/{session}").json()["status"]  # noqa: E731
+    assert wait_for(lambda: status() == "dead", 60)
     result = server.execute("1 + 1", session)
     assert result["status"] == "ok"
     assert result["result"] == "2"

@@ -28,6 +28,16 @@ from tests.conftest import Server, alive, kernel_processes, running_server, wait
 LOOP_30S = "import time\nfor i in range(300):\n    n = i\n    time.sleep(0.1)\ndone = True"
 
 
+# The first line of code whose running the test waits for (`wait_running`).
+MARK_RUNNING = "open('running', 'w').close()"
+
+
+def wait_running(server: Server, session_id: str) -> None:
+    """Until the kernel runs the code that began with MARK_RUNNING (not only the service
+    sent it): the file it made is in the session's work directory."""
+    assert wait_for((server.settings.work_dir / session_id / "running").exists, 60)
+
+
 def status_of(server: Server, session_id: str) -> str:
     status: str = server.client.get(f"/sessions/{session_id}").json()["status"]
     return status
@@ -185,14 +195,13 @@ def test_a_kernel_killed_mid_execution(server: Server) -> None:
         server.execute("x = 1", session_id)
         server.execute("kept = 42", other)
         with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(server.execute, LOOP_30S, session_id)
-            server.wait_busy(session_id)
-            time.sleep(0.3)
+            running = pool.submit(server.execute, f"{MARK_RUNNING}\n{LOOP_30S}", session_id)
+            wait_running(server, session_id)
             os.kill(kernel.pid, signal.SIGKILL)
             killed = time.monotonic()
-            result = running.result(timeout=30)
+            result = running.result(timeout=60)
             answered = time.monotonic() - killed
-        assert answered < 3, answered
+        assert answered < 15, answered  # its death seen, long before the loop's 30 s
         assert result["status"] == "error"
         assert result["error"]["ename"] == "KernelDied"
         assert "SIGKILL" in result["error"]["evalue"]
@@ -230,7 +239,7 @@ def test_a_kernel_stopped_mid_execution_is_killed_at_the_deadline(server: Server
         finally:
             if alive(kernel.pid):  # SIGKILL ends a stopped process too
                 os.kill(kernel.pid, signal.SIGKILL)
-        assert answered < 2 + grace + 3, answered
+        assert answered < 20, answered  # (2 s + the grace, with room for a loaded machine)
         assert result["status"] == "timeout"
         assert result["error"]["ename"] == "TimeoutError"
         assert result["state_lost"] is True
@@ -296,9 +305,9 @@ def test_a_lost_connection_file_does_not_matter_to_a_running_session(
             assert result["result"] == "2"
             # the control channel too: an interrupt still reaches the kernel
             with ThreadPoolExecutor(1) as pool:
-                running = pool.submit(server.execute, "import time; time.sleep(30)", session_id)
-                server.wait_busy(session_id)
-                time.sleep(0.2)
+                code = f"{MARK_RUNNING}\nimport time; time.sleep(30)"
+                running = pool.submit(server.execute, code, session_id)
+                wait_running(server, session_id)
                 assert server.client.post(f"/sessions/{session_id}/interrupt").json()["interrupted"]
                 interrupted = running.result(timeout=10)
             assert interrupted["error"]["ename"] == "KeyboardInterrupt"

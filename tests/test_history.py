@@ -17,7 +17,6 @@ import pytest
 
 from tests.conftest import (
     Server,
-    fresh_uid_base,
     kernel_processes,
     running_server,
     service_process,
@@ -213,8 +212,7 @@ def test_history_is_private_to_its_api_key(tmp_path: Path) -> None:
 def test_the_history_outlives_a_killed_service(tmp_path: Path) -> None:
     """A service killed mid-execution: the next one has the session's history, the
     execution cut short marked `lost`, in the notebook too."""
-    uids = fresh_uid_base()
-    with service_process(tmp_path, uid_base=uids) as (process, base_url):
+    with service_process(tmp_path) as (process, base_url):
         with httpx.Client(base_url=base_url, timeout=60) as client:
             assert client.post("/sessions", json={"session_id": "kept"}).status_code == 201
             for code in ("print('before')", "x = 41"):
@@ -236,7 +234,7 @@ def test_the_history_outlives_a_killed_service(tmp_path: Path) -> None:
             thread.join(timeout=10)
             assert failure and isinstance(failure[0], httpx.TransportError), failure
         process.wait(timeout=10)
-    with service_process(tmp_path, uid_base=uids) as (process, base_url):
+    with service_process(tmp_path) as (process, base_url):
         with httpx.Client(base_url=base_url, timeout=60) as client:
             entries = client.get("/sessions/kept/history").json()["executions"]
             response = client.get("/sessions/kept/notebook")

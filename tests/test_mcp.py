@@ -75,7 +75,6 @@ def stdio_env(tmp: Path) -> dict[str, str]:
         "work_dir",
         "state_dir",
         "sandbox",
-        "sandbox_uid_base",
         "sandbox_uid_count",
         "sandbox_work_dir_mb",
         "log_level",

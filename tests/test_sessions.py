@@ -3,8 +3,9 @@
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from tests.conftest import Server
+from tests.conftest import Server, kernel_processes, running_server, wait_for, zygotes
 
 
 def test_session_lifecycle_endpoints(server: Server) -> None:
@@ -60,9 +61,10 @@ def test_interrupt_stops_a_running_execution(server: Server, session: str) -> No
     idle = server.client.post(f"/sessions/{session}/interrupt")
     assert idle.json() == {"session_id": session, "interrupted": False}
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(server.execute, "import time\nwhile True: time.sleep(0.01)", session)
-        server.wait_busy(session)
-        time.sleep(0.2)
+        code = "open('running', 'w').close()\nimport time\nwhile True: time.sleep(0.01)"
+        running = pool.submit(server.execute, code, session)
+        # the kernel runs it (an interrupt that came before would be held for it)
+        assert wait_for((server.settings.work_dir / session / "running").exists, 60)
         answer = server.client.post(f"/sessions/{session}/interrupt")
         assert answer.json()["interrupted"] is True
         result = running.result(timeout=10)
@@ -85,15 +87,23 @@ def test_requests_to_one_session_are_serialised(server: Server, session: str) ->
 
 def test_different_sessions_run_concurrently(server: Server) -> None:
     sessions = [server.new_session() for _ in range(3)]
+    # each says it runs, then waits for the test's go, given only once all three run: run
+    # one after another, the first would wait in vain (and give up after 60 s)
+    code = (
+        "import os, time\nopen('running', 'w').close()\ndeadline = time.monotonic() + 60\n"
+        "while not os.path.exists('go') and time.monotonic() < deadline:\n"
+        "    time.sleep(0.02)\nos.path.exists('go')"
+    )
     try:
-        started = time.monotonic()
         with ThreadPoolExecutor(3) as pool:
-            results = list(
-                pool.map(lambda s: server.execute("import time; time.sleep(1.5)", s), sessions)
-            )
-        elapsed = time.monotonic() - started
-        assert all(r["status"] == "ok" for r in results)
-        assert elapsed < 3.5, f"3 x 1.5 s in {elapsed:.1f} s: not concurrent"
+            running = [pool.submit(server.execute, code, s) for s in sessions]
+            work_dirs = [server.settings.work_dir / s for s in sessions]
+            all_run = wait_for(lambda: all((d / "running").exists() for d in work_dirs), 60)
+            for work_dir in work_dirs:
+                (work_dir / "go").touch()
+            results = [r.result(timeout=120) for r in running]
+        assert all_run, "the sessions did not run at the same time"
+        assert [r["result"] for r in results] == ["True"] * 3
     finally:
         for session_id in sessions:
             server.client.delete(f"/sessions/{session_id}")
@@ -134,24 +144,31 @@ def test_deleting_a_busy_session_ends_its_queue(server: Server) -> None:
     assert server.client.get(f"/sessions/{session_id}").status_code == 404
 
 
-def test_deleting_a_session_while_its_kernel_restarts_is_a_clean_404(server: Server) -> None:
-    session_id = server.new_session()
-    server.execute(
-        "import os, threading, time\n"
-        "threading.Thread(target=lambda: (time.sleep(0.2), os._exit(1))).start()",
-        session_id,
-    )
-    time.sleep(0.5)  # the kernel is dead; the next call starts a new one and waits for it
-    with ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(
-            server.client.post, "/execute", json={"code": "1", "session_id": session_id}
-        )
-        time.sleep(0.1)
-        assert server.client.delete(f"/sessions/{session_id}").status_code == 204
-        response = waiting.result(timeout=30)
-    if response.status_code != 200:  # unless the new kernel was ready before the delete
-        assert response.status_code == 404
+def test_deleting_a_session_while_its_kernel_restarts_is_a_clean_404(tmp_path: Path) -> None:
+    with running_server(tmp_path) as server:
+        session_id = server.new_session()
+        server.execute("x = 1", session_id)
+        [kernel] = kernel_processes(server.connection_dir)
+        status = lambda: server.client.get(f"/sessions/{session_id}").json()["status"]  # noqa: E731
+        kernel.kill()
+        assert wait_for(lambda: status() == "dead", 60)
+        # the next call starts a new kernel, held half-way: the zygote that forks it is stopped
+        [zygote] = zygotes(server)
+        zygote.suspend()
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(
+                    server.client.post, "/execute", json={"code": "1", "session_id": session_id}
+                )
+                assert wait_for(lambda: status() == "starting", 60)
+                assert server.client.delete(f"/sessions/{session_id}").status_code == 204
+                response = waiting.result(timeout=60)
+        finally:
+            zygote.resume()
+        assert response.status_code == 404, response.text
         assert response.json()["code"] == "session_not_found"
+        # the kernel forked for it once the zygote goes on is ended
+        assert wait_for(lambda: not kernel_processes(server.connection_dir), 60)
 
 
 def test_an_id_deleted_and_made_again_at_once_gets_a_working_session(server: Server) -> None:

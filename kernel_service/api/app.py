@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.runtime = runtime  # its claim() may come before the server starts (cli.py)
     app.state.registry = runtime.registry
     app.state.metrics = runtime.metrics
     app.state.sandbox = runtime.launcher.isolation

@@ -25,6 +25,7 @@ from typing import Any
 import psutil
 
 from kernel_service.kernel.files import KernelFiles
+from kernel_service.kernel.uids import UidRange
 from kernel_service.state import KernelRecord, start_ticks
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,16 @@ class KernelLauncher(ABC):
 
     @abstractmethod
     async def launch(self, spec: LaunchSpec) -> KernelProcess: ...
+
+    def claim_uids(self, earlier: UidRange | None, own: set[int]) -> UidRange | None:
+        """Claim the uids its kernels will run as, for as long as this process runs or until
+        `release_uids` (see uids.py), preferring `earlier`, the range of the state's last
+        service; `own`, the recorded kernels' uids. None: it needs none. Raises
+        UidRangeInUse."""
+        return None
+
+    def release_uids(self) -> None:  # noqa: B027 (optional hook)
+        """Let the claimed uids go."""
 
     async def prepare(self) -> None:  # noqa: B027 (optional hook)
         """Called once at the service's start, before any launch (after the font cache)."""

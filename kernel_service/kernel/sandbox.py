@@ -3,8 +3,9 @@
 Each kernel gets a private network namespace (it reaches the service only through the ipc
 sockets in its bind-mounted directory), its own PID namespace, a read-only system and
 Python, a private size-capped /tmp, its session's work directory as /workspace, a clean
-environment, a uid of its own (so per-uid limits are per kernel), no capabilities, no new
-privileges, a seccomp filter and rlimits.
+environment, a uid of its own (so per-uid limits are per kernel; from the range this
+service process claimed, see uids.py), no capabilities, no new privileges, a seccomp
+filter and rlimits.
 
 bubblewrap runs as root *without* a user namespace and the kernel drops to its uid inside
 (setpriv): an unprivileged bwrap could not reach a Python installed under a 0700 /root,
@@ -14,7 +15,6 @@ user namespace of its own, the seccomp filter is what keeps the kernel from maki
 
 import asyncio
 import collections
-import contextlib
 import logging
 import os
 import shutil
@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from kernel_service.kernel.cgroups import CPU_SHARES, CgroupLimits, KernelCgroups
 from kernel_service.kernel.launcher import (
     AdoptionError,
@@ -36,6 +34,7 @@ from kernel_service.kernel.launcher import (
     PopenKernelProcess,
 )
 from kernel_service.kernel.seccomp import build_filter
+from kernel_service.kernel.uids import UidClaim, UidRange, claim, uids_in_use
 from kernel_service.state import KernelRecord
 
 log = logging.getLogger(__name__)
@@ -93,10 +92,13 @@ class BubblewrapLauncher(KernelLauncher):
 
     isolation = "bubblewrap"
 
-    def __init__(self, limits: SandboxLimits, first_uid: int, uid_count: int,
+    def __init__(self, limits: SandboxLimits, uid_base: int | None, uid_count: int,
                  read_only_paths: tuple[Path, ...] = ()) -> None:  # fmt: skip
+        """`uid_base` None: a free range of `uid_count` uids is claimed (see uids.py)."""
         self._limits = limits
-        self._uids = _UidPool(first_uid, uid_count)
+        self._uid_base, self._uid_count = uid_base, uid_count
+        self._claim: UidClaim | None = None
+        self._uids = _UidPool(0, 0)  # until the range is claimed
         self._read_only = read_only_paths
         bwrap, setpriv, prlimit = (shutil.which(t) for t in ("bwrap", "setpriv", "prlimit"))
         if not (bwrap and setpriv and prlimit):
@@ -170,6 +172,16 @@ class BubblewrapLauncher(KernelLauncher):
                 "or run without a sandbox: KERNEL_SERVICE_SANDBOX=none"
             )
 
+    def claim_uids(self, earlier: UidRange | None, own: set[int]) -> UidRange:
+        self._claim = claim(self._uid_count, self._uid_base, earlier, own)
+        self._uids = _UidPool(self._claim.range.first, self._claim.range.count)
+        return self._claim.range
+
+    def release_uids(self) -> None:
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
+
     async def prepare(self) -> None:
         self.check_uids()
 
@@ -181,7 +193,7 @@ class BubblewrapLauncher(KernelLauncher):
             raise SandboxUnavailable(
                 f"processes already run as uid {in_use[0]}, one of the uids this service "
                 "gives its kernels (another kernel-service?): two services must not share "
-                "uids; set KERNEL_SERVICE_SANDBOX_UID_BASE to a free range"
+                "uids; leave KERNEL_SERVICE_SANDBOX_UID_BASE unset to have a free range claimed"
             )
 
     async def launch(self, spec: LaunchSpec) -> KernelProcess:
@@ -439,13 +451,7 @@ class _UidPool:
 
     def in_use_on_host(self) -> list[int]:
         """Uids of the range that some process on the host runs as."""
-        uids = set()
-        for process in psutil.process_iter(["uids", "status"]):
-            if process.info["status"] == psutil.STATUS_ZOMBIE:
-                continue  # ended, not yet reaped: it holds nothing
-            with contextlib.suppress(TypeError):
-                uids.add(process.info["uids"].real)
-        return sorted(uid for uid in uids if uid in self._range)
+        return sorted(uid for uid in uids_in_use() if uid in self._range)
 
     def take(self) -> int:
         if not self._free:
