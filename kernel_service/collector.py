@@ -97,7 +97,8 @@ def _sizes(entry: Entry) -> tuple[int, int]:
     if kind == "error":
         traceback = sum(len(line) for line in entry["traceback"])
         return traceback + len(entry["evalue"]) + len(entry["ename"]), 0
-    text = len(entry.get("display_id") or "") + _value_size(entry.get("metadata") or {})
+    metadata = entry.get("metadata")
+    text = len(entry.get("display_id") or "") + (_value_size(metadata) if metadata else 0)
     rich = 0
     for mime, value in entry["data"].items():
         if is_rich_mime(mime):

@@ -166,20 +166,29 @@ def end_kernel(pid: int, ticks: int, directory: Path, cgroup: Path | None) -> bo
 
 def _remove_cgroup(group: Path) -> None:
     for _ in range(100):  # the last processes take a moment to leave
-        busy = False
-        for member in cgroups_of(group):
-            try:
-                member.rmdir()
-            except FileNotFoundError:
-                continue
-            except OSError:
-                busy = True
-                continue
+        done, removed = remove_cgroups_once(group)
+        for member in removed:
             with contextlib.suppress(OSError):  # the dead service's own group, once empty
                 member.parent.rmdir()
-        if not busy:
+        if done:
             return
         time.sleep(0.05)
+
+
+def remove_cgroups_once(group: Path) -> tuple[bool, list[Path]]:
+    """One try at removing a kernel's cgroups (see `cgroups_of`): whether none is left, and
+    those this try removed."""
+    done, removed = True, []
+    for member in cgroups_of(group):
+        try:
+            member.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:  # processes are still leaving it
+            done = False
+            continue
+        removed.append(member)
+    return done, removed
 
 
 def cgroups_of(group: Path) -> list[Path]:

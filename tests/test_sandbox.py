@@ -9,13 +9,24 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import SANDBOXED, Server, alive, kernel_processes, wait_for
+from tests.conftest import SANDBOXED, Server, alive, kernel_processes, running_server, wait_for
 
 pytestmark = pytest.mark.skipif(
     not SANDBOXED, reason="the sandbox needs root and bubblewrap (CI has both)"
 )
 
 SECRET = "sk-test-secret-0123456789"
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["fork-server", "bubblewrap"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """Every attack against both launches: kernels forked from the zygote, which builds the
+    sandbox itself, and kernels started by bubblewrap."""
+    tmp = tmp_path_factory.mktemp("sandbox")
+    with running_server(tmp, fork_server=request.param) as launched:
+        yield launched
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,12 @@ from pathlib import Path
 
 import psutil
 
-from kernel_service.reaper import CGROUP_ROOT, CONTROLLERS, cgroups_of, own_cgroups
+from kernel_service.reaper import (
+    CGROUP_ROOT,
+    CONTROLLERS,
+    own_cgroups,
+    remove_cgroups_once,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +113,8 @@ class KernelCgroups:
         """Remove a kernel's groups (`group` is the one recorded); False while processes
         are still leaving them. The service's groups that held them go too once empty, if
         their service is gone (adopted kernels)."""
-        done = True
-        for member in cgroups_of(group):
-            try:
-                member.rmdir()
-            except FileNotFoundError:
-                continue
-            except OSError:
-                done = False
-                continue
+        done, removed = remove_cgroups_once(group)
+        for member in removed:
             _remove_stale(member.parent.parent)
         return done
 

@@ -342,6 +342,10 @@ class BubblewrapLauncher(KernelLauncher):
                 argv += ["--perms", "0555", "--tmpfs", masked, "--remount-ro", masked]
             elif os.path.exists(masked):
                 argv += ["--ro-bind", "/dev/null", masked]
+        for name in PROC_READ_ONLY:  # bubblewrap covers some of these, as root not `sys`
+            knobs = f"/proc/{name}"
+            if os.path.exists(knobs):
+                argv += ["--ro-bind", knobs, knobs]
         argv += [
             "--dev", "/dev",
             "--perms", "1777", "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp",
