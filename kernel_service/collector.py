@@ -319,6 +319,7 @@ class ExecutionCollector:
         self.reply: dict[str, Any] | None = None
         self.idle = False
         self.started = False  # the kernel announced the code (execute_input): it runs now
+        self.raised = False  # an error output came (an exception, KeyboardInterrupt included)
         self._outputs = _BoundedOutputs(limits)
         self._clear_on_next_output = False
         self._listener = listener
@@ -346,6 +347,9 @@ class ExecutionCollector:
                 self.idle = True
         elif msg_type == "execute_input":
             self.started = True
+        elif msg_type == "error":
+            self.raised = True
+            self._add(msg_type, content)
         elif msg_type == "clear_output":
             if content.get("wait"):
                 self._clear_on_next_output = True
@@ -360,15 +364,19 @@ class ExecutionCollector:
                     _dict(content.get("metadata")),
                 )
         else:
-            entry = _entry_from(msg_type, content)
-            if entry is not None:
-                entry = self._outputs.fit(entry)
-                if self._listener is not None:
-                    self._listener(_output_of(entry))
-                if self._clear_on_next_output:
-                    self._clear_on_next_output = False
-                    self._outputs.clear()
-                self._outputs.add(entry)
+            self._add(msg_type, content)
+
+    def _add(self, msg_type: str, content: dict[str, Any]) -> None:
+        entry = _entry_from(msg_type, content)
+        if entry is None:
+            return
+        entry = self._outputs.fit(entry)
+        if self._listener is not None:
+            self._listener(_output_of(entry))
+        if self._clear_on_next_output:
+            self._clear_on_next_output = False
+            self._outputs.clear()
+        self._outputs.add(entry)
 
     def feed_all(self, msgs: Iterable[dict[str, Any]]) -> None:
         for msg in msgs:

@@ -34,8 +34,9 @@ logger = logging.getLogger(__name__)
 # File descriptors the service keeps for itself apart from HTTP connections: its state
 # store, logs, the fork-server's pipes, libraries...
 _BASE_FILES = 128
-# ... and per kernel (a session's or the pool's): its ZMQ sockets and their wake-up fds (7
-# measured, so twice that), with room for uploads and downloads under way.
+# ... and per kernel (a session's or the pool's): its three channel sockets, its pidfd and
+# what its launch holds (7 measured with libzmq's sockets, fewer now), with room for uploads
+# and downloads under way.
 _FILES_PER_KERNEL = 16
 
 

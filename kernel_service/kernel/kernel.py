@@ -41,6 +41,10 @@ _DEATH_DRAIN = 0.05
 # Between kernel_info requests while waiting for a new kernel to be ready.
 _READY_RETRY = 0.25
 _LOG_TAIL = 2000
+# An interrupt asked for by the caller is sent again this often (at most _INTERRUPT_TRIES
+# times) while its code neither raised nor ended: ipykernel catches a SIGINT that lands
+# between its announcing the code and running it, and runs the code anyway.
+_INTERRUPT_AGAIN, _INTERRUPT_TRIES = 1.0, 5
 # How long a kernel being adopted has to answer kernel_info.
 _ADOPT_TIMEOUT = 5.0
 STARTUP_FILE = Path(__file__).with_name("startup.py")
@@ -390,7 +394,20 @@ class Kernel:
         if execution is not None and not execution.started and execution.reply is None:
             self._interrupt_on_start = True
             return
+        if execution is not None:
+            self._interrupt_execution(execution)
+        else:
+            self._send_interrupt()
+
+    def _interrupt_execution(self, execution: ExecutionCollector, tries: int = 1) -> None:
+        """Interrupt `execution`'s code, and again while it neither raised nor ended."""
+        if self._execution is not execution or execution.reply is not None or execution.raised:
+            return
         self._send_interrupt()
+        if tries < _INTERRUPT_TRIES:
+            asyncio.get_running_loop().call_later(
+                _INTERRUPT_AGAIN, self._interrupt_execution, execution, tries + 1
+            )
 
     def _interrupt_at_once(self, collector: ExecutionCollector) -> None:
         """At a deadline, or when the caller gives up: interrupt whatever runs now, and
@@ -479,7 +496,7 @@ class Kernel:
             return
         if self._interrupt_on_start and active is self._execution and active.started:
             self._interrupt_on_start = False
-            self._send_interrupt()
+            self._interrupt_execution(active)
         if msg_type in ("execute_reply", "kernel_info_reply", "status"):
             self._changed.set()
 

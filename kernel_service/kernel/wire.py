@@ -38,7 +38,9 @@ _MAX_COMMAND = 64 * 1024
 # A Jupyter message is identities, a delimiter, a signature, four JSON parts and buffers:
 # the service uses none of the buffers (widgets' binary data), so a few suffice.
 MAX_FRAMES = 32
-_RECONNECT_FIRST, _RECONNECT_MAX = 0.01, 0.2
+# Between tries to connect: a new kernel binds its sockets a few ms to a few hundred ms after
+# its launch, so at first often (libzmq's pace); after a second, rarely (a kernel gone).
+_RECONNECT_SOON, _RECONNECT_LATER, _SOON_TRIES = 0.01, 0.2, 100
 # Messages sent before the kernel accepts a connection, kept for it (ours only: few).
 _MAX_PENDING = 64
 
@@ -210,15 +212,15 @@ class KernelSocket:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        pause = _RECONNECT_FIRST
+        tries = 0
         while True:
             try:
                 _, connection = await loop.create_unix_connection(
                     lambda: _Connection(self), self.path
                 )
-            except OSError:  # not bound yet, or gone: the kernel binds a few ms after launch
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, _RECONNECT_MAX)
+            except OSError:  # not bound yet, or gone
+                tries += 1
+                await asyncio.sleep(_RECONNECT_SOON if tries < _SOON_TRIES else _RECONNECT_LATER)
                 continue
             try:
                 await connection.closed
@@ -226,7 +228,7 @@ class KernelSocket:
                 if connection.transport is not None:
                     connection.transport.abort()
                 raise
-            pause = _RECONNECT_FIRST
+            tries = 0
 
     def _opened(self, connection: _Connection) -> None:
         self._open = connection
