@@ -419,7 +419,11 @@ def test_sixteen_sessions_of_one_key_cannot_exhaust_the_host(tmp_path: Path) -> 
         assert held_for < HOLD_S, f"measured after the attack's processes ended: {summary}"
         assert peaks["files"] < file_max / 4, summary
         assert peaks["tasks"] < pid_max / 4 and peaks["processes"] < pid_max / 4, summary
-        assert loaded <= max(2 * idle, idle + 0.005), summary
+        # The bar: within 2x of idle (measured 6.0-8.3 ms against 4.8-6.4 ms idle on a quiet
+        # machine). The 10 ms floor absorbs the scheduling noise of a loaded one, where a
+        # few ms of waiting for a core come and go whatever the kernels do (beside two
+        # CPU burners: 10.5 ms against 4.9 ms idle, once in four runs).
+        assert loaded <= max(2 * idle, idle + 0.010), summary
         assert statistics.median(forking) < 0.5, f"starved while the attack forked: {summary}"
         for session in sessions:
             assert tenant.delete(f"/sessions/{session}").status_code == 204
