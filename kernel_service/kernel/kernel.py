@@ -45,6 +45,8 @@ _LOG_TAIL = 2000
 # times) while its code neither raised nor ended: ipykernel catches a SIGINT that lands
 # between its announcing the code and running it, and runs the code anyway.
 _INTERRUPT_AGAIN, _INTERRUPT_TRIES = 1.0, 5
+# How long the channels have to be made again after a refused message.
+_RECONNECTED_WITHIN = 5.0
 # How long a kernel being adopted has to answer kernel_info.
 _ADOPT_TIMEOUT = 5.0
 STARTUP_FILE = Path(__file__).with_name("startup.py")
@@ -156,6 +158,7 @@ class Kernel:
         self._lost: str | None = None  # why output of the active request was lost
         self._probe: str | None = None  # msg_id of a request sent to check for lost output
         self._probe_answered = False
+        self._refusals_seen = 0  # messages refused when the last execution began
         self._changed = asyncio.Event()
         self._killed_by_us = False
         self._killed_at_timeout = False
@@ -323,6 +326,12 @@ class Kernel:
             # the kernel would abort this code (stop_on_error) were it sent before the
             # interrupted code has ended
             await asyncio.shield(self._settling)
+        if self._channels.refused != self._refusals_seen:
+            # a refused message closed a connection: this code's output must not be sent
+            # before it is made again (iopub's subscription proven live, as at the start)
+            self._refusals_seen = self._channels.refused
+            with contextlib.suppress(KernelStartError):
+                await self._wait_ready(_RECONNECTED_WITHIN)
         msg_id = self._channels.send(
             "shell",
             "execute_request",

@@ -229,6 +229,9 @@ class KernelSocket:
                     connection.transport.abort()
                 raise
             tries = 0
+            # a pause before the next connection, as libzmq makes: a kernel that sends a
+            # message too large on every connection cannot keep the service reconnecting
+            await asyncio.sleep(_RECONNECT_SOON)
 
     def _opened(self, connection: _Connection) -> None:
         self._open = connection
