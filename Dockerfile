@@ -23,7 +23,8 @@ RUN useradd --create-home --uid 10001 kernel
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY kernel_service ./kernel_service
-RUN pip install --no-cache-dir . && rm -rf /root/.cache
+COPY client ./client
+RUN pip install --no-cache-dir ./client . && rm -rf /root/.cache
 
 USER kernel
 WORKDIR /home/kernel

@@ -20,7 +20,7 @@ import psutil
 from bench.load import delete_sessions
 from bench.service import RawHttp, Service, poll_until
 from bench.stats import MIB
-from kernel_service.kernel.zygote import KERNEL_NAME
+from kernel_service.kernel.programs.zygote import KERNEL_NAME
 
 # The bounds the service must stay within over the whole load.
 RSS_GROWTH_LIMIT = 64 * MIB

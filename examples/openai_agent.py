@@ -21,8 +21,8 @@ from typing import Any
 
 from openai import OpenAI
 
-from kernel_service.client import Client
-from kernel_service.integrations.openai import openai_tools, run_tool_calls
+from kernel_service_client.client import Client
+from kernel_service_client.tools.openai import openai_tools, run_tool_calls
 
 MAX_TURNS = 10
 

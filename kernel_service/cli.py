@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     from kernel_service.kernel.sandbox import SandboxUnavailable
     from kernel_service.kernel.uids import UidRangeInUse
-    from kernel_service.state import DirectoryInUse
+    from kernel_service.store.state import DirectoryInUse
 
     # What is known to stop a start is said in one line; anything else is a bug: traceback.
     try:
@@ -135,7 +135,7 @@ def _serve_http(settings: Settings) -> None:
 
 
 def _serve_mcp(settings: Settings) -> None:
-    from kernel_service.mcp_server import serve_stdio
+    from kernel_service.api.mcp import serve_stdio
     from kernel_service.runtime import Runtime
 
     private = None

@@ -17,9 +17,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from kernel_service.collector import is_rich_mime
+from kernel_service.execution.collector import is_rich_mime
 from kernel_service.kernel import ExitCause, Kernel
-from kernel_service.models import (
+from kernel_service.sessions.pool import KernelFactory
+from kernel_service_client.models import (
     DisplayDataOutput,
     ErrorOutput,
     ExecuteResultOutput,
@@ -29,7 +30,6 @@ from kernel_service.models import (
     Status,
     StreamOutput,
 )
-from kernel_service.pool import KernelFactory
 
 # Who asked for a kernel: the warm pool, a new session the pool could not serve, or a
 # session replacing its kernel (after a death, a kill at the deadline, or a restart).

@@ -23,7 +23,6 @@ from kernel_service.kernel import (
     KernelStartError,
     SubprocessLauncher,
 )
-from kernel_service.kernel.fonts import prepare_font_cache
 from kernel_service.kernel.forkserver import (
     ForkLauncher,
     ForkServer,
@@ -31,6 +30,7 @@ from kernel_service.kernel.forkserver import (
     zygote_env,
 )
 from kernel_service.kernel.kernel import STARTUP_FILE, kernel_env
+from kernel_service.kernel.programs.fonts import prepare_font_cache
 from kernel_service.kernel.sandbox import (
     BubblewrapLauncher,
     SandboxLimits,
@@ -39,11 +39,11 @@ from kernel_service.kernel.sandbox import (
 )
 from kernel_service.kernel.uids import UidRange
 from kernel_service.metrics import Metrics
-from kernel_service.pool import KernelPool
-from kernel_service.recovery import recover
-from kernel_service.sessions import SessionRegistry
-from kernel_service.state import StateStore, lock_directory
-from kernel_service.workspaces import Workspaces
+from kernel_service.sessions.pool import KernelPool
+from kernel_service.sessions.recovery import recover
+from kernel_service.sessions.registry import SessionRegistry
+from kernel_service.store.state import StateStore, lock_directory
+from kernel_service.workdir.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class Runtime:
 def _start_reaper(settings: Settings, store: StateStore) -> "subprocess.Popen[bytes]":
     """The orphan reaper for this service process (see reaper.py)."""
     return subprocess.Popen(
-        [sys.executable, "-I", "-m", "kernel_service.reaper", str(store.directory),
+        [sys.executable, "-I", "-m", "kernel_service.kernel.programs.reaper", str(store.directory),
          str(os.getpid()), str(settings.orphan_timeout)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

@@ -23,7 +23,7 @@ import uvicorn
 from kernel_service.api import create_app
 from kernel_service.api.server import uvicorn_config
 from kernel_service.config import Settings
-from kernel_service.kernel.zygote import KERNEL_NAME
+from kernel_service.kernel.programs.zygote import KERNEL_NAME
 
 # The sandbox needs root and bubblewrap; elsewhere the suite runs unsandboxed and the attack
 # suite is skipped (CI has both).

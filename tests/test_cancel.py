@@ -16,7 +16,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp.types import TextContent
 
-from kernel_service.tool import TOOL_NAME
+from kernel_service_client.tools.spec import TOOL_NAME
 from tests.conftest import Server, running_server, wait_for
 
 # Long enough that only an ending from outside stops it; ignores nothing.

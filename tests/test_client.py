@@ -1,4 +1,4 @@
-"""The Python client (kernel_service.client), sync and async, against a live server."""
+"""The Python client (kernel_service_client.client), sync and async, against a live server."""
 
 import asyncio
 import base64
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel_service.client import AsyncClient, Client, KernelServiceError
+from kernel_service_client.client import AsyncClient, Client, KernelServiceError
 from tests.conftest import Server, running_server, wait_for
 
 

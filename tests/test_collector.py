@@ -2,13 +2,13 @@
 
 from typing import Any
 
-from kernel_service.collector import (
+from kernel_service.execution.collector import (
     ExecutionCollector,
     OutputLimits,
     apply_terminal_controls,
     strip_ansi,
 )
-from kernel_service.models import (
+from kernel_service_client.models import (
     DisplayDataOutput,
     ErrorOutput,
     ExecuteResultOutput,

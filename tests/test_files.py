@@ -14,9 +14,14 @@ from typing import Any
 import httpx
 import pytest
 
-from kernel_service.full_output import KEPT_FILES, MEMORY_BYTES, FullOutputSpill
-from kernel_service.models import DisplayDataOutput, ErrorOutput, ExecuteResultOutput, StreamOutput
-from kernel_service.render import human_size
+from kernel_service.execution.full_output import KEPT_FILES, MEMORY_BYTES, FullOutputSpill
+from kernel_service.execution.render import human_size
+from kernel_service_client.models import (
+    DisplayDataOutput,
+    ErrorOutput,
+    ExecuteResultOutput,
+    StreamOutput,
+)
 from tests.conftest import SANDBOXED, Server, running_server, wait_for
 
 CSV = b"city,temp\nOslo,4\nLima,19\n"
@@ -447,8 +452,8 @@ def test_the_full_output_spill_keeps_text_in_order_and_within_its_bound(tmp_path
 
 
 def test_adapters_make_file_urls_absolute_once_each() -> None:
-    from kernel_service.integrations.common import text_with_urls
-    from kernel_service.models import ExecutionResult, FileRef
+    from kernel_service_client.models import ExecutionResult, FileRef
+    from kernel_service_client.tools.common import text_with_urls
 
     files = [
         FileRef(path=name, size=1, modified=None, url=f"/sessions/s/files/{name}")

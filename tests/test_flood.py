@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import psutil
 
-from kernel_service.client import parse_events
+from kernel_service_client.client import parse_events
 from tests.conftest import Server, running_server, wait_for
 
 MIB = 1024 * 1024

@@ -20,7 +20,7 @@ from mcp.client.stdio import stdio_client
 from mcp.types import TextContent
 
 from kernel_service.kernel.uids import UidRange, claim
-from kernel_service.tool import TOOL_NAME
+from kernel_service_client.tools.spec import TOOL_NAME
 from tests.conftest import SANDBOXED, descendants, wait_for
 
 needs_sandbox = pytest.mark.skipif(not SANDBOXED, reason="sandbox uids need root and bubblewrap")

@@ -14,8 +14,8 @@ from lagent.agents import Internlm2Agent, Internlm2Protocol, ReAct
 from lagent.llms import GPTAPI
 from lagent.schema import ActionReturn, ActionStatusCode
 
-from kernel_service.client import Client, KernelServiceError
-from kernel_service.integrations.lagent import KernelServiceInterpreter, lagent_description
+from kernel_service_client.client import Client, KernelServiceError
+from kernel_service_client.tools.lagent import KernelServiceInterpreter, lagent_description
 from tests.conftest import Server, running_server
 from tests.scripted_llm import ScriptedModel, serving
 

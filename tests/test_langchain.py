@@ -6,9 +6,9 @@ import base64
 from langchain_core.messages import ToolMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from kernel_service.client import Client
-from kernel_service.integrations.langchain import KernelServiceTool
-from kernel_service.models import ExecutionResult
+from kernel_service_client.client import Client
+from kernel_service_client.models import ExecutionResult
+from kernel_service_client.tools.langchain import KernelServiceTool
 from tests.conftest import Server
 
 PLOT = "import matplotlib.pyplot as plt\nplt.plot([1, 4, 9])\nplt.show()"

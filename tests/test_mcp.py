@@ -25,7 +25,7 @@ from mcp.types import CallToolResult, ImageContent, TextContent
 from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
 from kernel_service.config import MIB
-from kernel_service.tool import TOOL_NAME
+from kernel_service_client.tools.spec import TOOL_NAME
 from tests.conftest import (
     descendants,
     kernel_processes,

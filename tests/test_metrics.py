@@ -184,7 +184,8 @@ def test_one_log_line_per_execution_without_code_or_output(
     lines = [
         record
         for record in caplog.records
-        if record.name == "kernel_service.sessions" and record.getMessage().startswith("execution ")
+        if record.name == "kernel_service.sessions.session"
+        and record.getMessage().startswith("execution ")
     ]
     assert len(lines) == 3
     fields = [dict(part.split("=", 1) for part in r.getMessage().split()[1:]) for r in lines]

@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 from openai import OpenAI
 
-from kernel_service.client import Client
-from kernel_service.integrations.openai import openai_tools, run_tool_call, run_tool_calls
+from kernel_service_client.client import Client
+from kernel_service_client.tools.openai import openai_tools, run_tool_call, run_tool_calls
 from tests.conftest import Server
 from tests.scripted_llm import MODEL, ScriptedModel, serving, tool_call
 

@@ -23,7 +23,7 @@ from qwen_agent.agents import Assistant
 from qwen_agent.llm import get_chat_model
 from qwen_agent.tools.base import TOOL_REGISTRY, ToolServiceError
 
-from kernel_service.integrations.qwen_agent import (
+from kernel_service_client.tools.qwen_agent import (
     STATE_LOST,
     TOOL_NAME,
     KernelServiceCodeInterpreter,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from kernel_service.client import (
+from kernel_service_client.client import (
     AsyncClient,
     Client,
     KernelServiceError,

@@ -14,10 +14,10 @@ from kernel_service.api.files import is_upload
 from kernel_service.api.files import router as files_router
 from kernel_service.api.history import router as history_router
 from kernel_service.api.inspector import router as inspector_router
+from kernel_service.api.mcp import McpServer
 from kernel_service.api.routes import router
 from kernel_service.config import Settings
 from kernel_service.kernel import KernelLauncher
-from kernel_service.mcp_server import McpServer
 from kernel_service.runtime import Runtime
 
 # Room for JSON escaping around the code (a "\u0000" is six bytes for one).

@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from kernel_service.api.routes import Config, Owner, Registry, SessionId, _errors
 from kernel_service.config import MIB
 from kernel_service.errors import FileTooLarge, InvalidUpload
-from kernel_service.files import (
+from kernel_service.workdir.files import (
     Upload,
     file_ref,
     list_files,
@@ -35,7 +35,7 @@ from kernel_service.files import (
     room_for_upload,
     split_path,
 )
-from kernel_service.models import FileList, FileRef
+from kernel_service_client.models import FileList, FileRef
 
 log = logging.getLogger(__name__)
 router = APIRouter()

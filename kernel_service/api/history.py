@@ -6,8 +6,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from kernel_service.api.routes import Owner, Registry, SessionId, _errors
-from kernel_service.history import notebook, session_history
-from kernel_service.models import SessionHistory
+from kernel_service.store.history import notebook, session_history
+from kernel_service_client.models import SessionHistory
 
 router = APIRouter()
 

@@ -1,5 +1,5 @@
 """The web inspector: one static page at `/` (HTML, vanilla JS and CSS from
-kernel_service/static, no build step) that lists sessions, shows their history and runs code.
+kernel_service/api/static, no build step) that lists sessions, shows their history and runs code.
 
 The page and its two files are served without an API key (they hold no data); the page asks
 for the key and sends it with every API call. Outputs are written by model code, so the
@@ -13,7 +13,7 @@ from fastapi import APIRouter, Response
 
 router = APIRouter(include_in_schema=False)
 
-STATIC = files("kernel_service") / "static"
+STATIC = files("kernel_service.api") / "static"
 # Served without an API key (see auth.py): the page and what it loads, nothing else.
 PAGES = {
     "/": ("index.html", "text/html; charset=utf-8"),

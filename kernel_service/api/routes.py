@@ -13,11 +13,13 @@ from starlette.types import Receive
 from kernel_service import __version__
 from kernel_service.api.errors import status_of
 from kernel_service.api.streaming import STREAM_RESPONSE, execution_events, wants_stream
-from kernel_service.collector import OutputListener
 from kernel_service.config import Settings
 from kernel_service.errors import CodeTooLarge, SessionNotFound
+from kernel_service.execution.collector import OutputListener
 from kernel_service.metrics import Metrics
-from kernel_service.models import (
+from kernel_service.sessions.registry import SessionRegistry
+from kernel_service.tool_spec import tool_spec
+from kernel_service_client.models import (
     IMAGE_MIMES,
     CreateSessionRequest,
     ErrorBody,
@@ -28,8 +30,7 @@ from kernel_service.models import (
     SessionInfo,
     SessionList,
 )
-from kernel_service.sessions import SessionRegistry
-from kernel_service.tool import ToolFormat, render_tool, tool_spec
+from kernel_service_client.tools.spec import ToolFormat, render_tool
 
 log = logging.getLogger(__name__)
 

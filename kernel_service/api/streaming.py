@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from kernel_service.errors import ServiceError
-from kernel_service.models import ExecutionResult, Output, StreamOutput, truncation_note
+from kernel_service_client.models import ExecutionResult, Output, StreamOutput, truncation_note
 
 # While nothing else is sent, a comment this often (seconds).
 KEEPALIVE = 10.0

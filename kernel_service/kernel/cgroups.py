@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from kernel_service.reaper import (
+from kernel_service.kernel.programs.reaper import (
     CGROUP_ROOT,
     CONTROLLERS,
     own_cgroups,

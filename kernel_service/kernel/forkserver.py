@@ -37,7 +37,7 @@ from kernel_service.kernel.sandbox import (
 
 log = logging.getLogger(__name__)
 
-ZYGOTE_FILE = Path(__file__).with_name("zygote.py")
+ZYGOTE_FILE = Path(__file__).parent / "programs" / "zygote.py"
 _START_TIMEOUT = 60.0
 _MAX_MESSAGE = 65536
 

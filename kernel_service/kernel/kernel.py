@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from kernel_service.collector import ExecutionCollector, OutputLimits, OutputListener
+from kernel_service.execution.collector import ExecutionCollector, OutputLimits, OutputListener
 from kernel_service.kernel.cgroups import oom_kills
 from kernel_service.kernel.channels import Channel, KernelChannels
 from kernel_service.kernel.files import KernelFiles
@@ -27,7 +27,7 @@ from kernel_service.kernel.launcher import (
     KernelProcess,
     LaunchSpec,
 )
-from kernel_service.state import KernelRecord, start_ticks
+from kernel_service.store.state import KernelRecord, start_ticks
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ _INTERRUPT_AGAIN, _INTERRUPT_TRIES = 1.0, 5
 _RECONNECTED_WITHIN = 5.0
 # How long a kernel being adopted has to answer kernel_info.
 _ADOPT_TIMEOUT = 5.0
-STARTUP_FILE = Path(__file__).with_name("startup.py")
+STARTUP_FILE = Path(__file__).parent / "programs" / "startup.py"
 _PROBE_LIMITS = OutputLimits(text=1000, rich=1000)
 
 Ending = Literal["done", "interrupted", "killed", "died", "output_lost"]

@@ -26,7 +26,7 @@ import psutil
 
 from kernel_service.kernel.files import KernelFiles
 from kernel_service.kernel.uids import UidRange
-from kernel_service.state import KernelRecord, start_ticks
+from kernel_service.store.state import KernelRecord, start_ticks
 
 log = logging.getLogger(__name__)
 

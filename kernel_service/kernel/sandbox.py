@@ -35,7 +35,7 @@ from kernel_service.kernel.launcher import (
 )
 from kernel_service.kernel.seccomp import build_filter
 from kernel_service.kernel.uids import UidClaim, UidRange, claim, uids_in_use
-from kernel_service.state import KernelRecord
+from kernel_service.store.state import KernelRecord
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
     from lagent.actions import ActionExecutor
     from lagent.agents import ReAct
     from lagent.llms import GPTAPI
-    from kernel_service.integrations.lagent import KernelServiceInterpreter
+    from kernel_service_client.tools.lagent import KernelServiceInterpreter
 
     with KernelServiceInterpreter("http://127.0.0.1:8000") as interpreter:   # one kernel session
         agent = ReAct(llm=GPTAPI(...), action_executor=ActionExecutor([interpreter]))
@@ -36,10 +36,10 @@ from lagent.actions.base_action import BaseAction, tool_api
 from lagent.actions.parser import JsonParser, ParseError
 from lagent.schema import ActionReturn, ActionStatusCode
 
-from kernel_service.client import DEFAULT_URL, Client, KernelServiceError, Session
-from kernel_service.integrations.common import BadToolCall, code_argument, text_with_urls
-from kernel_service.models import ExecutionResult, Image
-from kernel_service.tool import ToolSpec
+from kernel_service_client.client import DEFAULT_URL, Client, KernelServiceError, Session
+from kernel_service_client.models import ExecutionResult, Image
+from kernel_service_client.tools.common import BadToolCall, code_argument, text_with_urls
+from kernel_service_client.tools.spec import ToolSpec
 
 # Where Lagent's own IPythonInterpreter saves images; the same default, so switching keeps it.
 DEFAULT_WORK_DIR = "./work_dir/tmp_dir"

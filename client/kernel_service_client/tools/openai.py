@@ -1,7 +1,7 @@
 """The OpenAI tool-call loop (OpenAI SDK against OpenAI, vLLM, SGLang, Ollama and the like).
 
-    from kernel_service.client import Client
-    from kernel_service.integrations.openai import openai_tools, run_tool_call
+    from kernel_service_client.client import Client
+    from kernel_service_client.tools.openai import openai_tools, run_tool_call
 
     service = Client("http://127.0.0.1:8000")
     session = service.session()                      # one per conversation
@@ -19,15 +19,15 @@ messages comes one user message with the plots as `image_url` parts (data URLs).
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
-from kernel_service.client import AsyncClient, AsyncSession, Client, Session
-from kernel_service.integrations.common import (
+from kernel_service_client.client import AsyncClient, AsyncSession, Client, Session
+from kernel_service_client.models import RASTER_IMAGE_MIMES, ExecutionResult, Image
+from kernel_service_client.tools.common import (
     BadToolCall,
     code_argument,
     data_url,
     text_with_urls,
 )
-from kernel_service.models import RASTER_IMAGE_MIMES, ExecutionResult, Image
-from kernel_service.tool import TOOL_NAME, openai_format
+from kernel_service_client.tools.spec import TOOL_NAME, openai_format
 
 
 class _FunctionLike(Protocol):

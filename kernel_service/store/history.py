@@ -13,7 +13,8 @@ from typing import Any, cast
 import nbformat
 from nbformat import NotebookNode, v4
 
-from kernel_service.models import (
+from kernel_service.store.state import ExecutionRecord
+from kernel_service_client.models import (
     DisplayDataOutput,
     ErrorOutput,
     ExecuteResultOutput,
@@ -24,7 +25,6 @@ from kernel_service.models import (
     TruncatedOutput,
     truncation_note,
 )
-from kernel_service.state import ExecutionRecord
 
 # nbformat's builders, typed (its own annotations leave them out)
 _new_notebook = cast(Callable[..., NotebookNode], v4.new_notebook)

@@ -2,7 +2,7 @@
 
 Kernels outlive the service that started them, so that the next start can adopt them (see
 `kernel/launcher.py`). Each service process starts one reaper, in a session of its own, as
-`python -I -m kernel_service.reaper STATE_DIR SERVICE_PID TIMEOUT`. It waits for the
+`python -I -m kernel_service.kernel.programs.reaper STATE_DIR SERVICE_PID TIMEOUT`. It waits for the
 service to end:
 
 - a clean stop (the service ended its kernels and says so in the state database): it exits;
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psutil
 
-from kernel_service.state import DATABASE, LOCK_FILE, start_ticks
+from kernel_service.store.state import DATABASE, LOCK_FILE, start_ticks
 
 PR_SET_NAME = 15
 NAME = b"ks-reaper"

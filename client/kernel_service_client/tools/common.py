@@ -5,7 +5,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from kernel_service.models import ExecutionResult
+from kernel_service_client.models import ExecutionResult
 
 
 class BadToolCall(ValueError):

@@ -16,9 +16,9 @@ import os
 import re
 from pathlib import Path
 
-from kernel_service.collector import OutputListener
-from kernel_service.files import file_url, own_dir
-from kernel_service.models import (
+from kernel_service.execution.collector import OutputListener
+from kernel_service.workdir.files import file_url, own_dir
+from kernel_service_client.models import (
     DisplayDataOutput,
     ErrorOutput,
     ExecuteResultOutput,

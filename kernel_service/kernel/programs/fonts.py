@@ -2,7 +2,8 @@
 
 A kernel that starts with an empty cache spends seconds scanning fonts, and a cache made
 before a CJK font was installed hides that font for good. Run as a module in a subprocess
-(`python -m kernel_service.kernel.fonts`) with MPLCONFIGDIR set; the service does it at start.
+(`python -m kernel_service.kernel.programs.fonts`) with MPLCONFIGDIR set; the service does it at
+start.
 """
 
 import asyncio
@@ -21,7 +22,7 @@ async def prepare_font_cache(matplotlib_dir: Path) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "kernel_service.kernel.fonts",
+        "kernel_service.kernel.programs.fonts",
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,

@@ -1,12 +1,12 @@
 """A Python client for kernel-service, sync and async, on httpx.
 
-    from kernel_service.client import Client
+    from kernel_service_client.client import Client
 
     with Client("http://127.0.0.1:8000", api_key=None) as client, client.session() as session:
         session.execute("x = 6 * 7")
         print(session.execute("x").text)          # Out[2]: 42
 
-Results are the server's own models (`kernel_service.models.ExecutionResult`).
+Results are the server's own models (`kernel_service_client.models.ExecutionResult`).
 
 A session that the service no longer has (deleted, culled after idling, or lost in a
 restart: 404 `session_not_found`) is handled here, once: the code runs in a new session
@@ -31,8 +31,8 @@ from typing import Any, Literal, Self, TypeVar
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
-from kernel_service.models import ExecutionResult, Health, Output, SessionInfo, SessionList
-from kernel_service.tool import ToolFormat, ToolSpec
+from kernel_service_client.models import ExecutionResult, Health, Output, SessionInfo, SessionList
+from kernel_service_client.tools.spec import ToolFormat, ToolSpec
 
 T = TypeVar("T")
 # A protocol step: yields requests and is sent their responses, or yields a number of

@@ -3,8 +3,9 @@ status, error, the service's notice in plain words, images and the LLM text."""
 
 from collections.abc import Callable, Sequence
 
+from kernel_service.execution.render import fit_text, uncut_text
 from kernel_service.kernel import RunOutcome
-from kernel_service.models import (
+from kernel_service_client.models import (
     ErrorOutput,
     ExecutionError,
     ExecutionResult,
@@ -15,7 +16,6 @@ from kernel_service.models import (
     Status,
     TruncatedOutput,
 )
-from kernel_service.render import fit_text, uncut_text
 
 STATE_LOST = (
     "The kernel was restarted: all variables, imports and definitions from earlier calls "

@@ -1,7 +1,7 @@
 """kernel-service as a Qwen-Agent tool, in place of Qwen-Agent's own `code_interpreter`.
 
     from qwen_agent.agents import Assistant
-    from kernel_service.integrations.qwen_agent import KernelServiceCodeInterpreter
+    from kernel_service_client.tools.qwen_agent import KernelServiceCodeInterpreter
 
     tool = KernelServiceCodeInterpreter({"base_url": "http://127.0.0.1:8000"})
     bot = Assistant(llm=llm_cfg, function_list=[tool])        # one tool per conversation
@@ -32,11 +32,10 @@ import json5
 from qwen_agent.tools.base import TOOL_REGISTRY, BaseTool, ToolServiceError
 from qwen_agent.tools.code_interpreter import CodeInterpreter as _BuiltinCodeInterpreter
 
-from kernel_service.client import DEFAULT_URL, Client, KernelServiceError, Session
-from kernel_service.collector import cut_middle
-from kernel_service.images import image_payload
-from kernel_service.integrations.common import BadToolCall, code_argument
-from kernel_service.models import (
+from kernel_service.execution.collector import cut_middle
+from kernel_service.execution.images import image_payload
+from kernel_service_client.client import DEFAULT_URL, Client, KernelServiceError, Session
+from kernel_service_client.models import (
     DisplayDataOutput,
     ErrorOutput,
     ExecuteResultOutput,
@@ -45,6 +44,7 @@ from kernel_service.models import (
     TruncatedOutput,
     truncation_note,
 )
+from kernel_service_client.tools.common import BadToolCall, code_argument
 
 TOOL_NAME = "kernel_service_code_interpreter"
 BUILTIN_NAME = "code_interpreter"

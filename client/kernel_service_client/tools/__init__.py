@@ -2,7 +2,7 @@
 
 Each module imports its framework, installed with the matching extra
 (`pip install 'kernel-service[openai]'`, `[qwen-agent]`, `[lagent]`, `[langchain]`), and
-talks to the service through `kernel_service.client`. The tool's name, description and
+talks to the service through `kernel_service_client.client`. The tool's name, description and
 arguments always come from the service (`GET /tools`), so every framework shows the model
 the same tool with the service's real limits.
 """

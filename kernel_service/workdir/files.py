@@ -34,7 +34,7 @@ from kernel_service.errors import (
     SymlinkRefused,
     WorkspaceFull,
 )
-from kernel_service.models import FILE_URL_TEMPLATE, FileRef
+from kernel_service_client.models import FILE_URL_TEMPLATE, FileRef
 
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096

@@ -5,7 +5,7 @@ import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kernel_service.models import IMAGE_MIMES, DisplayDataOutput, ExecuteResultOutput, Output
+from kernel_service_client.models import IMAGE_MIMES, DisplayDataOutput, ExecuteResultOutput, Output
 
 
 @dataclass(frozen=True)

@@ -49,10 +49,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from kernel_service import __version__
 from kernel_service.config import Settings
 from kernel_service.errors import CodeTooLarge, ServiceError, SessionNotFound
-from kernel_service.models import RASTER_IMAGE_MIMES, ExecuteRequest, ExecutionResult
 from kernel_service.runtime import Runtime
-from kernel_service.sessions import Session, SessionRegistry
-from kernel_service.tool import TOOL_NAME, tool_description, tool_parameters
+from kernel_service.sessions.registry import SessionRegistry
+from kernel_service.sessions.session import Session
+from kernel_service.tool_spec import tool_description, tool_parameters
+from kernel_service_client.models import RASTER_IMAGE_MIMES, ExecuteRequest, ExecutionResult
+from kernel_service_client.tools.spec import TOOL_NAME
 
 log = logging.getLogger(__name__)
 

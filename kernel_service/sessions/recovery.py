@@ -20,13 +20,13 @@ from pathlib import Path
 
 import psutil
 
+from kernel_service.execution.results import STATE_LOST
 from kernel_service.kernel import Kernel, KernelLauncher, KernelOptions
 from kernel_service.kernel.launcher import AdoptionError
-from kernel_service.reaper import end_kernel
-from kernel_service.results import STATE_LOST
-from kernel_service.sessions import SessionRegistry
-from kernel_service.state import KernelRecord, SessionRecord, StateStore
-from kernel_service.workspaces import Workspaces
+from kernel_service.kernel.programs.reaper import end_kernel
+from kernel_service.sessions.registry import SessionRegistry
+from kernel_service.store.state import KernelRecord, SessionRecord, StateStore
+from kernel_service.workdir.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,9 @@ last lines, image references, the service's notice; long text cut in the middle.
 
 from collections.abc import Iterator, Sequence
 
-from kernel_service.collector import cut_middle, strip_ansi
-from kernel_service.images import image_payload
-from kernel_service.models import (
+from kernel_service.execution.collector import cut_middle, strip_ansi
+from kernel_service.execution.images import image_payload
+from kernel_service_client.models import (
     DisplayDataOutput,
     ErrorOutput,
     ExecuteResultOutput,

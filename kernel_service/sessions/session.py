@@ -1,39 +1,32 @@
-"""The session registry: id → Session (one kernel, one queue of executions, its images).
-
-Executions of one session are serialised by its lock; sessions run concurrently. A session
-whose kernel died or was killed gets a fresh kernel, started in the background at once.
-Everything a later service process needs to carry a session on is written to the state
-store as it happens: the session before it is handed out, each execution before it runs
-and when it ends, its images, which kernel it has.
-"""
+"""One session: one kernel, one queue of executions, its images, its state records."""
 
 import asyncio
 import base64
 import contextlib
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from kernel_service.collector import OutputLimits, OutputListener
 from kernel_service.config import MIB, Settings
 from kernel_service.errors import (
     ImageNotFound,
     KernelUnavailable,
-    SessionExists,
     SessionNotFound,
     StateFull,
-    TooManySessions,
 )
-from kernel_service.files import changed_files, snapshot
-from kernel_service.full_output import FullOutputSpill
-from kernel_service.images import image_payloads, png_size
+from kernel_service.execution.collector import OutputLimits, OutputListener
+from kernel_service.execution.full_output import FullOutputSpill
+from kernel_service.execution.images import image_payloads, png_size
+from kernel_service.execution.results import STATE_LOST, build_result
 from kernel_service.kernel import Kernel, KernelStartError
-from kernel_service.metrics import CloseReason, Metrics, output_size
-from kernel_service.models import (
+from kernel_service.metrics import Metrics, output_size
+from kernel_service.sessions.pool import KernelFactory
+from kernel_service.store.state import ExecutionRecord, SessionRecord, StateStore
+from kernel_service.workdir.files import changed_files, snapshot
+from kernel_service.workdir.workspaces import Workspaces
+from kernel_service_client.models import (
     IMAGE_URL_TEMPLATE,
     ExecutionResult,
     Image,
@@ -41,10 +34,6 @@ from kernel_service.models import (
     SessionInfo,
     SessionStatus,
 )
-from kernel_service.pool import KernelFactory, KernelPool
-from kernel_service.results import STATE_LOST, build_result
-from kernel_service.state import ExecutionRecord, SessionRecord, StateStore
-from kernel_service.workspaces import WorkspaceError, Workspaces
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +77,7 @@ class Session:
         adopted kernel, or None); `lost` says why its kernel could not be adopted."""
         self.session_id = session_id
         self.owner = owner  # who may see it: a digest of the API key that made it
-        self.key = _key(session_id, owner)
+        self.key = session_key(session_id, owner)
         self.work_dir = work_dir
         self.created_at = record.created_at if record else datetime.now(UTC)
         self.last_activity = record.last_activity if record else self.created_at
@@ -407,198 +396,6 @@ class Session:
         return images
 
 
-class SessionRegistry:
-    """All live sessions, their creation within limits, and the culling of idle ones."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        start_kernel: KernelFactory,
-        workspaces: Workspaces,
-        pool: KernelPool | None = None,
-        metrics: Metrics | None = None,
-    ) -> None:
-        self._settings = settings
-        self.metrics = metrics or Metrics()
-        self._start_kernel = self.metrics.counting_starts(start_kernel, "session")
-        self._replace_kernel = self.metrics.counting_starts(start_kernel, "replacement")
-        self.workspaces = workspaces
-        self.pool = pool
-        self.store: StateStore | None = None  # set while the service runs
-        # Keyed by owner and id together: each API key has a namespace of its own.
-        self._sessions: dict[str, Session] = {}
-        self._reserved: dict[str, str | None] = {}  # being made or ended: key → owner
-
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-    def get(self, session_id: str, owner: str | None = None) -> Session:
-        try:
-            return self._sessions[_key(session_id, owner)]
-        except KeyError:
-            raise SessionNotFound(session_id) from None
-
-    def sessions(self, owner: str | None = None) -> list[Session]:
-        return [s for s in self._sessions.values() if s.owner == owner]
-
-    def work_dirs(self) -> set[Path]:
-        return {s.work_dir.resolve() for s in self._sessions.values()}
-
-    def statuses(self) -> list[SessionStatus]:
-        """The status of every live session, whoever owns it."""
-        return [s.status for s in self._sessions.values()]
-
-    async def create(self, session_id: str | None = None, owner: str | None = None) -> Session:
-        """A new session with a ready kernel; on any failure nothing of it remains."""
-        session_id = session_id or uuid.uuid4().hex
-        key = _key(session_id, owner)
-        if key in self._sessions or key in self._reserved:
-            raise SessionExists(session_id)
-        if len(self._sessions) + len(self._reserved) >= self._settings.max_sessions:
-            raise TooManySessions(self._settings.max_sessions)
-        if owner is not None:
-            owned = sum(s.owner == owner for s in self._sessions.values())
-            owned += sum(o == owner for o in self._reserved.values())
-            if owned >= self._settings.max_sessions_per_key:
-                raise TooManySessions(self._settings.max_sessions_per_key, per_key=True)
-        warm = self.pool.take() if self.pool is not None else None
-        if warm is not None:  # ready now: no await, so no failure to undo
-            kernel, work_dir = warm.kernel, warm.work_dir
-        else:
-            self._reserved[key] = owner
-            work_dir = self.workspaces.path(key)
-            try:
-                work_dir = await self.workspaces.create(key)
-                kernel = await self._start_kernel(work_dir)
-            except BaseException as exc:
-                await self.workspaces.remove(work_dir)
-                if isinstance(exc, KernelStartError | WorkspaceError):
-                    raise KernelUnavailable(str(exc)) from exc
-                raise
-            finally:
-                self._reserved.pop(key, None)
-        session = self._session(session_id, owner, kernel, work_dir)
-        try:
-            self._stored().add_session(
-                SessionRecord(
-                    key=key,
-                    session_id=session_id,
-                    owner=owner,
-                    work_dir=work_dir,
-                    kernel_id=kernel.kernel_id,
-                    created_at=session.created_at,
-                    last_activity=session.last_activity,
-                    execution_count=0,
-                    notice=None,
-                )
-            )
-        except BaseException:
-            self._reserved[key] = owner
-            try:
-                await session.close()
-            finally:
-                self._reserved.pop(key, None)
-            raise
-        self._sessions[key] = session
-        self.metrics.session_created(warm=warm is not None)
-        log.info("session %s created (kernel %s)", session_id, kernel.kernel_id)
-        return session
-
-    async def close(
-        self, session_id: str, owner: str | None = None, reason: CloseReason = "deleted"
-    ) -> None:
-        key = _key(session_id, owner)
-        session = self._sessions.pop(key, None)
-        if session is None:
-            raise SessionNotFound(session_id)
-        self.metrics.session_closed(reason)
-        self._reserved[key] = owner  # the id stays taken until its work dir is gone
-        try:
-            await session.close()
-        finally:
-            self._reserved.pop(key, None)
-        log.info("session %s closed", session_id)
-
-    async def close_all(self) -> None:
-        sessions = list(self._sessions.values())
-        self._sessions.clear()
-        for _ in sessions:
-            self.metrics.session_closed("service_stopped")
-        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
-
-    async def detach_all(self) -> None:
-        """Leave every session's kernel running for the next service process."""
-        sessions = list(self._sessions.values())
-        self._sessions.clear()
-        await asyncio.gather(*(s.detach() for s in sessions), return_exceptions=True)
-
-    def restore(self, record: SessionRecord, kernel: Kernel | None, lost: str | None) -> Session:
-        """A session an earlier service process left, with its adopted kernel (or None and
-        why its kernel is gone)."""
-        session = self._session(record.session_id, record.owner, kernel, record.work_dir,
-                                record=record, lost=lost)  # fmt: skip
-        if lost is not None:
-            self._stored().set_kernel(record.key, None, session.notice)
-        self._sessions[record.key] = session
-        return session
-
-    def _session(
-        self,
-        session_id: str,
-        owner: str | None,
-        kernel: Kernel | None,
-        work_dir: Path,
-        **restored: Any,
-    ) -> Session:
-        return Session(
-            session_id,
-            owner=owner,
-            kernel=kernel,
-            work_dir=work_dir,
-            start_kernel=self._replace_kernel,
-            settings=self._settings,
-            workspaces=self.workspaces,
-            metrics=self.metrics,
-            store=self._stored(),
-            **restored,
-        )
-
-    def _stored(self) -> StateStore:
-        if self.store is None:
-            raise RuntimeError("the session registry is used before the service runs")
-        return self.store
-
-    async def cull_idle(self) -> list[str]:
-        """Close sessions idle for longer than the TTL; busy sessions are never culled."""
-        ttl = self._settings.session_ttl
-        if ttl <= 0:
-            return []
-        culled: list[str] = []
-        for key in [k for k, s in self._sessions.items() if s.idle_seconds() > ttl]:
-            # checked again at its turn: closing the ones before took time
-            session = self._sessions.get(key)
-            if session is None or session.idle_seconds() <= ttl:
-                continue
-            with contextlib.suppress(SessionNotFound):
-                await self.close(session.session_id, session.owner, reason="culled")
-                culled.append(session.session_id)
-                log.info("session %s culled after %.0f s idle", session.session_id, ttl)
-        return culled
-
-    async def run_culler(self) -> None:
-        """Cull forever, checking a few times per TTL (owned by the app's lifespan)."""
-        ttl = self._settings.session_ttl
-        if ttl <= 0:
-            return
-        interval = min(max(ttl / 4, 0.05), 30.0)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.cull_idle()
-            except Exception:
-                log.exception("culling failed")
-
-
-def _key(session_id: str, owner: str | None) -> str:
+def session_key(session_id: str, owner: str | None) -> str:
     """Where a session is filed, and the name of its work directory."""
     return session_id if owner is None else f"{owner}.{session_id}"

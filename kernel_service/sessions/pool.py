@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from kernel_service.kernel import Kernel
-from kernel_service.workspaces import Workspaces
+from kernel_service.workdir.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
 

@@ -1,57 +1,11 @@
-"""The `code_interpreter` tool: one spec (name, description, parameters) for every format."""
+"""The `code_interpreter` tool: one spec (name, description, parameters), rendered in every
+format an agent framework reads. The service serves the spec (`GET /tools`)."""
 
 import json
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from kernel_service.config import Settings
-
 TOOL_NAME = "code_interpreter"
-
-
-def tool_description(settings: Settings) -> str:
-    """What a model needs to know to use the tool well."""
-    lines = [
-        "Run Python code in a persistent IPython kernel (like a Jupyter notebook cell) and "
-        "get back what it printed, the value of the last expression, any error with its "
-        "traceback, and plots as images.",
-        "- State persists between calls: variables, imports and functions defined in one "
-        "call are available in the next.",
-        "- Use print() for what you want to see; the value of the last line is shown too.",
-        "- numpy, pandas and matplotlib are installed; a matplotlib figure (plt.show() or a "
-        "figure as the last expression) comes back as an image.",
-        "- There is no keyboard: input() fails; do not wait for user input.",
-    ]
-    if settings.sandbox != "none":
-        lines.append(
-            "- There is no network access: pip install and downloads fail; use what is installed."
-        )
-    lines += [
-        "- Files are read and written in the current working directory.",
-        f"- Each call may run at most {settings.default_timeout:g} seconds; longer code is "
-        "interrupted (and if it ignores the interrupt the kernel restarts and earlier state "
-        "is lost).",
-        "- Long output is cut in the middle: print summaries (df.head(), len(x)) rather than "
-        "whole data sets.",
-    ]
-    if settings.full_output_mb:
-        lines[-1] += " The whole output is then kept in a file the answer names (open() it)."
-    return "\n".join(lines)
-
-
-def tool_parameters() -> dict[str, Any]:
-    """JSON Schema of the tool's arguments."""
-    return {
-        "type": "object",
-        "properties": {
-            "code": {
-                "type": "string",
-                "description": "The Python code to run. Its last expression's value is shown.",
-            }
-        },
-        "required": ["code"],
-    }
-
 
 ToolFormat = Literal["openai", "qwen", "toolbench", "react", "react_zh"]
 TOOL_FORMATS: tuple[ToolFormat, ...] = get_args(ToolFormat)
@@ -70,10 +24,6 @@ class ToolSpec:
         """Back from the OpenAI format, as `GET /tools` serves it (how clients learn the spec)."""
         function = tool["function"]
         return cls(function["name"], function["description"], function["parameters"])
-
-
-def tool_spec(settings: Settings) -> ToolSpec:
-    return ToolSpec(TOOL_NAME, tool_description(settings), tool_parameters())
 
 
 def openai_format(spec: ToolSpec) -> dict[str, Any]:

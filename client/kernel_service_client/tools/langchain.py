@@ -1,6 +1,6 @@
 """kernel-service as a LangChain tool, sync (`invoke`) and async (`ainvoke`).
 
-    from kernel_service.integrations.langchain import KernelServiceTool
+    from kernel_service_client.tools.langchain import KernelServiceTool
 
     tool = KernelServiceTool.from_service("http://127.0.0.1:8000")   # one per conversation
     agent = create_agent(model, tools=[tool])                          # or llm.bind_tools([tool])
@@ -22,10 +22,10 @@ from langchain_core.tools import BaseTool
 from pydantic import BaseModel, Field, PrivateAttr, SecretStr, ValidationError
 from pydantic.v1 import ValidationError as ValidationErrorV1
 
-from kernel_service.client import AsyncClient, AsyncSession, Client, Session
-from kernel_service.integrations.common import text_with_urls
-from kernel_service.models import ExecutionResult
-from kernel_service.tool import ToolSpec
+from kernel_service_client.client import AsyncClient, AsyncSession, Client, Session
+from kernel_service_client.models import ExecutionResult
+from kernel_service_client.tools.common import text_with_urls
+from kernel_service_client.tools.spec import ToolSpec
 
 
 class CodeInput(BaseModel):

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kernel_service.models import (
+from kernel_service_client.models import (
     DisplayDataOutput,
     ErrorOutput,
     ExecuteResultOutput,
