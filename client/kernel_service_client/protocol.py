@@ -44,7 +44,8 @@ class Send:
 
 @dataclass(frozen=True)
 class Open:
-    """Send the request and leave a successful answer's body unread; answered with `Opened`."""
+    """Send the request and leave a 200's body unread, to be read by lines; answered with
+    `Opened`."""
 
     request: httpx.Request
 
@@ -75,6 +76,7 @@ class Wait:
 Step = Send | Open | NextLine | Wait
 
 
+# How a flow takes a step (`response = yield from send(request)`), its answer typed.
 def send(request: httpx.Request) -> Generator[Send, Any, httpx.Response]:
     response = yield Send(request)
     assert isinstance(response, httpx.Response)
