@@ -20,14 +20,13 @@ class SyncDriver:
         self.http = http
 
     def run(self, flow: Flow[T]) -> T:
-        """The flow's value (the flows run this way have no events)."""
-        driven = self.drive(flow)
-        while True:
-            try:
-                next(driven)
-            except StopIteration as done:
-                value: T = done.value
-                return value
+        """The flow's value (a flow run this way has no events)."""
+        try:
+            event = next(self.drive(flow))
+        except StopIteration as done:
+            value: T = done.value
+            return value
+        raise AssertionError(f"a flow run for its value yielded {event!r}")
 
     def drive(self, flow: Flow[T]) -> Generator[StreamEvent, None, T]:
         """Do the flow's steps, yielding its events; its value is returned. A body it opened
