@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
+import nbformat
 import psutil
 import pytest
 import uvicorn
@@ -60,9 +61,10 @@ def zygotes(server: "Server") -> list[psutil.Process]:
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        zombie: bool = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+    return not zombie
 
 
 def processes_running(*argv: str) -> list[psutil.Process]:
@@ -84,6 +86,17 @@ def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+# nbformat's reader, typed (its own annotations leave it out)
+_reads_notebook = cast(Callable[..., nbformat.NotebookNode], nbformat.reads)
+
+
+def read_notebook(text: str) -> nbformat.NotebookNode:
+    """`text` as an nbformat v4 notebook, validated."""
+    nb = _reads_notebook(text, as_version=4)
+    nbformat.validate(nb)
+    return nb
 
 
 def descendants() -> set[int]:
