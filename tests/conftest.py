@@ -143,11 +143,14 @@ class Server:
         created: str = response.json()["session_id"]
         return created
 
+    def status(self, session_id: str) -> str:
+        """The session's status as GET /sessions/{id} tells it."""
+        status: str = self.client.get(f"/sessions/{session_id}").json()["status"]
+        return status
+
     def wait_busy(self, session_id: str) -> None:
         """Until the session runs an execution."""
-        assert wait_for(
-            lambda: self.client.get(f"/sessions/{session_id}").json()["status"] == "busy", 10
-        )
+        assert wait_for(lambda: self.status(session_id) == "busy", 10)
 
     def stop(self) -> None:
         self.client.close()

@@ -149,9 +149,8 @@ def test_deleting_a_session_while_its_kernel_restarts_is_a_clean_404(tmp_path: P
         session_id = server.new_session()
         server.execute("x = 1", session_id)
         [kernel] = kernel_processes(server.connection_dir)
-        status = lambda: server.client.get(f"/sessions/{session_id}").json()["status"]  # noqa: E731
         kernel.kill()
-        assert wait_for(lambda: status() == "dead", 60)
+        assert wait_for(lambda: server.status(session_id) == "dead", 60)
         # the next call starts a new kernel, held half-way: the zygote that forks it is stopped
         [zygote] = zygotes(server)
         zygote.suspend()
@@ -160,7 +159,7 @@ def test_deleting_a_session_while_its_kernel_restarts_is_a_clean_404(tmp_path: P
                 waiting = pool.submit(
                     server.client.post, "/execute", json={"code": "1", "session_id": session_id}
                 )
-                assert wait_for(lambda: status() == "starting", 60)
+                assert wait_for(lambda: server.status(session_id) == "starting", 60)
                 assert server.client.delete(f"/sessions/{session_id}").status_code == 204
                 response = waiting.result(timeout=60)
         finally:
