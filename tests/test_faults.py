@@ -358,5 +358,8 @@ def test_a_session_made_for_a_request_whose_client_left_is_not_kept(server: Serv
         pytest.raises(httpx.ReadTimeout),
     ):
         client.post("/execute", json={"code": "import time; time.sleep(30)"})
-    listed = lambda: {s["session_id"] for s in server.client.get("/sessions").json()["sessions"]}  # noqa: E731
+
+    def listed() -> set[str]:
+        return {s["session_id"] for s in server.client.get("/sessions").json()["sessions"]}
+
     assert wait_for(lambda: listed() == before, 10), listed() - before
