@@ -33,6 +33,18 @@ SANDBOXED = os.geteuid() == 0 and shutil.which("bwrap") is not None
 os.environ.setdefault("KERNEL_SERVICE_TEST_SECRET", "sk-test-secret-0123456789")
 
 
+# pytest-timeout's limit for a test marked slow (the default, in pyproject.toml, is 300 s):
+# two minutes on an idle machine may be four on a busy one.
+SLOW_TIMEOUT = 600
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test marked slow gets SLOW_TIMEOUT unless it names its own timeout."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
+
+
 def kernel_processes(connection_dir: Path) -> list[psutil.Process]:
     """Live kernel processes started on a connection file in `connection_dir`."""
     found = []
