@@ -160,6 +160,10 @@ class Server:
         status: str = self.client.get(f"/sessions/{session_id}").json()["status"]
         return status
 
+    def requests_in_flight(self) -> int:
+        """Requests the server is handling now (uvicorn runs one task for each)."""
+        return len(self._server.server_state.tasks)
+
     def wait_busy(self, session_id: str) -> None:
         """Until the session runs an execution."""
         assert wait_for(lambda: self.status(session_id) == "busy", 10)

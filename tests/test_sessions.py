@@ -129,10 +129,11 @@ def test_deleting_a_busy_session_ends_its_queue(server: Server) -> None:
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(server.execute, "import time; time.sleep(30)", session_id)
         server.wait_busy(session_id)
+        assert wait_for(lambda: server.requests_in_flight() == 1, 10)  # the running one
         queued = pool.submit(
             server.client.post, "/execute", json={"code": "1", "session_id": session_id}
         )
-        time.sleep(0.3)
+        assert wait_for(lambda: server.requests_in_flight() == 2, 10)  # and the queued one
         assert server.client.delete(f"/sessions/{session_id}").status_code == 204
         first = running.result(timeout=10)
         second = queued.result(timeout=10)
