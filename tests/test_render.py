@@ -21,6 +21,7 @@ from kernel_service_client.models import (
     FileRef,
     FullOutput,
     Image,
+    Output,
     StreamOutput,
     TruncatedOutput,
     truncation_note,
@@ -99,7 +100,7 @@ def test_a_long_traceback_keeps_its_last_lines() -> None:
 
 
 def test_outputs_the_collector_cut_say_how_much_went() -> None:
-    outputs = [
+    outputs: list[Output] = [
         StreamOutput(name="stdout", text="start\n"),
         TruncatedOutput(omitted_chars=1234, omitted_outputs=2),
         StreamOutput(name="stdout", text="end\n"),
