@@ -9,7 +9,7 @@
 #   docker run --rm --user root --cap-add SYS_ADMIN --security-opt seccomp=unconfined \
 #     --security-opt apparmor=unconfined -e KERNEL_SERVICE_SANDBOX=bubblewrap \
 #     -v /run/kernel-service:/run/kernel-service ...
-# (the host's kernel uid claims, shared by every sandboxed container: README, "Uids").
+# (the host's kernel uid claims, shared by every sandboxed container: docs/security.md, "Uids").
 FROM python:3.11-slim-bookworm
 
 # A CJK font so plots can label in Chinese; tini reaps what kernels leave behind;

@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     )
     history_mb: PositiveInt = Field(
         64,
-        description="Bytes of stored execution results per session; past it the oldest "
+        description="MiB of stored execution results per session; past it the oldest "
         "results are dropped (their code and status stay in the history).",
     )
 
@@ -93,7 +93,8 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None,
         description="One or more API keys, comma-separated; when set, every endpoint but "
-        "GET /healthz needs `Authorization: Bearer <key>`.",
+        "GET /healthz and the web inspector's page and its files needs "
+        "`Authorization: Bearer <key>`.",
     )
     max_sessions_per_key: PositiveInt = Field(
         16, description="Live sessions one API key may hold (with API keys set)."
@@ -141,7 +142,7 @@ class Settings(BaseSettings):
         100, description="Images kept per session for their URLs (oldest dropped first)."
     )
     image_store_mb: PositiveInt = Field(
-        32, description="Bytes of images (base64) kept per session for their URLs."
+        32, description="MiB of images (base64) kept per session for their URLs."
     )
     max_file_mb: PositiveInt = Field(
         100, description="Largest file one upload (PUT /sessions/{id}/files/...) may be."
@@ -153,7 +154,7 @@ class Settings(BaseSettings):
     )
     full_output_mb: NonNegativeInt = Field(
         32,
-        description="Bytes of an execution's full text output kept in `.outputs/` of its work "
+        description="MiB of an execution's full text output kept in `.outputs/` of its work "
         "directory when the result had to cut it (0: none kept).",
     )
     sandbox: Literal["bubblewrap", "none"] = Field(
