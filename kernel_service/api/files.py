@@ -22,9 +22,10 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from kernel_service.api.errors import InvalidUpload
 from kernel_service.api.routes import Config, Owner, Registry, SessionId, _errors
 from kernel_service.config import MIB
-from kernel_service.errors import FileTooLarge, InvalidUpload
+from kernel_service.errors import FileTooLarge
 from kernel_service.workdir.files import (
     Upload,
     file_ref,

@@ -48,7 +48,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kernel_service import __version__
 from kernel_service.config import Settings
-from kernel_service.errors import CodeTooLarge, ServiceError, SessionNotFound
+from kernel_service.errors import CodeTooLarge, ServiceError, SessionNotFound, TooManySessions
 from kernel_service.runtime import Runtime
 from kernel_service.sessions.registry import SessionRegistry
 from kernel_service.sessions.session import Session
@@ -171,14 +171,8 @@ class McpServer:
                 raise CodeTooLarge(size, self._settings.max_code_bytes)
             session, notice = await self._session_for(ctx, request.session_id, owner)
             result = await self._execute(ctx, params, session, request)
-        except SessionNotFound as exc:
-            return _error(
-                f"Session {exc.session_id!r} does not exist: it was deleted, culled after being "
-                f"idle, or never created, and its variables are gone. Call {TOOL_NAME} without "
-                "session_id to run in this conversation's own session."
-            )
         except ServiceError as exc:
-            return _error(str(exc))
+            return _error(_message_of(exc))
         return _tool_result(result, notice)
 
     # ------------------------------------------------------------ sessions
@@ -323,6 +317,20 @@ def _tool_result(result: ExecutionResult, notice: str | None) -> CallToolResult:
         is_error=result.status != "ok",
         _meta={"session_id": result.session_id},
     )
+
+
+def _message_of(exc: ServiceError) -> str:
+    """What the error says, and what to do next in the tool's words where that helps."""
+    match exc:
+        case SessionNotFound():
+            advice = (
+                f"Call {TOOL_NAME} without session_id to run in this conversation's own session."
+            )
+        case TooManySessions():
+            advice = "Try again later, once another session has ended."
+        case _:
+            return str(exc)
+    return f"{exc} {advice}"
 
 
 def _error(message: str) -> CallToolResult:

@@ -30,6 +30,7 @@ from kernel_service.errors import (
     FileNotFound,
     FileTooLarge,
     InvalidFilePath,
+    IsADirectory,
     NotAFile,
     SymlinkRefused,
     WorkspaceFull,
@@ -189,7 +190,7 @@ def open_file(work_dir: Path, path: str) -> tuple[int, os.stat_result]:
     try:
         found = os.fstat(fd)
         if stat.S_ISDIR(found.st_mode):
-            raise NotAFile(path, "is a directory (GET /sessions/{id}/files lists files)")
+            raise IsADirectory(path)
         if not stat.S_ISREG(found.st_mode):
             raise NotAFile(path, "is not a regular file")
         if found.st_nlink > 1:
@@ -242,9 +243,7 @@ def remove(work_dir: Path, path: str) -> None:
         raise FileNotFound(path) from None
     except OSError as exc:
         if exc.errno in _RACED:
-            raise FileChanged(
-                path, "It may be partly removed: GET /sessions/{id}/files lists what is left."
-            ) from None
+            raise FileChanged(path, "It may be partly removed.", partly_done=True) from None
         raise
     finally:
         os.close(parent)
@@ -270,7 +269,9 @@ def _remove_dir(parent: int, name: str, path: str) -> None:
                 for entry in entries:
                     budget -= 1
                     if budget < 0:
-                        raise FileChanged(path, "Some of it was removed, not all.")
+                        raise FileChanged(
+                            path, "Some of it was removed, not all.", partly_done=True
+                        )
                     if entry.is_dir(follow_symlinks=False):
                         subdir = entry.name
                         break
@@ -379,7 +380,7 @@ class Upload:
         if stat.S_ISLNK(found.st_mode):
             raise SymlinkRefused(self.path, self.path)
         if stat.S_ISDIR(found.st_mode):
-            raise NotAFile(self.path, "is a directory")
+            raise IsADirectory(self.path)
         self.replaces = True
         if self._room is not None:
             self._room += found.st_size  # freed by the rename
@@ -413,7 +414,7 @@ class Upload:
         except OSError as exc:
             self.abort()
             if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
-                raise NotAFile(self.path, "is a directory") from None
+                raise IsADirectory(self.path) from None
             if exc.errno in _RACED:  # its directory, or the new file, removed by the code
                 raise FileChanged(self.path, "Nothing was written.") from None
             raise
