@@ -8,10 +8,11 @@ import queue
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.connect import KernelConnectionInfo
 
 from kernel_service.config import Settings
 from kernel_service.kernel import Kernel
@@ -39,7 +40,9 @@ class Floor:
             # client that Kernel.start used to check readiness is shut.
             self._kernel._stop_channels()
             self._client = AsyncKernelClient(context=self._context)
-            self._client.load_connection_info(self._kernel.files.connection_info)
+            # the service keeps it as plain JSON; jupyter_client names its value types
+            info = cast(KernelConnectionInfo, self._kernel.files.connection_info)
+            self._client.load_connection_info(info)
             self._client.start_channels(
                 shell=True, iopub=True, stdin=False, hb=False, control=False
             )

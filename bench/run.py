@@ -111,8 +111,8 @@ class Bench:
         floor = None
         if "floor" in wanted:
             place, values = self._place()
-            settings = Settings(**values, **overrides, pool_size=0)
-            floor = await Floor(settings, place / "floor").__aenter__()
+            floor_settings = Settings(**values, **overrides, pool_size=0)
+            floor = await Floor(floor_settings, place / "floor").__aenter__()
         try:
             if wanted == {"floor"}:
                 _say(f"[{column.name}] floor: {self.args.rounds} x 1+1")

@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
+import nbformat
 import psutil
 import pytest
 import uvicorn
@@ -30,6 +31,18 @@ from kernel_service.kernel.programs.zygote import KERNEL_NAME
 SANDBOXED = os.geteuid() == 0 and shutil.which("bwrap") is not None
 # A secret in the service's environment that no kernel may read (the attack suite checks).
 os.environ.setdefault("KERNEL_SERVICE_TEST_SECRET", "sk-test-secret-0123456789")
+
+
+# pytest-timeout's limit for a test marked slow (the default, in pyproject.toml, is 300 s):
+# two minutes on an idle machine may be four on a busy one.
+SLOW_TIMEOUT = 600
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test marked slow gets SLOW_TIMEOUT unless it names its own timeout."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
 
 
 def kernel_processes(connection_dir: Path) -> list[psutil.Process]:
@@ -60,9 +73,10 @@ def zygotes(server: "Server") -> list[psutil.Process]:
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        zombie: bool = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+    return not zombie
 
 
 def processes_running(*argv: str) -> list[psutil.Process]:
@@ -84,6 +98,17 @@ def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+# nbformat's reader, typed (its own annotations leave it out)
+_reads_notebook = cast(Callable[..., nbformat.NotebookNode], nbformat.reads)
+
+
+def read_notebook(text: str) -> nbformat.NotebookNode:
+    """`text` as an nbformat v4 notebook, validated."""
+    nb = _reads_notebook(text, as_version=4)
+    nbformat.validate(nb)
+    return nb
 
 
 def descendants() -> set[int]:
@@ -130,11 +155,18 @@ class Server:
         created: str = response.json()["session_id"]
         return created
 
+    def status(self, session_id: str) -> str:
+        """The session's status as GET /sessions/{id} tells it."""
+        status: str = self.client.get(f"/sessions/{session_id}").json()["status"]
+        return status
+
+    def requests_in_flight(self) -> int:
+        """Requests the server is handling now (uvicorn runs one task for each)."""
+        return len(self._server.server_state.tasks)
+
     def wait_busy(self, session_id: str) -> None:
         """Until the session runs an execution."""
-        assert wait_for(
-            lambda: self.client.get(f"/sessions/{session_id}").json()["status"] == "busy", 10
-        )
+        assert wait_for(lambda: self.status(session_id) == "busy", 10)
 
     def stop(self) -> None:
         self.client.close()

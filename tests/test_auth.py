@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import running_server
+from tests.conftest import running_server, service_process
 
 KEY_A, KEY_B = "key-alpha-0123456789", "key-bravo-9876543210"
 
@@ -86,8 +86,6 @@ def test_no_public_listening_without_a_key(tmp_path: Path) -> None:
 
 
 def test_keys_never_reach_the_log(tmp_path: Path) -> None:
-    from tests.test_lifecycle import service_process
-
     with service_process(tmp_path, log_level="debug", env={"KERNEL_SERVICE_API_KEY": KEY_A}) as (
         process,
         base_url,

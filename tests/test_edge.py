@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -312,7 +313,13 @@ def test_the_connection_cap_leaves_the_kernels_their_files() -> None:
 
 
 def test_edge_settings_that_would_refuse_every_request_are_refused() -> None:
-    for bad in ({"max_head_bytes": 100}, {"head_timeout": 0}, {"keep_alive_timeout": 0}):
+    # overrides as a caller would pass them: Settings' keyword arguments have many types
+    bad_settings: list[dict[str, Any]] = [
+        {"max_head_bytes": 100},
+        {"head_timeout": 0},
+        {"keep_alive_timeout": 0},
+    ]
+    for bad in bad_settings:
         with pytest.raises(ValidationError, match=next(iter(bad))):
             Settings(**bad)
 

@@ -239,8 +239,7 @@ def test_death_between_calls_is_reported_on_the_next_call(server: Server, sessio
         session,
     )
     # the service saw the kernel end (a new one is started at the next call)
-    status = lambda: server.client.get(f"/sessions/{session}").json()["status"]  # noqa: E731
-    assert wait_for(lambda: status() == "dead", 60)
+    assert wait_for(lambda: server.status(session) == "dead", 60)
     result = server.execute("1 + 1", session)
     assert result["status"] == "ok"
     assert result["result"] == "2"

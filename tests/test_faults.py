@@ -160,9 +160,10 @@ def test_a_request_queued_behind_a_hung_up_one_runs_normally(server: Server, ses
     the kernel, as it would be if it reached it before the interrupted cell had ended)."""
     server.execute("x = 1", session)
     with ThreadPoolExecutor(2) as pool:
-        leaving = pool.submit(hang_up_with_httpx, server, session, LOOP_30S, 1.0)
-        server.wait_busy(session)
-        time.sleep(0.2)
+        leaving = pool.submit(
+            hang_up_with_httpx, server, session, f"{MARK_RUNNING}\n{LOOP_30S}", 1.0
+        )
+        wait_running(server, session)
         queued = pool.submit(server.execute, "x + 1", session)
         leaving.result(timeout=30)
         result = queued.result(timeout=30)
@@ -358,5 +359,8 @@ def test_a_session_made_for_a_request_whose_client_left_is_not_kept(server: Serv
         pytest.raises(httpx.ReadTimeout),
     ):
         client.post("/execute", json={"code": "import time; time.sleep(30)"})
-    listed = lambda: {s["session_id"] for s in server.client.get("/sessions").json()["sessions"]}  # noqa: E731
+
+    def listed() -> set[str]:
+        return {s["session_id"] for s in server.client.get("/sessions").json()["sessions"]}
+
     assert wait_for(lambda: listed() == before, 10), listed() - before

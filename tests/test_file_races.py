@@ -3,6 +3,7 @@ clear answer (2xx, or a 4xx that says what happened), never a 500 or a broken co
 and nothing outside the work directory is touched; a download is one consistent file."""
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -65,7 +66,7 @@ def test_requests_racing_a_kernel_that_swaps_a_directory_and_a_link(
     (outside / "f").write_text("not the session's")
     files = f"/sessions/{session}/files"
     server.execute(SWAPPER.format(outside=str(outside)), session)
-    requests = [
+    requests: list[Callable[[], httpx.Response]] = [
         lambda: server.client.put(f"{files}/x/f", content=b"uploaded"),
         lambda: server.client.put(f"{files}/x/sub/g", content=b"uploaded"),
         lambda: server.client.put(f"{files}/x", content=b"uploaded"),

@@ -7,7 +7,7 @@ import http.client
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from kernel_service_client.models import (
     DisplayDataOutput,
     ErrorOutput,
     ExecuteResultOutput,
+    Output,
     StreamOutput,
 )
 from tests.conftest import SANDBOXED, Server, running_server, wait_for
@@ -319,11 +320,12 @@ def test_uploads_past_the_size_limit_are_refused(limited: Server, limited_sessio
         for _ in range(3):
             yield b"c" * (mib // 2)
 
-    for label, request in (
+    requests: list[tuple[str, Callable[[], httpx.Response]]] = [
         ("length", lambda: limited.client.put(f"{files}/big.bin", content=b"b" * (mib + 1))),
         ("chunked", lambda: limited.client.put(f"{files}/big.bin", content=chunks())),
         ("form", lambda: limited.client.put(f"{files}/big.bin", files={"f": b"b" * 2 * mib})),
-    ):
+    ]
+    for label, request in requests:
         response = request()
         assert (response.status_code, response.json()["code"]) == (413, "file_too_large"), label
     assert limited.client.get(f"{files}/big.bin").status_code == 404
@@ -401,7 +403,7 @@ def test_the_full_output_spill_keeps_text_in_order_and_within_its_bound(tmp_path
     """The spill alone (no kernel): values and tracebacks on lines of their own, a message
     larger than the memory buffer written straight on, a cut that splits no character,
     nothing left by an execution that was not kept, the last KEPT_FILES kept."""
-    outputs = [
+    outputs: list[Output] = [
         StreamOutput(name="stdout", text="half a line"),
         ExecuteResultOutput(execution_count=3, data={"text/plain": "42"}),
         ErrorOutput(ename="E", evalue="v", traceback=["Traceback", "E: v"]),

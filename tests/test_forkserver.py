@@ -50,8 +50,7 @@ def test_when_the_zygote_dies_its_kernels_live_on(tmp_path: Path) -> None:
         assert len(zygotes(server)) == 1
         # an orphan's end is seen (through its pidfd) though nobody tells its exit status
         kernel.kill()
-        status = lambda: server.client.get(f"/sessions/{session}").json()["status"]  # noqa: E731
-        assert wait_for(lambda: status() != "idle")
+        assert wait_for(lambda: server.status(session) != "idle")
         lost = server.execute("'x' in globals()", session)
         assert lost["state_lost"] is True and lost["result"] == "False"
         assert "its exit status is not known" in lost["text"]

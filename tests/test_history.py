@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import (
     Server,
     kernel_processes,
+    read_notebook,
     running_server,
     service_process,
     wait_for,
@@ -60,9 +61,7 @@ def notebook(server: Server, session_id: str) -> nbformat.NotebookNode:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/x-ipynb+json"
     assert response.headers["content-disposition"] == f'attachment; filename="{session_id}.ipynb"'
-    nb = nbformat.reads(response.text, as_version=4)
-    nbformat.validate(nb)
-    return nb
+    return read_notebook(response.text)
 
 
 def test_history_lists_every_execution_in_order(server: Server, ran: str) -> None:
@@ -246,8 +245,7 @@ def test_the_history_outlives_a_killed_service(tmp_path: Path) -> None:
     ]
     assert entries[2]["outputs"] is None
     assert entries[2]["result_dropped"] is False
-    nb = nbformat.reads(response.text, as_version=4)
-    nbformat.validate(nb)
+    nb = read_notebook(response.text)
     assert [c.metadata.kernel_service.status for c in nb.cells] == ["ok", "ok", "lost"]
     assert nb.cells[0].outputs[0].text == "before\n"
     # nothing left: the kernel ended with the second service, the first's reaper with it

@@ -16,12 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import nbformat
 import pytest
 from playwright.sync_api import Browser, Error, Page, Route, expect, sync_playwright
 
 from kernel_service.api.inspector import CONTENT_SECURITY_POLICY
-from tests.conftest import running_server
+from tests.conftest import read_notebook, running_server
 
 KEY = "inspector-key-0123456789"
 CHROMIUM = (
@@ -211,6 +210,5 @@ def download_the_notebook(page: Page, session_id: str) -> None:
     with page.expect_download() as download:
         page.click("#download-notebook")
     assert download.value.suggested_filename == f"{session_id}.ipynb"
-    nb = nbformat.read(download.value.path(), as_version=4)
-    nbformat.validate(nb)
+    nb = read_notebook(download.value.path().read_text())
     assert [c.source for c in nb.cells] == [PLOT, TABLE]

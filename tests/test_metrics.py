@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Server, kernel_processes, running_server, wait_for
+from tests.conftest import Server, kernel_processes, running_server, wait_for, zygotes
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -137,8 +137,6 @@ def test_culled_sessions_are_counted(tmp_path: Path) -> None:
 
 
 def test_the_end_of_a_kernel_whose_parent_is_gone_has_an_unknown_cause(tmp_path: Path) -> None:
-    from tests.test_forkserver import zygotes
-
     with running_server(tmp_path) as server:
         server.new_session()
         [zygote] = zygotes(server)

@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -48,7 +49,8 @@ def attacker(server: Server, bystander: str) -> Iterator[str]:
     assert server.execute("precious", bystander)["result"] == "'still here'"
 
 
-def run(server: Server, session: str, code: str, **extra: object) -> dict[str, object]:
+def run(server: Server, session: str, code: str, **extra: object) -> dict[str, Any]:
+    """The execution's result as JSON, as POST /execute returns it."""
     return server.execute(code, session, **extra)
 
 

@@ -129,10 +129,11 @@ def test_deleting_a_busy_session_ends_its_queue(server: Server) -> None:
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(server.execute, "import time; time.sleep(30)", session_id)
         server.wait_busy(session_id)
+        assert wait_for(lambda: server.requests_in_flight() == 1, 10)  # the running one
         queued = pool.submit(
             server.client.post, "/execute", json={"code": "1", "session_id": session_id}
         )
-        time.sleep(0.3)
+        assert wait_for(lambda: server.requests_in_flight() == 2, 10)  # and the queued one
         assert server.client.delete(f"/sessions/{session_id}").status_code == 204
         first = running.result(timeout=10)
         second = queued.result(timeout=10)
@@ -149,9 +150,8 @@ def test_deleting_a_session_while_its_kernel_restarts_is_a_clean_404(tmp_path: P
         session_id = server.new_session()
         server.execute("x = 1", session_id)
         [kernel] = kernel_processes(server.connection_dir)
-        status = lambda: server.client.get(f"/sessions/{session_id}").json()["status"]  # noqa: E731
         kernel.kill()
-        assert wait_for(lambda: status() == "dead", 60)
+        assert wait_for(lambda: server.status(session_id) == "dead", 60)
         # the next call starts a new kernel, held half-way: the zygote that forks it is stopped
         [zygote] = zygotes(server)
         zygote.suspend()
@@ -160,7 +160,7 @@ def test_deleting_a_session_while_its_kernel_restarts_is_a_clean_404(tmp_path: P
                 waiting = pool.submit(
                     server.client.post, "/execute", json={"code": "1", "session_id": session_id}
                 )
-                assert wait_for(lambda: status() == "starting", 60)
+                assert wait_for(lambda: server.status(session_id) == "starting", 60)
                 assert server.client.delete(f"/sessions/{session_id}").status_code == 204
                 response = waiting.result(timeout=60)
         finally:

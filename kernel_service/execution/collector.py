@@ -26,6 +26,7 @@ from kernel_service_client.models import (
     StreamOutput,
     TruncatedOutput,
 )
+from kernel_service_client.outputs import cut_middle
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
 
@@ -110,22 +111,6 @@ def _sizes(entry: Entry) -> tuple[int, int]:
 
 def _is_stream(entry: Entry, name: str | None = None) -> bool:
     return entry["output_type"] == "stream" and (name is None or entry["name"] == name)
-
-
-def cut_middle(text: str, limit: int, inner_note: tuple[str, int] = ("", 0)) -> tuple[str, int]:
-    """`text` cut in the middle to about `limit` characters, and how many were left out.
-
-    `inner_note`: a note in `text` that stands for characters cut earlier, and how many;
-    if this cut removes it, its count is added to this one's (the note counts what was
-    printed, not what was left of it)."""
-    if len(text) <= limit:
-        return text, 0
-    half = limit // 2
-    omitted = len(text) - 2 * half
-    note, earlier = inner_note
-    if note and note in text[half : len(text) - half]:
-        omitted += earlier - len(note)
-    return f"{text[:half]}\n[... {omitted:,} characters omitted ...]\n{text[-half:]}", omitted
 
 
 class _BoundedOutputs:

@@ -3,8 +3,7 @@ last lines, image references, the service's notice; long text cut in the middle.
 
 from collections.abc import Iterator, Sequence
 
-from kernel_service.execution.collector import cut_middle, strip_ansi
-from kernel_service.execution.images import image_payload
+from kernel_service.execution.collector import strip_ansi
 from kernel_service_client.models import (
     DisplayDataOutput,
     ErrorOutput,
@@ -17,6 +16,7 @@ from kernel_service_client.models import (
     TruncatedOutput,
     truncation_note,
 )
+from kernel_service_client.outputs import cut_middle, image_payload
 
 # Of a traceback, the last lines say what went wrong and where.
 TRACEBACK_LINES = 20

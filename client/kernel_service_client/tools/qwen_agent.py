@@ -32,8 +32,6 @@ import json5
 from qwen_agent.tools.base import TOOL_REGISTRY, BaseTool, ToolServiceError
 from qwen_agent.tools.code_interpreter import CodeInterpreter as _BuiltinCodeInterpreter
 
-from kernel_service.execution.collector import cut_middle
-from kernel_service.execution.images import image_payload
 from kernel_service_client.client import DEFAULT_URL, Client, KernelServiceError, Session
 from kernel_service_client.models import (
     DisplayDataOutput,
@@ -44,6 +42,7 @@ from kernel_service_client.models import (
     TruncatedOutput,
     truncation_note,
 )
+from kernel_service_client.outputs import cut_middle, image_payload
 from kernel_service_client.tools.common import BadToolCall, code_argument
 
 TOOL_NAME = "kernel_service_code_interpreter"
