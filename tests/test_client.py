@@ -158,6 +158,7 @@ def test_a_culled_session_is_replaced(tmp_path: Path) -> None:
         result = session.execute("'x' in globals()")
         assert result.result == "False"
         assert result.state_lost is True
+        assert old_id is not None
         assert old_id in result.text.splitlines()[0]
         session.close()
 

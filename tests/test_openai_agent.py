@@ -8,10 +8,11 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from openai import OpenAI
+from openai.types.chat import ChatCompletionFunctionToolParam
 
 from kernel_service_client.client import Client
 from kernel_service_client.tools.openai import openai_tools, run_tool_call, run_tool_calls
@@ -65,7 +66,8 @@ def conversation() -> ScriptedModel:
 def test_openai_sdk_loop_keeps_state_across_turns_and_returns_the_plot(server: Server) -> None:
     with serving(conversation()) as model, Client(server.base_url) as service:
         llm = OpenAI(base_url=model.base_url, api_key="EMPTY")
-        tools = openai_tools(service)
+        # the SDK types its parameter as TypedDicts; the service's spec is that shape
+        tools = cast("list[ChatCompletionFunctionToolParam]", openai_tools(service))
         messages: list[Any] = [{"role": "user", "content": "Double 6*7 and plot range of it"}]
         with service.session() as session:
             while True:

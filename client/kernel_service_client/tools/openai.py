@@ -42,7 +42,9 @@ class ToolCallLike(Protocol):
     function: _FunctionLike
 
 
-ToolCall = ToolCallLike | Mapping[str, Any]
+# What a reply's `tool_calls` hold: the SDK's objects (a function call is a `ToolCallLike`;
+# a custom tool call has none of its fields and is answered as an unknown tool) or dicts.
+ToolCall = ToolCallLike | Mapping[str, Any] | object
 
 
 def openai_tools(client: Client) -> list[dict[str, Any]]:
@@ -135,7 +137,11 @@ def _unpack(tool_call: ToolCall) -> tuple[str, str, Any]:
     if isinstance(tool_call, Mapping):
         function = tool_call.get("function") or {}
         return str(tool_call.get("id", "")), function.get("name", ""), function.get("arguments")
-    return tool_call.id, tool_call.function.name, tool_call.function.arguments
+    function = getattr(tool_call, "function", None)
+    call_id = str(getattr(tool_call, "id", ""))
+    if function is None:  # not a function call (e.g. a custom tool's free-form input)
+        return call_id, str(getattr(getattr(tool_call, "custom", None), "name", "")), None
+    return call_id, function.name, function.arguments
 
 
 def _code(name: str, arguments: Any) -> str:
