@@ -1,5 +1,5 @@
 """The `kernel-service` command: parse flags over KERNEL_SERVICE_* settings, then run the HTTP
-service under uvicorn (`serve`) or the MCP server over stdio (`mcp`)."""
+service (`serve`, under uvicorn: see api/server.py) or the MCP server over stdio (`mcp`)."""
 
 import argparse
 import asyncio
@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
 
-import uvicorn
 from pydantic import ValidationError
 
 from kernel_service import __version__
@@ -116,7 +115,7 @@ def _bad_settings(exc: ValidationError, flags: set[str]) -> str:
 
 def _serve_http(settings: Settings) -> None:
     from kernel_service.api import create_app
-    from kernel_service.api.server import uvicorn_config
+    from kernel_service.api.server import serve
 
     if not settings.api_keys() and not settings.insecure and not _is_loopback(settings.host):
         sys.exit(
@@ -127,10 +126,7 @@ def _serve_http(settings: Settings) -> None:
         _check_port(settings.host, settings.port)
     app = create_app(settings)
     app.state.runtime.claim()
-    server = uvicorn.Server(uvicorn_config(app, settings))
-    with contextlib.suppress(KeyboardInterrupt):
-        server.run()
-    if not server.started:
+    if not serve(app, settings):
         sys.exit("kernel-service: the HTTP server did not start (see the log above)")
 
 

@@ -1,4 +1,10 @@
-"""The service's own faults, as typed exceptions. The API maps each to one HTTP status.
+"""The service's own faults, as typed exceptions raised by sessions, the work directory and
+the store.
+
+Each says what went wrong, and what any caller can do about it, in words of no front door:
+the fields it was made with are kept for a front door to add its own next step (an HTTP
+route, a tool's argument). `kernel_service.api.errors` maps each to one HTTP status, along
+the class hierarchy, and adds HTTP's advice; `kernel_service.api.mcp` adds the tool's.
 
 A failure of the *user's* code is never one of these: it is data in an ExecutionResult.
 """
@@ -16,8 +22,7 @@ class SessionNotFound(ServiceError):
     def __init__(self, session_id: str) -> None:
         super().__init__(
             f"Session {session_id!r} does not exist: it was deleted, culled after being idle, "
-            "or never created. Create a new one (POST /sessions, or POST /execute without "
-            "session_id); variables from the old session are gone."
+            "or never created, and its variables are gone."
         )
         self.session_id = session_id
 
@@ -27,6 +32,7 @@ class SessionExists(ServiceError):
 
     def __init__(self, session_id: str) -> None:
         super().__init__(f"Session {session_id!r} already exists; choose another id.")
+        self.session_id = session_id
 
 
 class TooManySessions(ServiceError):
@@ -34,27 +40,29 @@ class TooManySessions(ServiceError):
 
     def __init__(self, limit: int, per_key: bool = False) -> None:
         whose = "this API key already has its" if per_key else "the service already runs its"
-        super().__init__(
-            f"Too many sessions: {whose} maximum of {limit} sessions. Delete a session you "
-            "no longer need (DELETE /sessions/{id}) or try again later."
-        )
+        super().__init__(f"Too many sessions: {whose} maximum of {limit} sessions.")
+        self.limit = limit
+        self.per_key = per_key
 
 
 class Unauthorized(ServiceError):
     code = "unauthorized"
 
     def __init__(self) -> None:
-        super().__init__("Missing or wrong API key: send the header `Authorization: Bearer <key>`.")
+        super().__init__("Missing or wrong API key.")
 
 
 class CodeTooLarge(ServiceError):
     code = "code_too_large"
 
-    def __init__(self, size: int, limit: int) -> None:
+    def __init__(self, size: int, limit: int, what: str = "code") -> None:
+        """`what`: the code, or the request that carries it."""
         super().__init__(
-            f"The code is {size:,} bytes; the limit is {limit:,} bytes. Send smaller cells, "
+            f"The {what} is {size:,} bytes; the limit is {limit:,} bytes. Send smaller cells, "
             "or put data in files instead of in the source."
         )
+        self.size = size
+        self.limit = limit
 
 
 class KernelUnavailable(ServiceError):
@@ -62,6 +70,7 @@ class KernelUnavailable(ServiceError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"A kernel could not be started: {reason}")
+        self.reason = reason
 
 
 class ImageNotFound(ServiceError):
@@ -72,6 +81,8 @@ class ImageNotFound(ServiceError):
             f"Session {session_id!r} has no image {image_id!r} (older images are dropped "
             "once a session holds many)."
         )
+        self.session_id = session_id
+        self.image_id = image_id
 
 
 class StateFull(ServiceError):
@@ -82,6 +93,7 @@ class StateFull(ServiceError):
             f"The service cannot record this, so it did not do it: its state storage is full "
             f"or failing ({detail}). Try again once there is room."
         )
+        self.detail = detail
 
 
 # ---------------------------------------------------------------- files of a work directory
@@ -97,6 +109,8 @@ class InvalidFilePath(ServiceError):
             f"Invalid file path {path!r}: {reason}. Paths are relative to the session's work "
             "directory (the code's current directory), e.g. `data.csv` or `results/out.csv`."
         )
+        self.path = path
+        self.reason = reason
 
 
 class SymlinkRefused(ServiceError):
@@ -109,23 +123,35 @@ class SymlinkRefused(ServiceError):
             f"Refused {path!r}: {link!r} is a symbolic link, and the files API does not follow "
             "links (it could lead out of the work directory). Use the path of the file itself."
         )
+        self.path = path
+        self.link = link
 
 
 class NotAFile(ServiceError):
+    """Something other than a single regular file where the files API wants one."""
+
     code = "not_a_file"
 
     def __init__(self, path: str, what: str) -> None:
+        """`what` completes the sentence: `is not a regular file`."""
         super().__init__(f"{path!r} {what}.")
+        self.path = path
+        self.what = what
+
+
+class IsADirectory(NotAFile):
+    """A directory where the files API wants a file (to read it, or to write over it)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, "is a directory")
 
 
 class FileNotFound(ServiceError):
     code = "file_not_found"
 
     def __init__(self, path: str) -> None:
-        super().__init__(
-            f"No file {path!r} in the session's work directory (GET /sessions/{{id}}/files "
-            "lists them)."
-        )
+        super().__init__(f"No file {path!r} in the session's work directory.")
+        self.path = path
 
 
 class FileChanged(ServiceError):
@@ -133,11 +159,15 @@ class FileChanged(ServiceError):
 
     code = "file_changed"
 
-    def __init__(self, path: str, outcome: str) -> None:
+    def __init__(self, path: str, outcome: str, *, partly_done: bool = False) -> None:
+        """`outcome`: what the service did of it, as a sentence; `partly_done` when some of
+        it was done (a removal that went part of the way)."""
         super().__init__(
             f"{path!r} changed while the service was at it: the session's code is changing "
             f"it at the same time. {outcome} Try again once the code leaves it alone."
         )
+        self.path = path
+        self.partly_done = partly_done
 
 
 class FileTooLarge(ServiceError):
@@ -148,6 +178,7 @@ class FileTooLarge(ServiceError):
             f"The file is larger than the {limit // (1024 * 1024):,} MiB an upload may be "
             "(KERNEL_SERVICE_MAX_FILE_MB). Nothing was written."
         )
+        self.limit = limit
 
 
 class WorkspaceFull(ServiceError):
@@ -156,13 +187,6 @@ class WorkspaceFull(ServiceError):
     def __init__(self, detail: str) -> None:
         super().__init__(
             f"The session's work directory has no room for this file ({detail}). Nothing was "
-            "written: delete files you no longer need (DELETE /sessions/{id}/files/{path}) "
-            "and try again."
+            "written."
         )
-
-
-class InvalidUpload(ServiceError):
-    code = "invalid_request"
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"Invalid upload: {reason}.")
+        self.detail = detail

@@ -4,11 +4,11 @@ under the work directory, which are refused and why, and the URLs files are serv
 import pytest
 
 from kernel_service.errors import InvalidFilePath
-from kernel_service.workdir.files import (
+from kernel_service.workdir.listing import file_url
+from kernel_service.workdir.paths import (
     MAX_DEPTH,
     MAX_NAME_BYTES,
     MAX_PATH_BYTES,
-    file_url,
     split_path,
 )
 

@@ -12,7 +12,7 @@ import secrets
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from kernel_service.api.errors import error_response
+from kernel_service.api.errors import detail_of, error_response, status_of
 from kernel_service.api.inspector import PAGES
 from kernel_service.errors import Unauthorized
 
@@ -46,7 +46,8 @@ class ApiKeyAuth:
             if hmac.compare_digest(token.strip(), key):
                 matched = key
         if matched is None or scheme.lower() != b"bearer":
-            response = error_response(401, str(Unauthorized()), Unauthorized.code)
+            refusal = Unauthorized()
+            response = error_response(status_of(refusal), detail_of(refusal), refusal.code)
             response.headers["WWW-Authenticate"] = "Bearer"
             await response(scope, receive, send)
             return

@@ -1,5 +1,6 @@
 """Every error the API answers with, mapped to its HTTP status in this one place, as JSON
-`{"detail": ..., "code": ...}`."""
+`{"detail": ..., "code": ...}`; a service error's detail is its message with what to do
+next in HTTP's words."""
 
 import logging
 from collections.abc import Callable, Mapping
@@ -19,7 +20,7 @@ from kernel_service.errors import (
     FileTooLarge,
     ImageNotFound,
     InvalidFilePath,
-    InvalidUpload,
+    IsADirectory,
     KernelUnavailable,
     NotAFile,
     ServiceError,
@@ -34,6 +35,18 @@ from kernel_service.errors import (
 
 log = logging.getLogger(__name__)
 
+
+class InvalidUpload(ServiceError):
+    """An upload's body that is not what PUT takes (a multipart form without its one file)."""
+
+    code = "invalid_request"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Invalid upload: {reason}.")
+        self.reason = reason
+
+
+# A subclass answers with its base's status unless it is given its own here.
 STATUS_OF: dict[type[ServiceError], int] = {
     Unauthorized: 401,
     SessionNotFound: 404,
@@ -65,13 +78,43 @@ def error_response(
 
 
 def status_of(exc: ServiceError) -> int:
-    return STATUS_OF.get(type(exc), 500)
+    """The status of the nearest class in `exc`'s hierarchy that has one (500 if none has)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return 500
+
+
+def detail_of(exc: ServiceError) -> str:
+    """What the error says, and what to do next in HTTP's words where that helps."""
+    advice = _advice(exc)
+    return f"{exc} {advice}" if advice else str(exc)
+
+
+def _advice(exc: ServiceError) -> str | None:
+    match exc:
+        case SessionNotFound():
+            return "Create a new one: POST /sessions, or POST /execute without session_id."
+        case TooManySessions():
+            return "Delete a session you no longer need (DELETE /sessions/{id}) or try again later."
+        case Unauthorized():
+            return "Send the header `Authorization: Bearer <key>`."
+        case IsADirectory() | FileNotFound():
+            return "GET /sessions/{id}/files lists the files."
+        case FileChanged(partly_done=True):
+            return "GET /sessions/{id}/files lists what is left."
+        case WorkspaceFull():
+            return (
+                "Delete files you no longer need (DELETE /sessions/{id}/files/{path}) and try "
+                "again."
+            )
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:
     async def service_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        return error_response(status_of(exc), str(exc), exc.code)
+        return error_response(status_of(exc), detail_of(exc), exc.code)
 
     async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -198,5 +241,7 @@ class BodySizeLimit:
         await self._app(scope, replay, send)
 
     async def _refuse(self, size: int, scope: Scope, receive: Receive, send: Send) -> None:
-        detail = str(CodeTooLarge(size, self._limit)).replace("The code is", "The request is", 1)
-        await error_response(413, detail, "code_too_large")(scope, receive, send)
+        refusal = CodeTooLarge(size, self._limit, what="request")
+        await error_response(status_of(refusal), detail_of(refusal), refusal.code)(
+            scope, receive, send
+        )

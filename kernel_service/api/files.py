@@ -2,7 +2,8 @@
 
 The work directory is the code's current directory (`/workspace` in the sandbox): a file
 uploaded as `data.csv` is `open('data.csv')` to the code, and what the code writes there
-is downloadable. Paths are checked and walked without following a link (see files.py).
+is downloadable. Paths are checked and walked without following a link (see
+`kernel_service.workdir.paths`); disk work is done in threads, off the event loop.
 """
 
 import asyncio
@@ -22,19 +23,15 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from kernel_service.api.errors import InvalidUpload
 from kernel_service.api.routes import Config, Owner, Registry, SessionId, _errors
 from kernel_service.config import MIB
-from kernel_service.errors import FileTooLarge, InvalidUpload
-from kernel_service.workdir.files import (
-    Upload,
-    file_ref,
-    list_files,
-    open_file,
-    read_whole,
-    remove,
-    room_for_upload,
-    split_path,
-)
+from kernel_service.errors import FileTooLarge
+from kernel_service.workdir.listing import file_ref, list_files
+from kernel_service.workdir.paths import split_path
+from kernel_service.workdir.reading import open_file, read_whole
+from kernel_service.workdir.removal import remove
+from kernel_service.workdir.uploads import Upload, room_for_upload
 from kernel_service_client.models import FileList, FileRef
 
 log = logging.getLogger(__name__)
@@ -116,17 +113,18 @@ async def put_file(
     )
     upload = Upload(session.work_dir, file_path, max_bytes, room)
     try:
+        await upload.open()
         if multipart:
             await _receive_form(request, options.get(b"boundary"), upload)
         else:
             async for chunk in request.stream():
-                upload.write(chunk)
-        stored = upload.commit()
+                await upload.write(chunk)
+        stored = await upload.commit()
     except ClientDisconnect:
-        upload.abort()
+        await upload.abort()
         return Response(status_code=499)  # nobody reads it
     except BaseException:
-        upload.abort()
+        await upload.abort()
         raise
     return Response(
         file_ref(session_id, stored).model_dump_json(),
@@ -141,6 +139,7 @@ async def _receive_form(request: Request, boundary: bytes | None, upload: Upload
         raise InvalidUpload("a multipart/form-data body needs a boundary in its Content-Type")
     parts = 0
     ended = False
+    received: list[bytes] = []  # the file's bytes in the chunk just parsed
 
     def on_part_begin() -> None:
         nonlocal parts
@@ -149,7 +148,7 @@ async def _receive_form(request: Request, boundary: bytes | None, upload: Upload
             raise InvalidUpload("the form has more than one field: send one file field")
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
-        upload.write(data[start:end])
+        received.append(data[start:end])
 
     def on_end() -> None:
         nonlocal ended
@@ -162,6 +161,9 @@ async def _receive_form(request: Request, boundary: bytes | None, upload: Upload
         )
         async for chunk in request.stream():
             parser.write(chunk)
+            for data in received:
+                await upload.write(data)
+            received.clear()
         parser.finalize()
     except (MultipartParseError, ValueError) as exc:
         raise InvalidUpload(f"the multipart/form-data body is malformed ({exc})") from None

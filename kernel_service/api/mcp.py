@@ -9,26 +9,21 @@ may name another session with `session_id` instead, for clients that hide the MC
 An MCP session belongs to the API key that opened it: with another key its `Mcp-Session-Id`
 answers 404 to POST, GET and DELETE, as if it did not exist (the SDK's own check, given the
 key's owner as the request's user). MCP session ids are capabilities: they are never logged
-above debug, by this module or the SDK (see `_SessionIdsAtDebug`).
+above debug, by this module or the SDK (see `mcp_guards.SessionIdsAtDebug`).
 """
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from mcp.server import Server, ServerRequestContext
-from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
-from mcp.server.auth.provider import AccessToken
 from mcp.server.connection import Connection
 from mcp.server.stdio import stdio_server
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
-from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import (
     CallToolRequestParams,
     CallToolResult,
@@ -44,11 +39,12 @@ from mcp.types import (
 from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from kernel_service import __version__
+from kernel_service.api.mcp_guards import OwnedSessions, SessionIdsAtDebug, loopback_only
 from kernel_service.config import Settings
-from kernel_service.errors import CodeTooLarge, ServiceError, SessionNotFound
+from kernel_service.errors import CodeTooLarge, ServiceError, SessionNotFound, TooManySessions
 from kernel_service.runtime import Runtime
 from kernel_service.sessions.registry import SessionRegistry
 from kernel_service.sessions.session import Session
@@ -114,12 +110,12 @@ class McpServer:
             app=self.server,
             # DNS rebinding threatens a service that trusts whoever reaches it: one with
             # API keys does not, and may sit behind a proxy that sends its own Host
-            security_settings=None if self._settings.api_keys() else _loopback_only(host),
+            security_settings=None if self._settings.api_keys() else loopback_only(host),
             # a silent MCP session ends when its kernel session would be culled
             session_idle_timeout=ttl if ttl > 0 else None,
         )
-        _SessionIdsAtDebug.install()
-        return _OwnedSessions(StreamableHTTPASGIApp(self._manager))
+        SessionIdsAtDebug.install()
+        return OwnedSessions(StreamableHTTPASGIApp(self._manager))
 
     @contextlib.asynccontextmanager
     async def serving_http(self) -> AsyncIterator[None]:
@@ -171,14 +167,8 @@ class McpServer:
                 raise CodeTooLarge(size, self._settings.max_code_bytes)
             session, notice = await self._session_for(ctx, request.session_id, owner)
             result = await self._execute(ctx, params, session, request)
-        except SessionNotFound as exc:
-            return _error(
-                f"Session {exc.session_id!r} does not exist: it was deleted, culled after being "
-                f"idle, or never created, and its variables are gone. Call {TOOL_NAME} without "
-                "session_id to run in this conversation's own session."
-            )
         except ServiceError as exc:
-            return _error(str(exc))
+            return _error(_message_of(exc))
         return _tool_result(result, notice)
 
     # ------------------------------------------------------------ sessions
@@ -210,7 +200,7 @@ class McpServer:
         if self._stdio_conversation is not None:
             return self._stdio_conversation
         connection = _connection_of(ctx)
-        # one owner per MCP session: another key's requests never reach it (_OwnedSessions)
+        # one owner per MCP session: another key's requests never reach it (OwnedSessions)
         conversation: _Conversation | None = connection.state.get(_CONVERSATION)
         if conversation is None:
             conversation = connection.state[_CONVERSATION] = _Conversation(owner)
@@ -325,6 +315,20 @@ def _tool_result(result: ExecutionResult, notice: str | None) -> CallToolResult:
     )
 
 
+def _message_of(exc: ServiceError) -> str:
+    """What the error says, and what to do next in the tool's words where that helps."""
+    match exc:
+        case SessionNotFound():
+            advice = (
+                f"Call {TOOL_NAME} without session_id to run in this conversation's own session."
+            )
+        case TooManySessions():
+            advice = "Try again later, once another session has ended."
+        case _:
+            return str(exc)
+    return f"{exc} {advice}"
+
+
 def _error(message: str) -> CallToolResult:
     return CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)
 
@@ -349,67 +353,3 @@ def _connection_of(ctx: Context) -> Connection:
     if not isinstance(connection, Connection):
         raise RuntimeError("this mcp SDK does not give handlers the connection (mcp 2.3 did)")
     return connection
-
-
-class _OwnedSessions:
-    """Makes the request's API key owner the request's user for the SDK's session manager,
-    which binds each MCP session to the user that opened it and answers any other's
-    requests for it (POST, GET, DELETE) with 404, as for an unknown session. Without keys
-    there is no user, and every request is everyone's, as the REST API's sessions are."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self._app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        owner = scope.get("state", {}).get("owner")
-        if owner is not None:
-            token = AccessToken(token="", client_id=owner, scopes=[])
-            scope = {**scope, "user": AuthenticatedUser(token)}
-        await self._app(scope, receive, send)
-
-
-class _SessionIdsAtDebug(logging.Filter):
-    """On the SDK's streamable HTTP loggers, which log MCP session ids at info and warning
-    ("Created new transport with session ID ...", "Rejecting request for session ...",
-    "Terminating session: ..."): a record that holds one is lowered to debug, shown only
-    where its logger logs debug; an error (a session that crashed) keeps its level, with the
-    id cut out."""
-
-    LOGGERS = ("mcp.server.streamable_http_manager", "mcp.server.streamable_http")
-    _SESSION_ID = re.compile(r"[0-9a-f]{32}")  # the SDK's ids: uuid4().hex
-
-    @classmethod
-    def install(cls) -> None:
-        for name in cls.LOGGERS:
-            logger = logging.getLogger(name)
-            if not any(isinstance(f, cls) for f in logger.filters):
-                logger.addFilter(cls())
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno <= logging.DEBUG:
-            return True
-        message = record.getMessage()
-        if not self._SESSION_ID.search(message):
-            return True
-        if record.levelno >= logging.ERROR:
-            record.msg, record.args = self._SESSION_ID.sub("<id>", message), None
-            return True
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        # lowered after its logger's level check: ask that logger again
-        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-
-
-def _loopback_only(host: str) -> TransportSecuritySettings | None:
-    """On a loopback address, refuse requests for other hosts and origins (DNS rebinding),
-    as the SDK does for servers it builds itself."""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        return None
-    return TransportSecuritySettings(
-        enable_dns_rebinding_protection=True,
-        allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
-        allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
-    )

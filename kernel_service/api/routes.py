@@ -11,7 +11,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.types import Receive
 
 from kernel_service import __version__
-from kernel_service.api.errors import status_of
 from kernel_service.api.streaming import STREAM_RESPONSE, execution_events, wants_stream
 from kernel_service.config import Settings
 from kernel_service.errors import CodeTooLarge, SessionNotFound
@@ -133,7 +132,7 @@ async def execute(
         def run_streamed(listener: OutputListener) -> Awaitable[ExecutionResult]:
             return streamed.execute(body.code, body.timeout, listener)
 
-        events = execution_events(run_streamed, status_of, settings.interrupt_on_disconnect)
+        events = execution_events(run_streamed, settings.interrupt_on_disconnect)
         return StreamingResponse(
             events,
             media_type="text/event-stream",

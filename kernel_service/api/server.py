@@ -17,6 +17,7 @@ Idle kept-alive connections are closed after `keep_alive_timeout` (uvicorn's own
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import resource
@@ -245,3 +246,11 @@ def uvicorn_config(app: Any, settings: Settings, **extra: Any) -> uvicorn.Config
         timeout_graceful_shutdown=5,
         **extra,
     )
+
+
+def serve(app: Any, settings: Settings) -> bool:
+    """Run `app` under uvicorn until it is stopped (SIGTERM, SIGINT); whether it started."""
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return server.started

@@ -20,6 +20,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from kernel_service.api.errors import detail_of, status_of
 from kernel_service.errors import ServiceError
 from kernel_service_client.models import ExecutionResult, Output, StreamOutput, truncation_note
 
@@ -71,9 +72,7 @@ class _EventQueue:
         return item
 
 
-async def execution_events(
-    run: Run, error_status: Callable[[ServiceError], int], interrupt_on_disconnect: bool
-) -> AsyncIterator[bytes]:
+async def execution_events(run: Run, interrupt_on_disconnect: bool) -> AsyncIterator[bytes]:
     """The events of one execution: `run(listener)` executes, telling `listener` of each
     output. If the client goes (this generator is closed early), the execution is cancelled
     when `interrupt_on_disconnect` (which interrupts the kernel), else left to finish."""
@@ -83,7 +82,7 @@ async def execution_events(
         try:
             result = await run(queue.put_output)
         except ServiceError as exc:
-            body = {"detail": str(exc), "code": exc.code, "status": error_status(exc)}
+            body = {"detail": detail_of(exc), "code": exc.code, "status": status_of(exc)}
             queue.put(event("error", json.dumps(body)))
         else:
             queue.put(event("result", result.model_dump_json()))

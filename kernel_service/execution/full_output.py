@@ -17,7 +17,8 @@ import re
 from pathlib import Path
 
 from kernel_service.execution.collector import OutputListener
-from kernel_service.workdir.files import file_url, own_dir
+from kernel_service.workdir.listing import file_url
+from kernel_service.workdir.paths import own_dir
 from kernel_service_client.models import (
     DisplayDataOutput,
     ErrorOutput,

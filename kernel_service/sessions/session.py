@@ -24,7 +24,7 @@ from kernel_service.kernel import Kernel, KernelStartError
 from kernel_service.metrics import Metrics, output_size
 from kernel_service.sessions.pool import KernelFactory
 from kernel_service.store.state import ExecutionRecord, SessionRecord, StateStore
-from kernel_service.workdir.files import changed_files, snapshot
+from kernel_service.workdir.snapshots import changed_files, snapshot
 from kernel_service.workdir.workspaces import Workspaces
 from kernel_service_client.models import (
     IMAGE_URL_TEMPLATE,

@@ -37,13 +37,12 @@ class Workspaces:
 
     async def create(self, session_id: str) -> Path:
         path = self.path(session_id)
-        path.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
         if not self.capped:
             return path
         image = self._image(path)
         try:
-            with image.open("wb") as file:
-                file.truncate(self._size)
+            await asyncio.to_thread(_sparse_file, image, self._size)
             await _run(self._mkfs or "mkfs.ext4", "-q", "-F", "-m", "0", str(image))
             await _run("mount", "-o", "loop,nosuid,nodev", str(image), str(path))
             await asyncio.to_thread(shutil.rmtree, path / "lost+found", True)
@@ -59,32 +58,32 @@ class Workspaces:
                 await _run("umount", str(path))
             except WorkspaceError:
                 await _run("umount", "-l", str(path))  # busy: detach now, free when unused
-        await asyncio.to_thread(shutil.rmtree, path, True)
-        image = self._image(path)
-        if image.exists():
-            image.unlink()
+        await asyncio.to_thread(_remove_dir_and_image, path, self._image(path))
 
     async def restore(self, path: Path) -> None:
         """A recorded session's work directory as it was: mounted again if its filesystem
         is not (after a reboot), made afresh if it is gone."""
         image = self._image(path)
-        if os.path.ismount(path) or not image.exists():  # noqa: ASYNC240 (one stat)
-            path.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
+        await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
+        if os.path.ismount(path) or not image.exists():  # noqa: ASYNC240 (two stats)
             return
-        path.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
         await _run("mount", "-o", "loop,nosuid,nodev", str(image), str(path))
 
     async def remove_stale(self, keep: set[Path]) -> list[Path]:
         """Remove the work directories an earlier service left that no session of `keep`
         (the ones carried on) owns."""
+        stale = await asyncio.to_thread(self._stale, keep)
+        for path in stale:
+            await self.remove(path)
+        return stale
+
+    def _stale(self, keep: set[Path]) -> list[Path]:
         stale = [p for p in self.root.glob("*") if p.resolve() not in keep]
         stale += [
             p.parent / p.name[1:-4]
             for p in self.root.glob(".*.img")
             if not (p.parent / p.name[1:-4]).exists()
         ]
-        for path in stale:
-            await self.remove(path)
         return stale
 
     @staticmethod
@@ -99,3 +98,15 @@ async def _run(*argv: str) -> None:
     output, _ = await process.communicate()
     if process.returncode != 0:
         raise WorkspaceError(f"{argv[0]} failed: {output.decode(errors='replace').strip()}")
+
+
+def _sparse_file(path: Path, size: int) -> None:
+    with path.open("wb") as file:
+        file.truncate(size)
+
+
+def _remove_dir_and_image(path: Path, image: Path) -> None:
+    """The work directory with all in it, and its filesystem's image if it has one (freeing
+    a large image's blocks takes a while)."""
+    shutil.rmtree(path, ignore_errors=True)
+    image.unlink(missing_ok=True)
