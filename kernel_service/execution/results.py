@@ -1,7 +1,7 @@
 """Turns how a kernel run ended (RunOutcome) into the ExecutionResult callers receive:
 status, error, the service's notice in plain words, images and the LLM text."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from kernel_service.execution.render import fit_text, uncut_text
 from kernel_service.kernel import RunOutcome
@@ -23,7 +23,7 @@ STATE_LOST = (
 )
 
 
-def build_result(
+async def build_result(
     *,
     session_id: str,
     outcome: RunOutcome,
@@ -36,14 +36,14 @@ def build_result(
     text_limit: int,
     notice: str | None = None,
     files: Sequence[FileRef] = (),
-    keep_full_output: Callable[[], FullOutput | None] | None = None,
+    keep_full_output: Callable[[], Awaitable[FullOutput | None]] | None = None,
 ) -> ExecutionResult:
     """The result of one execution, from its outcome and the outputs gathered for it.
 
     `lost_before` says why state was lost before the execution ran, if it was; `notice`,
     anything else the caller should know first (an earlier execution cut short). `files`:
-    those it created or changed. `keep_full_output` is called when the outputs or the text
-    had to be cut, to keep the whole output and say where it is.
+    those it created or changed. `keep_full_output` is awaited when the outputs or the text
+    had to be cut, to keep the whole output (off the event loop) and say where it is.
     """
     collector = outcome.collector
     status: Status
@@ -110,7 +110,7 @@ def build_result(
     if keep_full_output is not None and (
         len(text) > text_limit or any(isinstance(o, TruncatedOutput) for o in outputs)
     ):
-        full_output = keep_full_output()
+        full_output = await keep_full_output()
     return ExecutionResult(
         session_id=session_id,
         status=status,
