@@ -122,6 +122,9 @@ class MixedLoad:
     children_before: int = 0  # the service's child processes before the first session
     children_after: int = -1  # and after deleting the last
     total_seconds: float = 0.0
+    # callbacks that held the service's event loop (seconds, which), longest first; None:
+    # not watched
+    stalls: list[tuple[float, str]] | None = None
 
     def within_bounds(self) -> tuple[bool | None, bool | None]:
         """RSS and fd growth within their limits (None: not measured)."""

@@ -11,6 +11,7 @@ from bench.load import IdleMemory, Scale, Throughput
 from bench.mixed_load import FD_GROWTH_LIMIT, RSS_GROWTH_LIMIT, MixedLoad
 from bench.peers import PEERS, PeerResult
 from bench.stats import MIB, Summary, block_medians
+from bench.watched import SLOW_CALLBACK_SECONDS
 
 PASS, FAIL = "✓", "✗"
 _GIB = 1024 * MIB
@@ -243,6 +244,20 @@ def _load_fds(column: Column) -> Cell | None:
     return Cell(f"{before} → {after} ({after - before:+d})", load.within_bounds()[1])
 
 
+def _load_stall(column: Column) -> Cell | None:
+    load = column.load
+    if not load or load.stalls is None:
+        return None
+    if not load.stalls:
+        return Cell(f"< {SLOW_CALLBACK_SECONDS * 1000:.0f}", True)
+    worst = load.stalls[0][0]
+    over = sum(seconds >= STALL_LIMIT for seconds, _ in load.stalls)
+    text = f"{worst * 1000:.0f}" + (
+        f" ({over} callbacks ≥ {STALL_LIMIT * 1000:.0f})" if over else ""
+    )
+    return Cell(text, worst < STALL_LIMIT)
+
+
 def _load_end(column: Column) -> Cell | None:
     load = column.load
     if not load or load.kernels_left < 0:
@@ -314,6 +329,7 @@ def _peer_memory(kind: str) -> Callable[[PeerResult, Column | None], Cell | None
 
 
 TIMEOUT = 2.0  # seconds, the limit asked with the uninterruptible cell
+STALL_LIMIT = 0.020  # seconds: the longest a callback may hold the service's event loop
 
 # Headings are formatted with the run's sizes; a row shows only when something filled it.
 ROWS: list[Row | str] = [
@@ -363,6 +379,9 @@ ROWS: list[Row | str] = [
         goal=f"load: service RSS grows < {RSS_GROWTH_LIMIT // MIB} MiB"),
     Row("service open fds: before → after the load (growth)", _load_fds,
         target=f"growth < {FD_GROWTH_LIMIT}", goal=f"load: service fds grow < {FD_GROWTH_LIMIT}"),
+    Row("longest event-loop stall, ms (asyncio's slow-callback report; sessions made, used "
+        "and deleted)", _load_stall, target=f"< {STALL_LIMIT * 1000:.0f}",
+        goal=f"load: the service's event loop never stalls {STALL_LIMIT * 1000:.0f} ms"),
     Row("after deleting all: kernel processes left; `k-*` in the connection dir", _load_end,
         target="0; 0", goal="load, after deleting all: no kernel, no connection files"),
     "**Noise**",

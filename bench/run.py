@@ -42,7 +42,7 @@ from typing import Any
 from bench import latency, load, mixed_load
 from bench.floor import Floor
 from bench.peers import run_peers
-from bench.report import METHOD, TIMEOUT, Column, table
+from bench.report import METHOD, STALL_LIMIT, TIMEOUT, Column, table
 from bench.service import Service
 from bench.stats import MIB, calibrate
 from kernel_service.config import Settings
@@ -62,6 +62,8 @@ LAUNCHERS: dict[str, dict[str, Any]] = {
     "fork-plain": {"sandbox": "none", "fork_server": True},
 }
 DEFAULT_LAUNCHERS = ["plain", "bubblewrap", "fork-server"]
+# The longest stalls of the load's event loop named in the problems, when over the target.
+_STALLS_SHOWN = 5
 # Kernel uids for the sandboxes the benchmark starts: a block per service, far from the
 # service's default (210000) and from another service on this machine.
 _UID_BASE = 700_000
@@ -196,7 +198,7 @@ class Bench:
             f"[{column.name}] load: {args.load_executions} executions, {args.load_clients} "
             f"clients, {args.load_sessions} sessions; deadline {args.load_deadline:.0f} s"
         )
-        service = Service(column.name, place, settings)
+        service = Service(column.name, place, settings, watch_stalls=args.watch_stalls)
         async with _running(service, column, stop_timeout=60):
             column.load = result = await mixed_load.mixed(
                 service,
@@ -206,6 +208,8 @@ class Bench:
                 deadline=args.load_deadline,
                 memory_floor=int(args.memory_floor * 1024 * MIB),
             )
+            if args.watch_stalls:
+                result.stalls = service.stalls()
         _say(f"[{column.name}] load: done in {result.total_seconds:.0f} s")
         _load_problems(column, result)
 
@@ -236,6 +240,10 @@ def _load_problems(column: Column, result: mixed_load.MixedLoad) -> None:
         kinds = ", ".join(f"{kind} ×{n}" for kind, n in result.kinds.most_common())
         column.problems.append(f"load: {kinds}")
         column.problems += [f"load: {example}" for example in result.examples]
+    for seconds, callback in (result.stalls or [])[:_STALLS_SHOWN]:
+        if seconds >= STALL_LIMIT:
+            column.problems.append(f"load: the event loop stalled {seconds * 1000:.0f} ms in "
+                                   f"{callback[:300]}")  # fmt: skip
     if result.kernels_left or result.files_left:
         column.problems.append(
             f"load: after deleting every session, {result.kernels_left} kernel processes and "
@@ -386,6 +394,13 @@ def main() -> None:
         "--load-launcher",
         default=DEFAULT_LAUNCHERS[-1],
         help=f"the column that runs the load section ({DEFAULT_LAUNCHERS[-1]})",
+    )
+    parser.add_argument(
+        "--watch-stalls",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="load: run the service on asyncio's loop, timing every callback, for the longest "
+        "stall of its event loop (default; --no-watch-stalls: on uvloop, as it serves)",
     )
     args = parser.parse_args()  # fmt: skip
     sandbox = os.geteuid() == 0 and shutil.which("bwrap") is not None

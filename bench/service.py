@@ -21,8 +21,10 @@ import httpx
 import psutil
 
 from bench.stats import tree
+from bench.watched import STALL
 
 T = TypeVar("T")
+_ROOT = str(Path(__file__).resolve().parent.parent)  # where `bench` and the service import from
 _PR_SET_PDEATHSIG = 1
 
 
@@ -63,8 +65,13 @@ async def gather_limited(limit: int, coroutines: Iterable[Awaitable[T]]) -> list
 class Service:
     """One kernel-service process and an httpx client for it; `stop()` leaves nothing behind."""
 
-    def __init__(self, name: str, root: Path, settings: dict[str, Any]) -> None:
+    def __init__(
+        self, name: str, root: Path, settings: dict[str, Any], watch_stalls: bool = False
+    ) -> None:
+        """`watch_stalls`: run it on asyncio's loop, reporting slow callbacks (see
+        `bench.watched`) for `stalls()` to read."""
         self.name = name
+        self.watch_stalls = watch_stalls
         self.root = root
         self.settings = settings
         self.port = free_port()
@@ -80,9 +87,11 @@ class Service:
         for key, value in self.settings.items():
             text = str(value).lower() if isinstance(value, bool) else str(value)
             env[f"KERNEL_SERVICE_{key.upper()}"] = text
+        program = "bench.watched" if self.watch_stalls else "kernel_service"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (_ROOT, env.get("PYTHONPATH"))))
         with self.log.open("wb") as log:
             self._popen = subprocess.Popen(  # noqa: ASYNC220 (a fork+exec)
-                [sys.executable, "-m", "kernel_service", "serve", "--port", str(self.port)],
+                [sys.executable, "-m", program, "serve", "--port", str(self.port)],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -101,6 +110,16 @@ class Service:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name}: the service did not answer:\n{self.log_tail()}")
             await asyncio.sleep(0.1)
+
+    def stalls(self) -> list[tuple[float, str]]:
+        """The callbacks that held its event loop (seconds, which), longest first: those
+        asyncio reported, when it runs with `watch_stalls`."""
+        found = []
+        with contextlib.suppress(OSError), self.log.open(errors="replace") as log:
+            for line in log:
+                if match := STALL.search(line):
+                    found.append((float(match["seconds"]), match["callback"]))
+        return sorted(found, reverse=True)
 
     def log_tail(self, chars: int = 3000) -> str:
         with contextlib.suppress(OSError):

@@ -205,23 +205,41 @@ class Runtime:
         self.launcher.release_uids()
 
     async def _start_kernel(self, work_dir: Path) -> Kernel:
-        """A ready kernel, recorded in the state store as soon as its process exists. One
-        that runs but never answers is ended and launched once more."""
+        """A ready kernel, recorded in the state store. One that runs but never answers is
+        ended and launched once more."""
         try:
-            return await Kernel.start(self.launcher, self.options, work_dir, self._record)
+            return await self._start_recorded(work_dir)
         except KernelStartError as exc:
             if not exc.stuck:
                 raise
             log.warning("a kernel never answered; launching another: %s", exc)
-        return await Kernel.start(self.launcher, self.options, work_dir, self._record)
+        return await self._start_recorded(work_dir)
 
-    def _record(self, kernel: Kernel) -> None:
-        """Raises StateFull when the kernel cannot be recorded (it is then ended)."""
-        store = self.store
-        if store is None:
-            raise KernelStartError("the service is not running")
-        store.add_kernel(kernel.record())
-        kernel.process.on_exit(lambda _: store.remove_kernel(kernel.kernel_id))
+    async def _start_recorded(self, work_dir: Path) -> Kernel:
+        """A ready kernel whose record is written. The record is handed to the store as soon
+        as the process exists, written while the kernel gets ready, and its outcome awaited
+        before the kernel is handed out: StateFull ends the kernel."""
+        written: list[asyncio.Future[None]] = []
+
+        def record(kernel: Kernel) -> None:
+            store = self.store
+            if store is None:
+                raise KernelStartError("the service is not running")
+            written.append(store.add_kernel(kernel.record()))
+            kernel.process.on_exit(lambda _: store.remove_kernel(kernel.kernel_id))
+
+        try:
+            kernel = await Kernel.start(self.launcher, self.options, work_dir, record)
+        except BaseException:
+            for outcome in written:  # moot now: its kernel is ended, and forgotten
+                outcome.cancel()
+            raise
+        try:
+            await written[0]
+        except BaseException:
+            await kernel.shutdown()
+            raise
+        return kernel
 
 
 def _start_reaper(settings: Settings, store: StateStore) -> "subprocess.Popen[bytes]":

@@ -3,6 +3,7 @@ writes reported in its result; paths that try to leave the work directory, and s
 links the kernel plants, refused with nothing touched; limits; the full output of a cell
 whose output was cut, kept as a file."""
 
+import asyncio
 import http.client
 import json
 import os
@@ -415,7 +416,7 @@ def test_the_full_output_spill_keeps_text_in_order_and_within_its_bound(tmp_path
     assert listen is not None
     for output in outputs:
         listen(output)
-    kept = spill.keep()
+    kept = asyncio.run(spill.keep())
     spill.close()
     assert kept is not None and kept.complete is True
     text = (tmp_path / ".outputs" / "1.txt").read_text()
@@ -428,7 +429,7 @@ def test_the_full_output_spill_keeps_text_in_order_and_within_its_bound(tmp_path
     small = FullOutputSpill(tmp_path, "s", 2, 101)  # the cut falls inside an "é"
     for output in outputs:
         small.add(output)
-    cut = small.keep()
+    cut = asyncio.run(small.keep())
     small.close()
     assert cut is not None and cut.complete is False
     text = (tmp_path / ".outputs" / "2.txt").read_text()  # valid UTF-8
@@ -438,15 +439,15 @@ def test_the_full_output_spill_keeps_text_in_order_and_within_its_bound(tmp_path
                          "101 bytes (KERNEL_SERVICE_FULL_OUTPUT_MB) ...]\n")  # fmt: skip
 
     dropped = FullOutputSpill(tmp_path, "s", 3, 10 * MEMORY_BYTES)
-    dropped.add(StreamOutput(name="stdout", text="x" * 2 * MEMORY_BYTES))  # on disk already
-    assert (tmp_path / ".outputs" / "3.txt").exists()
+    dropped.add(StreamOutput(name="stdout", text="x" * 2 * MEMORY_BYTES))  # to disk already
+    assert wait_for((tmp_path / ".outputs" / "3.txt").exists)
     dropped.close()
-    assert not (tmp_path / ".outputs" / "3.txt").exists()
+    assert wait_for(lambda: not (tmp_path / ".outputs" / "3.txt").exists())
 
     for seq in range(4, 4 + KEPT_FILES + 5):
         spill = FullOutputSpill(tmp_path, "s", seq, 1000)
         spill.add(StreamOutput(name="stdout", text="x"))
-        assert spill.keep() is not None
+        assert asyncio.run(spill.keep()) is not None
         spill.close()
     names = sorted(int(p.stem) for p in (tmp_path / ".outputs").iterdir())
     assert names == list(range(9, 4 + KEPT_FILES + 5))

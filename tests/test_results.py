@@ -52,7 +52,7 @@ def result(
 ) -> ExecutionResult:
     """The result of an execution that ended so, its reply `reply` (by default an ok one)."""
     collector = replied(**(reply if reply is not None else {"status": "ok", "execution_count": 1}))
-    return build_result(
+    draft = build_result(
         session_id="s",
         outcome=RunOutcome(collector, ending, exit_reason=exit_reason, lost=lost),
         outputs=outputs,
@@ -63,8 +63,9 @@ def result(
         lost_before=lost_before,
         text_limit=text_limit,
         notice=notice,
-        keep_full_output=keep_full_output,
     )
+    keep = keep_full_output if draft.needs_full_output else None
+    return draft.finish(keep() if keep is not None else None)
 
 
 ZERO_DIVISION = ErrorOutput(

@@ -42,7 +42,7 @@ async def get_history(
 
     Outputs are as stored, images base64 in them: a long session's history can be
     megabytes (`since` and `limit` keep polls small)."""
-    records = registry.get(session_id, owner).history(since, limit)
+    records = await registry.get(session_id, owner).history(since, limit)
     # Parsed and serialised off the event loop: results can carry megabytes of images.
     body = await asyncio.to_thread(lambda: session_history(session_id, records).model_dump_json())
     return Response(body, media_type="application/json")
@@ -62,7 +62,7 @@ async def get_history(
 )
 async def get_notebook(session_id: SessionId, registry: Registry, owner: Owner) -> Response:
     """The session's executions as a notebook to open (and re-run) in Jupyter."""
-    records = registry.get(session_id, owner).history()
+    records = await registry.get(session_id, owner).history()
     body = await asyncio.to_thread(notebook, session_id, records)
     return Response(
         body,

@@ -233,7 +233,7 @@ async def get_image(
     session_id: SessionId, image_id: str, registry: Registry, owner: Owner
 ) -> Response:
     """An image a session's code displayed, as long as the session lives."""
-    image = registry.get(session_id, owner).image(image_id)
+    image = await registry.get(session_id, owner).image(image_id)
     # An SVG is a document written by user code: never let it run script on our origin.
     headers = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
     return Response(image.content(), media_type=image.mime, headers=headers)

@@ -8,12 +8,20 @@ on written to `.outputs/<seq>.txt` in the session's work directory as it comes, 
 `full_output_mb`. When the result was cut the session keeps the file and says where
 (`full_output`, and a line at the end of `text`); otherwise the file is removed. The code
 reads it as `open('.outputs/3.txt')`; the files API serves it.
+
+The listener is called from the kernel's message pump, on the event loop: the file is
+written by a thread of the spill's own, in the order the text came. At most MAX_PENDING
+bytes wait for it; past that the listener waits for the disk (the loop then waits only as
+long as the disk is slower than the kernel's output).
 """
 
+import asyncio
 import contextlib
 import logging
 import os
 import re
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from kernel_service.execution.collector import OutputListener
@@ -33,6 +41,8 @@ log = logging.getLogger(__name__)
 OUTPUTS_DIR = ".outputs"
 # Held in memory before the file is opened: most outputs are shorter, and need no file.
 MEMORY_BYTES = 256 * 1024
+# Handed to the writing thread and not written yet, at most.
+MAX_PENDING = 16 * MEMORY_BYTES
 # A session keeps the full outputs of its last this many cut executions.
 KEPT_FILES = 20
 _KEPT_NAME = re.compile(r"^([0-9]+)\.txt$")
@@ -48,14 +58,19 @@ class FullOutputSpill:
         self._session_id = session_id
         self._name = f"{seq}.txt"
         self._max = max_bytes
+        # on the event loop
         self._buffer = bytearray()
-        self._stored = 0  # bytes taken, in the buffer or the file
+        self._stored = 0  # bytes taken, in the buffer or handed to the writer
         self._omitted = 0  # characters past max_bytes
-        self._written = 0  # bytes in the file
         self._at_line_start = True  # of the text received
         self._kept_ends_line = True  # of the text kept
+        self._writer: ThreadPoolExecutor | None = None  # made when there is a file to write
+        self._pending: deque[tuple[Future[None], int]] = deque()  # handed over: (job, bytes)
+        self._pending_bytes = 0
+        # on the writer's thread (read by the loop only once it has waited for the writer)
         self._dir: int | None = None
         self._fd: int | None = None
+        self._written = 0  # bytes in the file
         self._failed: str | None = None
         self._created = False
         self._kept = False
@@ -99,30 +114,76 @@ class FullOutputSpill:
         if data:
             self._kept_ends_line = data.endswith(b"\n")
         if len(data) >= MEMORY_BYTES:  # a large message goes straight on, not copied
-            self._flush()
-            self._write(data)
+            self._hand_over(self._take_buffer())
+            self._hand_over(data)
             return
         self._buffer += data
         if len(self._buffer) >= MEMORY_BYTES:
-            self._flush()
+            self._hand_over(self._take_buffer())
 
-    def keep(self) -> FullOutput | None:
+    async def keep(self) -> FullOutput | None:
         """Keep the file (written now if it was all in memory); where it is, or None when
         there was no text or it could not be written."""
         if self._max <= 0 or self._stored == 0:
             return None
+        note = None
+        if self._omitted:
+            note = (
+                f"{'' if self._kept_ends_line else chr(10)}[... {self._omitted:,} more "
+                f"characters of output not kept: an execution keeps its first "
+                f"{self._max:,} bytes (KERNEL_SERVICE_FULL_OUTPUT_MB) ...]\n"
+            ).encode()
+        rest = self._take_buffer()
+        return await asyncio.wrap_future(self._thread().submit(self._keep, rest, note))
+
+    def close(self) -> None:
+        """Remove the file unless kept, and let go of the descriptors (on the writer's
+        thread, after what was handed to it)."""
+        self._buffer.clear()
+        if self._writer is not None:
+            self._writer.submit(self._close)
+            self._writer.shutdown(wait=False)
+
+    # ------------------------------------------------------------ handing over
+
+    def _take_buffer(self) -> bytes:
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+    def _thread(self) -> ThreadPoolExecutor:
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="full-output")
+        return self._writer
+
+    def _hand_over(self, data: bytes) -> None:
+        """Queue `data` for the file; past MAX_PENDING bytes queued, wait for the oldest."""
+        if not data:
+            return
+        self._pending.append((self._thread().submit(self._write_now, data), len(data)))
+        self._pending_bytes += len(data)
+        while self._pending and (self._pending[0][0].done() or self._pending_bytes > MAX_PENDING):
+            job, size = self._pending.popleft()
+            job.result()  # returns at once unless the disk is behind by MAX_PENDING
+            self._pending_bytes -= size
+
+    # ------------------------------------------------------------ the file (writer's thread)
+
+    def _write_now(self, data: bytes) -> None:
+        if self._failed:
+            return
         try:
-            if not self._failed:
-                self._flush()
-            if self._omitted and self._fd is not None and not self._failed:
-                note = (
-                    f"{'' if self._kept_ends_line else chr(10)}[... {self._omitted:,} more "
-                    f"characters of output not kept: an execution keeps its first "
-                    f"{self._max:,} bytes (KERNEL_SERVICE_FULL_OUTPUT_MB) ...]\n"
-                )
-                self._write(note.encode())
+            if self._fd is None:
+                self._open()
+            self._write(data)
         except Exception as exc:
             self._fail(exc)
+
+    def _keep(self, rest: bytes, note: bytes | None) -> FullOutput | None:
+        if rest or self._fd is None:
+            self._write_now(rest)
+        if note is not None and self._fd is not None and not self._failed:
+            self._write_now(note)
         if self._fd is None or self._written == 0:
             return None
         os.close(self._fd)
@@ -137,8 +198,7 @@ class FullOutputSpill:
             complete=not self._omitted and not self._failed,
         )
 
-    def close(self) -> None:
-        """Remove the file unless kept; let go of the descriptors."""
+    def _close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -148,18 +208,6 @@ class FullOutputSpill:
                     os.unlink(self._name, dir_fd=self._dir)
             os.close(self._dir)
             self._dir = None
-        self._buffer.clear()
-
-    # ------------------------------------------------------------ the file
-
-    def _flush(self) -> None:
-        """Write what is held in memory (opening the file first if need be)."""
-        if self._fd is None:
-            self._open()
-        if self._buffer:
-            data = bytes(self._buffer)
-            self._buffer.clear()
-            self._write(data)
 
     def _open(self) -> None:
         self._dir, uid, gid = own_dir(self._work_dir, OUTPUTS_DIR)
@@ -184,7 +232,6 @@ class FullOutputSpill:
         if self._failed is None:
             log.warning("full output %s of %s not kept whole: %s", self._name, self._work_dir, exc)
         self._failed = str(exc) or type(exc).__name__
-        self._buffer.clear()
 
     def _prune(self) -> None:
         """Remove the session's older full outputs: the last KEPT_FILES stay."""

@@ -1,7 +1,9 @@
 """Turns how a kernel run ended (RunOutcome) into the ExecutionResult callers receive:
 status, error, the service's notice in plain words, images and the LLM text."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from kernel_service.execution.render import fit_text, uncut_text
 from kernel_service.kernel import RunOutcome
@@ -23,6 +25,27 @@ STATE_LOST = (
 )
 
 
+@dataclass(frozen=True)
+class ResultDraft:
+    """An execution's result before it is known where its whole output is kept.
+
+    `needs_full_output` says whether its outputs or text had to be cut: then the caller
+    keeps the whole output (off the event loop) and `finish`es with where it is."""
+
+    fields: dict[str, Any]  # the ExecutionResult's fields but text and full_output
+    uncut: str
+    text_limit: int
+    truncated: TruncatedOutput | None
+
+    @property
+    def needs_full_output(self) -> bool:
+        return len(self.uncut) > self.text_limit or self.truncated is not None
+
+    def finish(self, full_output: FullOutput | None = None) -> ExecutionResult:
+        text = fit_text(self.uncut, self.text_limit, full_output, self.truncated)
+        return ExecutionResult(**self.fields, text=text, full_output=full_output)
+
+
 def build_result(
     *,
     session_id: str,
@@ -36,14 +59,12 @@ def build_result(
     text_limit: int,
     notice: str | None = None,
     files: Sequence[FileRef] = (),
-    keep_full_output: Callable[[], FullOutput | None] | None = None,
-) -> ExecutionResult:
+) -> ResultDraft:
     """The result of one execution, from its outcome and the outputs gathered for it.
 
     `lost_before` says why state was lost before the execution ran, if it was; `notice`,
     anything else the caller should know first (an earlier execution cut short). `files`:
-    those it created or changed. `keep_full_output` is called when the outputs or the text
-    had to be cut, to keep the whole output and say where it is.
+    those it created or changed.
     """
     collector = outcome.collector
     status: Status
@@ -105,29 +126,21 @@ def build_result(
             status = "error"
             error = error or lost
 
-    text = uncut_text(outputs, images, "\n".join(notices) or None, files)
-    full_output = None
-    if keep_full_output is not None and (
-        len(text) > text_limit or any(isinstance(o, TruncatedOutput) for o in outputs)
-    ):
-        full_output = keep_full_output()
-    return ExecutionResult(
-        session_id=session_id,
-        status=status,
-        execution_count=collector.execution_count,
-        outputs=outputs,
-        error=error,
-        images=images,
-        text=fit_text(
-            text,
-            text_limit,
-            full_output,
-            next((o for o in outputs if isinstance(o, TruncatedOutput)), None),
-        ),
-        duration_ms=round(duration_ms, 3),
-        state_lost=outcome.kernel_lost or lost_before is not None,
-        files=list(files),
-        full_output=full_output,
+    return ResultDraft(
+        fields={
+            "session_id": session_id,
+            "status": status,
+            "execution_count": collector.execution_count,
+            "outputs": outputs,
+            "error": error,
+            "images": images,
+            "duration_ms": round(duration_ms, 3),
+            "state_lost": outcome.kernel_lost or lost_before is not None,
+            "files": list(files),
+        },
+        uncut=uncut_text(outputs, images, "\n".join(notices) or None, files),
+        text_limit=text_limit,
+        truncated=next((o for o in outputs if isinstance(o, TruncatedOutput)), None),
     )
 
 

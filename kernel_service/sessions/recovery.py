@@ -77,7 +77,7 @@ async def recover(
             notice = _cut_short_words(*cut_short[recorded.key], kept=kernel is not None)
             session = replace(recorded, notice="\n".join(filter(None, (recorded.notice, notice))))
         await workspaces.restore(session.work_dir)
-        registry.restore(session, kernel, lost)
+        await registry.restore(session, kernel, lost)
         log.info(
             "session %s carried on %s",
             session.session_id,

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import uuid
 from pathlib import Path
-from typing import Any
 
 from kernel_service.config import Settings
 from kernel_service.errors import (
@@ -24,7 +23,8 @@ from kernel_service.errors import (
 from kernel_service.kernel import Kernel, KernelStartError
 from kernel_service.metrics import CloseReason, Metrics
 from kernel_service.sessions.pool import KernelFactory, KernelPool
-from kernel_service.sessions.session import Session, session_key
+from kernel_service.sessions.services import SessionServices
+from kernel_service.sessions.session import Restored, Session, session_key
 from kernel_service.store.state import SessionRecord, StateStore
 from kernel_service.workdir.workspaces import WorkspaceError, Workspaces
 from kernel_service_client.models import (
@@ -79,34 +79,15 @@ class SessionRegistry:
         """A new session with a ready kernel; on any failure nothing of it remains."""
         session_id = session_id or uuid.uuid4().hex
         key = session_key(session_id, owner)
-        if key in self._sessions or key in self._reserved:
-            raise SessionExists(session_id)
-        if len(self._sessions) + len(self._reserved) >= self._settings.max_sessions:
-            raise TooManySessions(self._settings.max_sessions)
-        if owner is not None:
-            owned = sum(s.owner == owner for s in self._sessions.values())
-            owned += sum(o == owner for o in self._reserved.values())
-            if owned >= self._settings.max_sessions_per_key:
-                raise TooManySessions(self._settings.max_sessions_per_key, per_key=True)
+        self._check_room(session_id, key, owner)
         warm = self.pool.take() if self.pool is not None else None
         if warm is not None:  # ready now: no await, so no failure to undo
             kernel, work_dir = warm.kernel, warm.work_dir
         else:
-            self._reserved[key] = owner
-            work_dir = self.workspaces.path(key)
-            try:
-                work_dir = await self.workspaces.create(key)
-                kernel = await self._start_kernel(work_dir)
-            except BaseException as exc:
-                await self.workspaces.remove(work_dir)
-                if isinstance(exc, KernelStartError | WorkspaceError):
-                    raise KernelUnavailable(str(exc)) from exc
-                raise
-            finally:
-                self._reserved.pop(key, None)
+            kernel, work_dir = await self._new_kernel(key, owner)
         session = self._session(session_id, owner, kernel, work_dir)
         try:
-            self._stored().add_session(
+            await self._stored().add_session(
                 SessionRecord(
                     key=key,
                     session_id=session_id,
@@ -130,6 +111,33 @@ class SessionRegistry:
         self.metrics.session_created(warm=warm is not None)
         log.info("session %s created (kernel %s)", session_id, kernel.kernel_id)
         return session
+
+    def _check_room(self, session_id: str, key: str, owner: str | None) -> None:
+        """Raise SessionExists or TooManySessions, as the limits say."""
+        if key in self._sessions or key in self._reserved:
+            raise SessionExists(session_id)
+        if len(self._sessions) + len(self._reserved) >= self._settings.max_sessions:
+            raise TooManySessions(self._settings.max_sessions)
+        if owner is not None:
+            owned = sum(s.owner == owner for s in self._sessions.values())
+            owned += sum(o == owner for o in self._reserved.values())
+            if owned >= self._settings.max_sessions_per_key:
+                raise TooManySessions(self._settings.max_sessions_per_key, per_key=True)
+
+    async def _new_kernel(self, key: str, owner: str | None) -> tuple[Kernel, Path]:
+        """A work directory and a kernel started in it, the key reserved meanwhile."""
+        self._reserved[key] = owner
+        work_dir = self.workspaces.path(key)
+        try:
+            work_dir = await self.workspaces.create(key)
+            return await self._start_kernel(work_dir), work_dir
+        except BaseException as exc:
+            await self.workspaces.remove(work_dir)
+            if isinstance(exc, KernelStartError | WorkspaceError):
+                raise KernelUnavailable(str(exc)) from exc
+            raise
+        finally:
+            self._reserved.pop(key, None)
 
     async def close(
         self, session_id: str, owner: str | None = None, reason: CloseReason = "deleted"
@@ -159,11 +167,14 @@ class SessionRegistry:
         self._sessions.clear()
         await asyncio.gather(*(s.detach() for s in sessions), return_exceptions=True)
 
-    def restore(self, record: SessionRecord, kernel: Kernel | None, lost: str | None) -> Session:
+    async def restore(
+        self, record: SessionRecord, kernel: Kernel | None, lost: str | None
+    ) -> Session:
         """A session an earlier service process left, with its adopted kernel (or None and
         why its kernel is gone)."""
+        totals = await self._stored().session_totals(record.key)
         session = self._session(record.session_id, record.owner, kernel, record.work_dir,
-                                record=record, lost=lost)  # fmt: skip
+                                Restored(record, totals, lost))  # fmt: skip
         if lost is not None:
             self._stored().set_kernel(record.key, None, session.notice)
         self._sessions[record.key] = session
@@ -175,19 +186,22 @@ class SessionRegistry:
         owner: str | None,
         kernel: Kernel | None,
         work_dir: Path,
-        **restored: Any,
+        restored: Restored | None = None,
     ) -> Session:
+        services = SessionServices(
+            settings=self._settings,
+            store=self._stored(),
+            metrics=self.metrics,
+            workspaces=self.workspaces,
+            start_kernel=self._replace_kernel,
+        )
         return Session(
             session_id,
             owner=owner,
             kernel=kernel,
             work_dir=work_dir,
-            start_kernel=self._replace_kernel,
-            settings=self._settings,
-            workspaces=self.workspaces,
-            metrics=self.metrics,
-            store=self._stored(),
-            **restored,
+            services=services,
+            restored=restored,
         )
 
     def _stored(self) -> StateStore:

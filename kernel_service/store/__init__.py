@@ -1,2 +1,3 @@
 """What outlives the service process: the SQLite state store (`state`: sessions, executions,
-images, kernels) and the history read back from it as a notebook (`history`)."""
+images, kernels), run on a thread of its own (`database`), its `records`, the directory
+`locks`, and the history read back from it as a notebook (`history`)."""

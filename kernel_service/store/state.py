@@ -3,130 +3,62 @@
 One SQLite database (WAL) in the state directory holds every kernel the service started
 (its pid, connection info, sandbox uid and cgroup), every session (owner, work dir, its
 kernel, times, execution count), each session's executions and its images. A session is
-written before it is handed out; a kernel is written as soon as its process exists, so a
-service killed at any moment leaves no kernel it does not know of.
+written before it is handed out; a kernel's record is handed over as soon as its process
+exists, and written before the kernel is handed out, so a service killed at any moment
+leaves no kernel in use that it does not know of (a kernel still starting is found by the
+next start's sweep, see `sessions/recovery.py`).
 
 The directory is the service's alone: the store holds an exclusive lock on it while the
-service runs (and the orphan reaper briefly, see `kernel/reaper.py`). The database is
-0600 in a 0700 directory: it holds the kernels' connection keys, and no kernel can reach
+service runs (and the orphan reaper briefly, see `kernel/programs/reaper.py`). The database
+is 0600 in a 0700 directory: it holds the kernels' connection keys, and no kernel can reach
 it (sandboxed kernels see only their own connection directory).
 
-Writes are small and run on the event loop: with WAL and `synchronous=NORMAL` a commit is
-an append to the log, with no fsync. When the disk is full a write raises `StateFull`; the
-database stays consistent (SQLite rolls the write back) and works again once there is room.
+Every statement runs on the database's own thread (see `database.py`), never on the event
+loop. While the service serves, its methods are awaited, or hand a write over and return
+(`remove_kernel`, `set_kernel`...: writes whose failure changes nothing). Those for the
+start and the stop (the service's own records, what recovery reads) wait for the thread.
 """
 
+import asyncio
 import contextlib
-import fcntl
 import json
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kernel_service.errors import StateFull
+from kernel_service.store.database import Database
+from kernel_service.store.locks import DirectoryInUse, lock_directory
+from kernel_service.store.records import (
+    ExecutionRecord,
+    KernelRecord,
+    SessionRecord,
+    SessionTotals,
+    start_ticks,
+)
+
+# Where they were first written; kernel/ and the reaper import them from here.
+__all__ = [
+    "DATABASE",
+    "LOCK_FILE",
+    "DirectoryInUse",
+    "ExecutionRecord",
+    "KernelRecord",
+    "SessionRecord",
+    "SessionTotals",
+    "StateStore",
+    "lock_directory",
+    "start_ticks",
+]
+
+T = TypeVar("T")
 
 DATABASE = "sessions.sqlite3"
 LOCK_FILE = "lock"
-_SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS kernels (
-    kernel_id TEXT PRIMARY KEY,
-    pid INTEGER NOT NULL,
-    start_ticks INTEGER NOT NULL,  -- /proc/PID/stat's starttime: tells a reused pid apart
-    directory TEXT NOT NULL,
-    connection TEXT NOT NULL,      -- JSON, with the HMAC key
-    uid INTEGER,                   -- the sandbox uid it runs as
-    cgroup TEXT,                   -- its cgroup (memory's, else pids' or cpu's): the others by name
-    started_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS sessions (
-    key TEXT PRIMARY KEY,          -- owner.id: each API key has a namespace of its own
-    session_id TEXT NOT NULL,
-    owner TEXT,
-    work_dir TEXT NOT NULL,
-    kernel_id TEXT,                -- NULL: no kernel now (the next execution starts one)
-    created_at TEXT NOT NULL,
-    last_activity TEXT NOT NULL,
-    execution_count INTEGER NOT NULL DEFAULT 0,
-    notice TEXT                    -- what the session has to tell at its next execution
-);
-CREATE TABLE IF NOT EXISTS executions (
-    session_key TEXT NOT NULL REFERENCES sessions(key) ON DELETE CASCADE,
-    seq INTEGER NOT NULL,
-    code TEXT NOT NULL,
-    status TEXT NOT NULL,          -- running, ok, error, timeout, cancelled, failed, lost
-    started_at TEXT NOT NULL,
-    duration_ms REAL,
-    execution_count INTEGER,
-    result TEXT,                   -- the ExecutionResult as JSON; NULL once dropped for room
-    result_bytes INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (session_key, seq)
-);
-CREATE TABLE IF NOT EXISTS images (
-    session_key TEXT NOT NULL REFERENCES sessions(key) ON DELETE CASCADE,
-    image_id TEXT NOT NULL,
-    mime TEXT NOT NULL,
-    data TEXT NOT NULL,            -- base64
-    PRIMARY KEY (session_key, image_id)
-);
-"""
-
-
-class DirectoryInUse(Exception):
-    """Another service process holds one of the directories; the message says which."""
-
-
-@dataclass(frozen=True)
-class KernelRecord:
-    kernel_id: str
-    pid: int
-    start_ticks: int
-    directory: Path
-    connection: dict[str, Any]
-    uid: int | None = None
-    cgroup: Path | None = None
-
-
-@dataclass(frozen=True)
-class SessionRecord:
-    key: str
-    session_id: str
-    owner: str | None
-    work_dir: Path
-    kernel_id: str | None
-    created_at: datetime
-    last_activity: datetime
-    execution_count: int
-    notice: str | None
-
-
-@dataclass(frozen=True)
-class ExecutionRecord:
-    seq: int
-    code: str
-    status: str
-    started_at: datetime
-    duration_ms: float | None
-    execution_count: int | None
-    result: str | None
-
-
-def start_ticks(pid: int) -> int | None:
-    """When process `pid` started, in clock ticks since boot; None if there is no such
-    process or it has ended (a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
 
 
 class StateStore:
@@ -139,15 +71,7 @@ class StateStore:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_fd = lock_directory(self.directory, LOCK_FILE, wait)
         try:
-            self._db = sqlite3.connect(
-                self.directory / DATABASE, isolation_level=None, check_same_thread=False
-            )
-            os.chmod(self.directory / DATABASE, 0o600)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
-            self.set_meta("schema", str(_SCHEMA_VERSION))
+            self._db = Database(self.directory / DATABASE)
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -157,16 +81,17 @@ class StateStore:
         return self.directory / DATABASE
 
     def close(self) -> None:
+        """Write what was handed over, close the database and let go of the directory."""
         with contextlib.suppress(sqlite3.Error):
             self._db.close()
         os.close(self._lock_fd)
 
-    # ------------------------------------------------------------ the service itself
+    # ------------------------------------------------------------ start and stop (waiting)
 
     def service_started(self, pid: int) -> str | None:
         """Record this service's pid; how the one before it ended (None: it was killed)."""
         before = self.meta("stopped")
-        self._write("DELETE FROM meta WHERE name = 'stopped'")
+        self._db.wait(self._db.write, "DELETE FROM meta WHERE name = 'stopped'")
         self.set_meta("service_pid", str(pid))
         return before
 
@@ -175,39 +100,17 @@ class StateStore:
         self.set_meta("stopped", how)
 
     def meta(self, name: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
-        return row[0] if row else None
+        rows = self._db.wait(self._db.read, "SELECT value FROM meta WHERE name = ?", (name,))
+        return str(rows[0][0]) if rows else None
 
     def set_meta(self, name: str, value: str) -> None:
-        self._write("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
-
-    # ------------------------------------------------------------ kernels
-
-    def add_kernel(self, record: KernelRecord) -> None:
-        self._write(
-            "INSERT OR REPLACE INTO kernels VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                record.kernel_id,
-                record.pid,
-                record.start_ticks,
-                str(record.directory),
-                json.dumps(record.connection, default=_bytes_as_text),
-                record.uid,
-                str(record.cgroup) if record.cgroup else None,
-                time.time(),
-            ),
-        )
-
-    def remove_kernel(self, kernel_id: str) -> None:
-        """Forget an ended kernel; a failure here only leaves a record the next start clears
-        (also after the store is closed: a kernel's end may be noticed late)."""
-        with contextlib.suppress(StateFull, sqlite3.ProgrammingError):
-            self._write("DELETE FROM kernels WHERE kernel_id = ?", (kernel_id,))
+        self._db.wait(self._db.write, "INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
 
     def kernels(self) -> list[KernelRecord]:
-        rows = self._db.execute(
-            "SELECT kernel_id, pid, start_ticks, directory, connection, uid, cgroup FROM kernels"
-        ).fetchall()
+        rows = self._db.wait(
+            self._db.read,
+            "SELECT kernel_id, pid, start_ticks, directory, connection, uid, cgroup FROM kernels",
+        )
         return [
             KernelRecord(
                 kernel_id=row[0],
@@ -221,51 +124,12 @@ class StateStore:
             for row in rows
         ]
 
-    # ------------------------------------------------------------ sessions
-
-    def add_session(self, record: SessionRecord) -> None:
-        self._write(
-            "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                record.key,
-                record.session_id,
-                record.owner,
-                str(record.work_dir),
-                record.kernel_id,
-                record.created_at.isoformat(),
-                record.last_activity.isoformat(),
-                record.execution_count,
-                record.notice,
-            ),
-        )
-
-    def set_kernel(self, key: str, kernel_id: str | None, notice: str | None = None) -> None:
-        """The session's kernel is now `kernel_id` (None: none); `notice`, what its next
-        execution will have to say (a new kernel resets the execution count)."""
-        with contextlib.suppress(StateFull):  # the next start checks the kernel anyway
-            self._write(
-                "UPDATE sessions SET kernel_id = ?, notice = ?, execution_count = 0 WHERE key = ?",
-                (kernel_id, notice, key),
-            )
-
-    def session_used(self, key: str, last_activity: datetime, execution_count: int) -> None:
-        self._write(
-            "UPDATE sessions SET last_activity = ?, execution_count = ?, notice = NULL "
-            "WHERE key = ?",
-            (last_activity.isoformat(), execution_count, key),
-        )
-
-    def remove_session(self, key: str) -> None:
-        """The session, its executions and images (a failure leaves a record whose kernel
-        is gone: the next start keeps its work dir and starts it a new kernel)."""
-        with contextlib.suppress(StateFull):
-            self._write("DELETE FROM sessions WHERE key = ?", (key,))
-
     def sessions(self) -> list[SessionRecord]:
-        rows = self._db.execute(
+        rows = self._db.wait(
+            self._db.read,
             "SELECT key, session_id, owner, work_dir, kernel_id, created_at, last_activity, "
-            "execution_count, notice FROM sessions"
-        ).fetchall()
+            "execution_count, notice FROM sessions",
+        )
         return [
             SessionRecord(
                 key=row[0],
@@ -281,51 +145,146 @@ class StateStore:
             for row in rows
         ]
 
+    def executions_cut_short(self) -> list[tuple[str, int, datetime]]:
+        """Executions that were running when the service before this one ended, marked
+        `lost`: (session key, seq, started at)."""
+
+        def mark() -> list[Any]:
+            rows = self._db.read(
+                "SELECT session_key, seq, started_at FROM executions WHERE status = 'running'"
+            )
+            self._db.write("UPDATE executions SET status = 'lost' WHERE status = 'running'")
+            return rows
+
+        return [(row[0], row[1], datetime.fromisoformat(row[2])) for row in self._db.wait(mark)]
+
+    # ------------------------------------------------------------ kernels
+
+    def add_kernel(self, record: KernelRecord) -> "asyncio.Future[None]":
+        """Handed over at once (the process exists); the outcome, StateFull or None, is to
+        be awaited before the kernel is handed out."""
+        row = (
+            record.kernel_id,
+            record.pid,
+            record.start_ticks,
+            str(record.directory),
+            json.dumps(record.connection, default=_bytes_as_text),
+            record.uid,
+            str(record.cgroup) if record.cgroup else None,
+            time.time(),
+        )
+        sql = "INSERT OR REPLACE INTO kernels VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        return self._db.run(self._write, sql, row)
+
+    def remove_kernel(self, kernel_id: str) -> None:
+        """Forget an ended kernel; a failure here only leaves a record the next start clears
+        (also after the store is closed: a kernel's end may be noticed late)."""
+        self._quietly("DELETE FROM kernels WHERE kernel_id = ?", (kernel_id,))
+
+    # ------------------------------------------------------------ sessions
+
+    async def add_session(self, record: SessionRecord) -> None:
+        row = (
+            record.key,
+            record.session_id,
+            record.owner,
+            str(record.work_dir),
+            record.kernel_id,
+            record.created_at.isoformat(),
+            record.last_activity.isoformat(),
+            record.execution_count,
+            record.notice,
+        )
+        sql = "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        await self._db.run(self._write, sql, row)
+
+    def set_kernel(self, key: str, kernel_id: str | None, notice: str | None = None) -> None:
+        """The session's kernel is now `kernel_id` (None: none); `notice`, what its next
+        execution will have to say (a new kernel resets the execution count). Handed over:
+        a failure is harmless, the next start checks the kernel anyway."""
+        self._quietly(
+            "UPDATE sessions SET kernel_id = ?, notice = ?, execution_count = 0 WHERE key = ?",
+            (kernel_id, notice, key),
+        )
+
+    async def remove_session(self, key: str) -> None:
+        """The session, its executions and images (a failure leaves a record whose kernel
+        is gone: the next start keeps its work dir and starts it a new kernel)."""
+        with contextlib.suppress(StateFull):
+            await self._db.run(self._write, "DELETE FROM sessions WHERE key = ?", (key,))
+
+    async def session_totals(self, key: str) -> SessionTotals:
+        """Where a session carried on from an earlier service process stands."""
+
+        def read() -> SessionTotals:
+            seq, size = self._db.read(
+                "SELECT MAX(seq), SUM(result_bytes) FROM executions WHERE session_key = ?",
+                (key,),
+            )[0]
+            images = self._db.read(
+                "SELECT image_id, length(data) FROM images WHERE session_key = ? ORDER BY rowid",
+                (key,),
+            )
+            return SessionTotals(int(seq or 0), int(size or 0), tuple(map(tuple, images)))
+
+        return await self._db.run(read)
+
     # ------------------------------------------------------------ executions
 
-    def execution_started(self, key: str, seq: int, code: str) -> None:
-        self._write(
+    async def execution_started(self, key: str, seq: int, code: str) -> None:
+        await self._db.run(
+            self._write,
             "INSERT INTO executions (session_key, seq, code, status, started_at) "
             "VALUES (?, ?, ?, 'running', ?)",
             (key, seq, code, datetime.now(UTC).isoformat()),
         )
 
-    def execution_ended(
+    def execution_cut_short(self, key: str, seq: int, status: str) -> None:
+        """It ended with no result (`cancelled`, `failed`); handed over, failures ignored."""
+        self._quietly(
+            "UPDATE executions SET status = ?, duration_ms = NULL, execution_count = NULL, "
+            "result = NULL, result_bytes = 0 WHERE session_key = ? AND seq = ?",
+            (status, key, seq),
+        )
+
+    def hand_over(self, job: Callable[[], T]) -> "asyncio.Future[T]":
+        """Run `job`, made of this store's `*_now` calls, on the store's thread in its turn;
+        its outcome, to await (cancelling the wait does not call it off)."""
+        return self._db.run(job)
+
+    def execution_ended_now(
         self,
         key: str,
         seq: int,
         status: str,
         *,
-        duration_ms: float | None = None,
-        execution_count: int | None = None,
-        result: str | None = None,
+        duration_ms: float | None,
+        execution_count: int | None,
+        result: str,
     ) -> None:
+        """On the store's thread (in a job given to `run`)."""
         self._write(
             "UPDATE executions SET status = ?, duration_ms = ?, execution_count = ?, "
             "result = ?, result_bytes = ? WHERE session_key = ? AND seq = ?",
-            (status, duration_ms, execution_count, result, len(result or ""), key, seq),
+            (status, duration_ms, execution_count, result, len(result), key, seq),
         )
 
-    def last_seq(self, key: str) -> int:
-        row = self._db.execute(
-            "SELECT MAX(seq) FROM executions WHERE session_key = ?", (key,)
-        ).fetchone()
-        return int(row[0] or 0)
+    def session_used_now(self, key: str, last_activity: datetime, execution_count: int) -> None:
+        """On the store's thread (in a job given to `run`)."""
+        self._write(
+            "UPDATE sessions SET last_activity = ?, execution_count = ?, notice = NULL "
+            "WHERE key = ?",
+            (last_activity.isoformat(), execution_count, key),
+        )
 
-    def result_bytes(self, key: str) -> int:
-        row = self._db.execute(
-            "SELECT SUM(result_bytes) FROM executions WHERE session_key = ?", (key,)
-        ).fetchone()
-        return int(row[0] or 0)
-
-    def drop_oldest_results(self, key: str, bytes_to_free: int) -> int:
+    def drop_oldest_results_now(self, key: str, bytes_to_free: int) -> int:
         """Forget the stored results of the oldest executions (their code and status stay)
-        until `bytes_to_free` are freed; how many were freed."""
-        rows = self._db.execute(
+        until `bytes_to_free` are freed; how many were freed. On the store's thread."""
+        rows = self._db.read(
             "SELECT seq, result_bytes FROM executions WHERE session_key = ? AND result_bytes > 0 "
             "ORDER BY seq",
             (key,),
-        ).fetchall()
+        )
         freed, seqs = 0, []
         for seq, size in rows:
             if freed >= bytes_to_free:
@@ -340,15 +299,16 @@ class StateStore:
             )
         return freed
 
-    def executions(
+    async def executions(
         self, key: str, since: int = 0, limit: int | None = None
     ) -> list[ExecutionRecord]:
         """The session's executions numbered after `since`, oldest first (at most `limit`)."""
-        rows = self._db.execute(
+        rows = await self._db.run(
+            self._db.read,
             "SELECT seq, code, status, started_at, duration_ms, execution_count, result "
             "FROM executions WHERE session_key = ? AND seq > ? ORDER BY seq LIMIT ?",
             (key, since, -1 if limit is None else limit),
-        ).fetchall()
+        )
         return [
             ExecutionRecord(
                 seq=row[0],
@@ -362,23 +322,16 @@ class StateStore:
             for row in rows
         ]
 
-    def executions_cut_short(self) -> list[tuple[str, int, datetime]]:
-        """Executions that were running when the service before this one ended, marked
-        `lost`: (session key, seq, started at)."""
-        rows = self._db.execute(
-            "SELECT session_key, seq, started_at FROM executions WHERE status = 'running'"
-        ).fetchall()
-        self._write("UPDATE executions SET status = 'lost' WHERE status = 'running'")
-        return [(row[0], row[1], datetime.fromisoformat(row[2])) for row in rows]
-
     # ------------------------------------------------------------ images
 
-    def add_image(self, key: str, image_id: str, mime: str, data: str) -> None:
+    def add_image_now(self, key: str, image_id: str, mime: str, data: str) -> None:
+        """On the store's thread (in a job given to `run`)."""
         self._write(
             "INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?)", (key, image_id, mime, data)
         )
 
-    def remove_images(self, key: str, image_ids: list[str]) -> None:
+    def remove_images_now(self, key: str, image_ids: list[str]) -> None:
+        """On the store's thread (in a job given to `run`); failures ignored."""
         with contextlib.suppress(StateFull):
             self._write(
                 f"DELETE FROM images WHERE session_key = ? "
@@ -386,56 +339,33 @@ class StateStore:
                 (key, *image_ids),
             )
 
-    def image(self, key: str, image_id: str) -> tuple[str, str] | None:
-        row = self._db.execute(
+    async def image(self, key: str, image_id: str) -> tuple[str, str] | None:
+        rows = await self._db.run(
+            self._db.read,
             "SELECT mime, data FROM images WHERE session_key = ? AND image_id = ?",
             (key, image_id),
-        ).fetchone()
-        return (row[0], row[1]) if row else None
-
-    def image_sizes(self, key: str) -> list[tuple[str, int]]:
-        """The session's images, oldest first: (id, bytes of base64)."""
-        rows = self._db.execute(
-            "SELECT image_id, length(data) FROM images WHERE session_key = ? ORDER BY rowid",
-            (key,),
-        ).fetchall()
-        return [(row[0], row[1]) for row in rows]
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
 
     # ------------------------------------------------------------ writing
 
     def _write(self, sql: str, parameters: tuple[Any, ...] = ()) -> None:
-        try:
-            self._db.execute(sql, parameters)
-        except sqlite3.OperationalError as exc:
-            # SQLITE_FULL, SQLITE_IOERR...: rolled back, the database as it was
-            raise StateFull(str(exc)) from exc
+        self._db.write(sql, parameters)
+
+    def _quietly(self, sql: str, parameters: tuple[Any, ...]) -> None:
+        """Hand a write over whose failure changes nothing (after the close too)."""
+        if not self._db.closed:
+            self._db.queue(_ignoring_failure, self._db.write, sql, parameters)
+
+
+def _ignoring_failure(
+    write: Callable[[str, tuple[Any, ...]], int], sql: str, parameters: tuple[Any, ...]
+) -> None:
+    with contextlib.suppress(StateFull, sqlite3.ProgrammingError):
+        write(sql, parameters)
 
 
 def _bytes_as_text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode()
     raise TypeError(f"cannot store {type(value).__name__}")
-
-
-def lock_directory(directory: Path, name: str | None = None, wait: float = 0.0) -> int:
-    """An exclusive lock on `directory` (on the directory itself, or on a file `name` in
-    it), held until the returned fd is closed; raises DirectoryInUse if another process
-    holds it for `wait` seconds."""
-    if name is None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    else:
-        fd = os.open(directory / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                raise DirectoryInUse(
-                    f"another kernel-service process uses {directory}: each service needs a "
-                    "state, connection and work directory of its own"
-                ) from None
-            time.sleep(0.1)
-            continue
-        return fd
