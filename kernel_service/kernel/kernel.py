@@ -26,8 +26,8 @@ from kernel_service.kernel.launcher import (
     KernelLauncher,
     KernelProcess,
     LaunchSpec,
+    RecordedKernel,
 )
-from kernel_service.store.state import KernelRecord, start_ticks
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class Kernel:
 
     @classmethod
     async def adopt(
-        cls, record: KernelRecord, launcher: KernelLauncher, options: KernelOptions
+        cls, record: RecordedKernel, launcher: KernelLauncher, options: KernelOptions
     ) -> "Kernel":
         """Take over a kernel that an earlier service process started: its process found
         alive, its connection file as recorded, and kernel_info answered (over the control
@@ -240,19 +240,6 @@ class Kernel:
                 raise AdoptionError(str(exc)) from exc
             raise
         return kernel
-
-    def record(self) -> KernelRecord:
-        """What a later service process needs to adopt this kernel."""
-        ticks = start_ticks(self.process.pid)
-        return KernelRecord(
-            kernel_id=self.kernel_id,
-            pid=self.process.pid,
-            start_ticks=ticks if ticks is not None else -1,
-            directory=self.files.directory,
-            connection=self.files.connection_info,
-            uid=self.process.sandbox_uid,
-            cgroup=self.process.cgroup,
-        )
 
     def detach(self) -> None:
         """Let go of a kernel that stays running (for the next service process): close our

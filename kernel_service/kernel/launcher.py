@@ -20,13 +20,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
 from kernel_service.kernel.files import KernelFiles
+from kernel_service.kernel.programs.reaper import start_ticks
 from kernel_service.kernel.uids import UidRange
-from kernel_service.store.state import KernelRecord, start_ticks
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,28 @@ class LaunchSpec:
     def kernel_argv(self) -> list[str]:
         """The kernel app's own arguments."""
         return ["-f", str(self.files.connection_file), *self.kernel_args]
+
+
+class RecordedKernel(Protocol):
+    """What a later service process needs to take a kernel over. The service keeps it (in
+    its state store) from the kernel's launch; this package only reads it."""
+
+    @property
+    def kernel_id(self) -> str: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def start_ticks(self) -> int:
+        """When its process started (see `start_ticks`): tells a reused pid apart."""
+
+    @property
+    def directory(self) -> Path: ...
+    @property
+    def connection(self) -> dict[str, Any]: ...
+    @property
+    def uid(self) -> int | None: ...
+    @property
+    def cgroup(self) -> Path | None: ...
 
 
 class KernelProcess(ABC):
@@ -148,7 +170,7 @@ class KernelLauncher(ABC):
         """Release what the launcher holds; with `kernels_left` (kept for the next start),
         what is theirs stays."""
 
-    def adopt(self, record: KernelRecord) -> KernelProcess:
+    def adopt(self, record: RecordedKernel) -> KernelProcess:
         """Watch a kernel that an earlier service process started. Raises AdoptionError when
         its process is gone (or its pid is another process's now)."""
         return AdoptedKernelProcess(record.pid, record.start_ticks)

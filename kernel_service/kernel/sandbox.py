@@ -32,10 +32,10 @@ from kernel_service.kernel.launcher import (
     KernelProcess,
     LaunchSpec,
     PopenKernelProcess,
+    RecordedKernel,
 )
 from kernel_service.kernel.seccomp import build_filter
 from kernel_service.kernel.uids import UidClaim, UidRange, claim, uids_in_use
-from kernel_service.store.state import KernelRecord
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ class BubblewrapLauncher(KernelLauncher):
             os.close(args_fd)
         return PopenKernelProcess(popen, exit_status_of_child=True)
 
-    def adopt(self, record: KernelRecord) -> KernelProcess:
+    def adopt(self, record: RecordedKernel) -> KernelProcess:
         """A kernel of an earlier service process: its uid is not given to another kernel
         while it lives, and its cgroup goes when it ends."""
         if record.uid is None:
