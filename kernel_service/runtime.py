@@ -33,12 +33,8 @@ from kernel_service.kernel.kernel import STARTUP_FILE, kernel_env
 from kernel_service.kernel.programs import reaper
 from kernel_service.kernel.programs.fonts import prepare_font_cache
 from kernel_service.kernel.programs.reaper import start_ticks
-from kernel_service.kernel.sandbox import (
-    BubblewrapLauncher,
-    SandboxLimits,
-    default_read_only_paths,
-    host_headroom,
-)
+from kernel_service.kernel.sandbox import BubblewrapLauncher, host_headroom
+from kernel_service.kernel.sandbox_spec import SandboxLimits, default_read_only_paths
 from kernel_service.kernel.uids import UidRange
 from kernel_service.metrics import Metrics
 from kernel_service.sessions.pool import KernelPool

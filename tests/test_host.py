@@ -26,7 +26,8 @@ from kernel_service.kernel import cgroups
 from kernel_service.kernel.cgroups import CFS_PERIOD_US, CPU_SHARES
 from kernel_service.kernel.forkserver import ZYGOTE_FILE
 from kernel_service.kernel.programs.reaper import CGROUP_ROOT, CONTROLLERS, own_cgroups
-from kernel_service.kernel.sandbox import PROC_MASKED, SandboxLimits, host_headroom
+from kernel_service.kernel.sandbox import host_headroom
+from kernel_service.kernel.sandbox_spec import PROC_MASKED, SandboxLimits
 from tests.conftest import SANDBOXED, Server, running_server, service_process, wait_for
 
 pytestmark = pytest.mark.skipif(
