@@ -29,7 +29,7 @@ from kernel_service.kernel.forkserver import (
     SandboxedForkLauncher,
     zygote_env,
 )
-from kernel_service.kernel.kernel import STARTUP_FILE, kernel_env
+from kernel_service.kernel.options import STARTUP_FILE, kernel_env
 from kernel_service.kernel.programs import reaper
 from kernel_service.kernel.programs.fonts import prepare_font_cache
 from kernel_service.kernel.programs.reaper import start_ticks

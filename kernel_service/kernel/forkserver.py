@@ -95,11 +95,11 @@ class ForkServer:
             ready = await asyncio.wait_for(loop.sock_recv(ours, _MAX_MESSAGE), _START_TIMEOUT)
         except BaseException:
             ours.close()
-            self._kill_zygote()
+            await self._end_zygote()
             raise
         if not ready:
             ours.close()
-            self._kill_zygote()
+            await self._end_zygote()
             raise ForkServerError("the zygote exited while importing its modules")
         self._channel = ours
         loop.add_reader(ours.fileno(), self._receive)
@@ -137,9 +137,9 @@ class ForkServer:
         else:
             self._children[process.pid] = process
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._drop_channel()
-        self._kill_zygote()
+        await self._end_zygote()
 
     def _receive(self) -> None:
         assert self._channel is not None
@@ -197,11 +197,11 @@ class ForkServer:
             self._channel.close()
             self._channel = None
 
-    def _kill_zygote(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
-        self._process = None
+    async def _end_zygote(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            await asyncio.to_thread(process.wait)  # its teardown: a moment for its memory
 
 
 class ForkedKernelProcess(WatchedProcess):
@@ -284,7 +284,7 @@ class ForkLauncher(SubprocessLauncher):
         await _start_or_warn(self._server)
 
     async def close(self, kernels_left: bool = False) -> None:
-        self._server.close()
+        await self._server.close()
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "launch": "fork-server"}
@@ -321,7 +321,7 @@ class SandboxedForkLauncher(BubblewrapLauncher):
         await _start_or_warn(self._server)
 
     async def close(self, kernels_left: bool = False) -> None:
-        self._server.close()
+        await self._server.close()
         await super().close(kernels_left)
 
     def describe(self) -> dict[str, Any]:

@@ -97,8 +97,9 @@ class KernelProcess(ABC):
     async def wait(self) -> int: ...
 
     @abstractmethod
-    def kill(self) -> None:
-        """End the kernel and every process it started, at once."""
+    async def kill(self) -> None:
+        """End the kernel and every process it started, at once; done even if the caller
+        is cancelled meanwhile."""
 
     def output_tail(self) -> str:
         """The end of what the process wrote to its own stdout and stderr (not iopub)."""
@@ -243,19 +244,22 @@ class WatchedProcess(KernelProcess):
     async def wait(self) -> int:
         return await asyncio.shield(self._exited)
 
-    def kill(self) -> None:
+    async def kill(self) -> None:
+        await asyncio.shield(self._kill())
+
+    async def _kill(self) -> None:
         descendants: list[psutil.Process] = []
         if not self._exited.done():
             # Collected before the kill: once the kernel is gone its children are
             # re-parented and can't be found, even those that left its process group.
-            with contextlib.suppress(psutil.Error):
-                descendants = psutil.Process(self._pid).children(recursive=True)
+            # Off the loop: finding them reads every process of the host.
+            descendants = await asyncio.to_thread(_descendants, self._pid)
+        if not self._exited.done():  # checked again: it may have ended meanwhile
             with contextlib.suppress(ProcessLookupError):
                 self._send_kill()
         self._kill_group()
-        for child in descendants:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
+        if descendants:
+            await asyncio.to_thread(_kill_all, descendants)
 
     def _send_kill(self) -> None:
         os.kill(self._pid, signal.SIGKILL)
@@ -292,6 +296,18 @@ class WatchedProcess(KernelProcess):
         self._exited.set_result(status)
         for callback in self._callbacks:
             callback(status)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid).children(recursive=True)
+    return []
+
+
+def _kill_all(processes: list[psutil.Process]) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
 
 
 # The exit status of a process that was not ours when it ended, and the words for it.

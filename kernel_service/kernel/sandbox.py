@@ -178,7 +178,8 @@ class BubblewrapLauncher(KernelLauncher):
             await asyncio.to_thread(_chown_tree, spec.files.directory, uid)
             await asyncio.to_thread(_chown_tree, spec.work_dir, uid)
             sandbox = await asyncio.to_thread(self.sandbox_spec, spec, uid)
-            procs = await asyncio.to_thread(self._cgroups.create, name, self._cgroup_limits)
+            # on the loop (a few writes): a thread cancelled meanwhile would leave them
+            procs = self._cgroups.create(name, self._cgroup_limits)
             seccomp_fd = self.seccomp_program()
             try:
                 process = await self._start(spec, sandbox, procs, seccomp_fd)
