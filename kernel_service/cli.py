@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     from kernel_service.kernel.sandbox import SandboxUnavailable
     from kernel_service.kernel.uids import UidRangeInUse
-    from kernel_service.store.state import DirectoryInUse
+    from kernel_service.store.locks import DirectoryInUse
 
     # What is known to stop a start is said in one line; anything else is a bug: traceback.
     try:

@@ -29,20 +29,20 @@ from kernel_service.kernel.forkserver import (
     SandboxedForkLauncher,
     zygote_env,
 )
-from kernel_service.kernel.kernel import STARTUP_FILE, kernel_env
+from kernel_service.kernel.options import STARTUP_FILE, kernel_env
+from kernel_service.kernel.programs import reaper
 from kernel_service.kernel.programs.fonts import prepare_font_cache
-from kernel_service.kernel.sandbox import (
-    BubblewrapLauncher,
-    SandboxLimits,
-    default_read_only_paths,
-    host_headroom,
-)
+from kernel_service.kernel.programs.reaper import start_ticks
+from kernel_service.kernel.sandbox import BubblewrapLauncher, host_headroom
+from kernel_service.kernel.sandbox_spec import SandboxLimits, default_read_only_paths
 from kernel_service.kernel.uids import UidRange
 from kernel_service.metrics import Metrics
 from kernel_service.sessions.pool import KernelPool
 from kernel_service.sessions.recovery import recover
 from kernel_service.sessions.registry import SessionRegistry
-from kernel_service.store.state import StateStore, lock_directory
+from kernel_service.store.locks import lock_directory
+from kernel_service.store.records import KernelRecord
+from kernel_service.store.state import DATABASE, LOCK_FILE, StateStore
 from kernel_service.workdir.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ class Runtime:
             store = self.store
             if store is None:
                 raise KernelStartError("the service is not running")
-            written.append(store.add_kernel(kernel.record()))
+            written.append(store.add_kernel(_record_of(kernel)))
             kernel.process.on_exit(lambda _: store.remove_kernel(kernel.kernel_id))
 
         try:
@@ -242,11 +242,26 @@ class Runtime:
         return kernel
 
 
+def _record_of(kernel: Kernel) -> KernelRecord:
+    """What a later service process needs to adopt this kernel (see RecordedKernel)."""
+    process, files = kernel.process, kernel.files
+    ticks = start_ticks(process.pid)
+    return KernelRecord(
+        kernel_id=kernel.kernel_id,
+        pid=process.pid,
+        start_ticks=ticks if ticks is not None else -1,
+        directory=files.directory,
+        connection=files.connection_info,
+        uid=process.sandbox_uid,
+        cgroup=process.cgroup,
+    )
+
+
 def _start_reaper(settings: Settings, store: StateStore) -> "subprocess.Popen[bytes]":
     """The orphan reaper for this service process (see reaper.py)."""
     return subprocess.Popen(
-        [sys.executable, "-I", "-m", "kernel_service.kernel.programs.reaper", str(store.directory),
-         str(os.getpid()), str(settings.orphan_timeout)],
+        [sys.executable, "-I", reaper.__file__, str(store.directory), str(os.getpid()),
+         str(settings.orphan_timeout), DATABASE, LOCK_FILE],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         start_new_session=True,

@@ -104,7 +104,7 @@ def test_a_launch_called_off_before_its_pid_came_leaves_no_kernel(tmp_path: Path
                 await asyncio.sleep(0.02)
             assert server._early_exits == {}
         finally:
-            server.close()
+            await server.close()
 
     asyncio.run(scenario())
     assert kernel_processes(connection_dir) == []

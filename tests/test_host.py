@@ -9,8 +9,6 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,12 +19,12 @@ import httpx
 import psutil
 import pytest
 
-import kernel_service
 from kernel_service.kernel import cgroups
 from kernel_service.kernel.cgroups import CFS_PERIOD_US, CPU_SHARES
 from kernel_service.kernel.forkserver import ZYGOTE_FILE
 from kernel_service.kernel.programs.reaper import CGROUP_ROOT, CONTROLLERS, own_cgroups
-from kernel_service.kernel.sandbox import PROC_MASKED, SandboxLimits, host_headroom
+from kernel_service.kernel.sandbox import host_headroom
+from kernel_service.kernel.sandbox_spec import PROC_MASKED, SandboxLimits
 from tests.conftest import SANDBOXED, Server, running_server, service_process, wait_for
 
 pytestmark = pytest.mark.skipif(
@@ -219,19 +217,6 @@ def test_an_adopted_kernels_cgroups_go_when_it_ends(tmp_path: Path) -> None:
     assert service_cgroups(second.pid) == []
 
 
-def _reaper_runs_this_checkout() -> bool:
-    """The reaper runs isolated (`python -I`): the code it runs is the installed package's,
-    which may be another checkout than the one under test."""
-    found = subprocess.run(
-        [sys.executable, "-I", "-c", "import kernel_service; print(kernel_service.__file__)"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    return Path(found.stdout.strip()).resolve() == Path(kernel_service.__file__).resolve()
-
-
-@pytest.mark.skipif(
-    not _reaper_runs_this_checkout(), reason="the isolated reaper would run another checkout"
-)
 def test_the_orphan_reaper_removes_every_cgroup_of_its_kernels(tmp_path: Path) -> None:
     env = {"KERNEL_SERVICE_ORPHAN_TIMEOUT": "1"}
     with service_process(tmp_path, env=env) as (first, base_url):

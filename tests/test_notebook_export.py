@@ -5,7 +5,7 @@ import json
 from datetime import UTC, datetime
 
 from kernel_service.store.history import notebook, session_history
-from kernel_service.store.state import ExecutionRecord
+from kernel_service.store.records import ExecutionRecord
 from tests.conftest import read_notebook
 
 STARTED = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -1,14 +1,10 @@
 """The only package that speaks the kernel protocol (jupyter_client's Session over our own
 bounded ZMTP sockets): launch, execute, interrupt."""
 
-from kernel_service.kernel.kernel import (
-    ExitCause,
-    Kernel,
-    KernelOptions,
-    KernelStartError,
-    RunOutcome,
-)
+from kernel_service.kernel.endings import ExitCause, RunOutcome
+from kernel_service.kernel.kernel import Kernel, KernelStartError
 from kernel_service.kernel.launcher import KernelLauncher, SubprocessLauncher
+from kernel_service.kernel.options import KernelOptions
 
 __all__ = [
     "ExitCause",

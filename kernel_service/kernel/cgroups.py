@@ -122,12 +122,16 @@ class KernelCgroups:
         """Remove every group, waiting briefly for the last processes to leave them; with
         `kernels_left`, only the empty ones (the rest are kept kernels', and their parent)."""
         for _ in range(1 if kernels_left else 100):
-            for root in self.roots.values():
-                _remove_tree(root)
-            if kernels_left or not any(root.exists() for root in self.roots.values()):
+            if await asyncio.to_thread(self._remove_roots) or kernels_left:
                 return
             await asyncio.sleep(0.05)
         log.warning("cgroups %s still busy at exit", sorted(map(str, self.roots.values())))
+
+    def _remove_roots(self) -> bool:
+        """One try at removing every group; whether none is left."""
+        for root in self.roots.values():
+            _remove_tree(root)
+        return not any(root.exists() for root in self.roots.values())
 
 
 def oom_kills(group: Path) -> int | None:

@@ -5,6 +5,7 @@ sockets in the kernel's own directory, which a sandbox can bind-mount as the onl
 out. Nothing listens on a TCP port.
 """
 
+import json
 import os
 import shutil
 import uuid
@@ -14,6 +15,11 @@ from typing import Any
 
 from jupyter_client.connect import write_connection_file
 
+# What must match between a kernel's record and its connection file to adopt it.
+_CONNECTION_KEYS = (
+    "transport", "ip", "key", "signature_scheme",
+    "shell_port", "iopub_port", "stdin_port", "control_port", "hb_port",
+)  # fmt: skip
 # A Unix socket path must fit in sun_path (108 bytes with its NUL).
 _MAX_SOCKET_PATH = 100
 
@@ -47,6 +53,20 @@ class KernelFiles:
             key=uuid.uuid4().hex.encode(),
         )
         return cls(directory, dict(info))
+
+    @classmethod
+    def recorded(cls, directory: Path, connection: dict[str, Any]) -> "KernelFiles":
+        """The files of a kernel started with `connection` (an earlier service process's),
+        checked against its connection file. Raises ValueError saying what is wrong."""
+        try:
+            on_disk = json.loads((directory / "connection.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"its connection file is missing or unreadable ({exc})") from exc
+        if not isinstance(on_disk, dict) or any(
+            on_disk.get(k) != connection.get(k) for k in _CONNECTION_KEYS
+        ):
+            raise ValueError("its connection file is not the one it was started with")
+        return cls(directory, connection)
 
     def lock(self) -> None:
         """Take the directory back from the kernel once its sockets are bound.

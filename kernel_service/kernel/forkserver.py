@@ -27,13 +27,8 @@ from kernel_service.kernel.launcher import (
     SubprocessLauncher,
     WatchedProcess,
 )
-from kernel_service.kernel.sandbox import (
-    ETC_FILES,
-    FEW_THREADS_ENV,
-    PROC_MASKED,
-    PROC_READ_ONLY,
-    BubblewrapLauncher,
-)
+from kernel_service.kernel.sandbox import BubblewrapLauncher
+from kernel_service.kernel.sandbox_spec import FEW_THREADS_ENV, SandboxSpec
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +95,11 @@ class ForkServer:
             ready = await asyncio.wait_for(loop.sock_recv(ours, _MAX_MESSAGE), _START_TIMEOUT)
         except BaseException:
             ours.close()
-            self._kill_zygote()
+            await self._end_zygote()
             raise
         if not ready:
             ours.close()
-            self._kill_zygote()
+            await self._end_zygote()
             raise ForkServerError("the zygote exited while importing its modules")
         self._channel = ours
         loop.add_reader(ours.fileno(), self._receive)
@@ -142,9 +137,9 @@ class ForkServer:
         else:
             self._children[process.pid] = process
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._drop_channel()
-        self._kill_zygote()
+        await self._end_zygote()
 
     def _receive(self) -> None:
         assert self._channel is not None
@@ -202,11 +197,11 @@ class ForkServer:
             self._channel.close()
             self._channel = None
 
-    def _kill_zygote(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
-        self._process = None
+    async def _end_zygote(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            await asyncio.to_thread(process.wait)  # its teardown: a moment for its memory
 
 
 class ForkedKernelProcess(WatchedProcess):
@@ -289,7 +284,7 @@ class ForkLauncher(SubprocessLauncher):
         await _start_or_warn(self._server)
 
     async def close(self, kernels_left: bool = False) -> None:
-        self._server.close()
+        await self._server.close()
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "launch": "fork-server"}
@@ -305,45 +300,28 @@ class SandboxedForkLauncher(BubblewrapLauncher):
         self._root = Path("/run/kernel-service-root")
 
     async def _start(
-        self, spec: LaunchSpec, uid: int, cgroup_procs: list[Path], seccomp_fd: int
+        self, spec: LaunchSpec, sandbox: SandboxSpec, cgroup_procs: list[Path], seccomp_fd: int
     ) -> KernelProcess:
-        self._root.mkdir(mode=0o700, exist_ok=True)
-        limits = self._limits
+        # the root is built in a directory of the zygote child's own mount namespace
+        await asyncio.to_thread(self._root.mkdir, mode=0o700, exist_ok=True)
         request = {
             "argv": spec.kernel_argv(),
-            "work_dir": str(spec.work_dir),
-            "env": self.kernel_env(spec, uid),
-            "sandbox": {
-                "uid": uid,
-                "root": str(self._root),
-                "cgroup_procs": [str(p) for p in cgroup_procs],
-                "etc": list(ETC_FILES),
-                "proc_masked": list(PROC_MASKED),
-                "proc_read_only": list(PROC_READ_ONLY),
-                "read_only": [str(p) for p in self._read_only],
-                "files_dir": str(spec.files.directory),
-                "font_caches": [str(p) for p in self.font_caches(spec)],
-                "tmp_bytes": limits.tmp_bytes,
-                "limits": {
-                    "memory_bytes": limits.memory_bytes,
-                    "processes": limits.processes,
-                    "file_bytes": limits.file_bytes,
-                    "open_files": limits.open_files,
-                },
-            },
+            "sandbox": sandbox.to_json(),
+            "root": str(self._root),
+            "cgroup_procs": [str(p) for p in cgroup_procs],
         }
         try:
             return await _fork(self._server, request, [seccomp_fd], wrapper=True)
         except (ForkServerError, OSError) as exc:
             log.warning("fork-server unavailable (%s); launching the kernel with bubblewrap", exc)
-            return await super()._start(spec, uid, cgroup_procs, seccomp_fd)
+            return await super()._start(spec, sandbox, cgroup_procs, seccomp_fd)
 
     async def prepare(self) -> None:
         await super().prepare()
         await _start_or_warn(self._server)
 
     async def close(self, kernels_left: bool = False) -> None:
-        self._server.close()
+        await self._server.close()
         await super().close(kernels_left)
 
     def describe(self) -> dict[str, Any]:

@@ -8,26 +8,25 @@ killed kernel is the session's job.
 
 import asyncio
 import contextlib
-import json
 import logging
-import signal
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from kernel_service.execution.collector import ExecutionCollector, OutputLimits, OutputListener
-from kernel_service.kernel.cgroups import oom_kills
 from kernel_service.kernel.channels import Channel, KernelChannels
+from kernel_service.kernel.endings import ExitCause, KernelEnd, RunOutcome
 from kernel_service.kernel.files import KernelFiles
+from kernel_service.kernel.interrupts import Interrupts
 from kernel_service.kernel.launcher import (
     AdoptionError,
     KernelLauncher,
     KernelProcess,
     LaunchSpec,
+    RecordedKernel,
 )
-from kernel_service.store.state import KernelRecord, start_ticks
+from kernel_service.kernel.options import KernelOptions, kernel_args, kernel_env
 
 log = logging.getLogger(__name__)
 
@@ -41,25 +40,12 @@ _DEATH_DRAIN = 0.05
 # Between kernel_info requests while waiting for a new kernel to be ready.
 _READY_RETRY = 0.25
 _LOG_TAIL = 2000
-# An interrupt asked for by the caller is sent again this often (at most _INTERRUPT_TRIES
-# times) while its code neither raised nor ended: ipykernel catches a SIGINT that lands
-# between its announcing the code and running it, and runs the code anyway.
-_INTERRUPT_AGAIN, _INTERRUPT_TRIES = 1.0, 5
 # How long the channels have to be made again after a refused message.
 _RECONNECTED_WITHIN = 5.0
 # How long a kernel being adopted has to answer kernel_info.
 _ADOPT_TIMEOUT = 5.0
-STARTUP_FILE = Path(__file__).parent / "programs" / "startup.py"
 _PROBE_LIMITS = OutputLimits(text=1000, rich=1000)
 
-Ending = Literal["done", "interrupted", "killed", "died", "output_lost"]
-# Why a kernel process ended, in a word (for counting; `exit_words` says it for people).
-ExitCause = Literal["shutdown", "timeout", "exited", "signal", "out_of_memory", "unknown"]
-# What must match between a kernel's record and its connection file to adopt it.
-_CONNECTION_KEYS = (
-    "transport", "ip", "key", "signature_scheme",
-    "shell_port", "iopub_port", "stdin_port", "control_port", "hb_port",
-)  # fmt: skip
 # Told to every start: record this kernel, now that its process exists.
 OnLaunch = Callable[["Kernel"], None]
 
@@ -73,65 +59,6 @@ class KernelStartError(Exception):
     def __init__(self, message: str, stuck: bool = False) -> None:
         super().__init__(message)
         self.stuck = stuck
-
-
-@dataclass(frozen=True)
-class KernelOptions:
-    """How kernels are made; built once from Settings."""
-
-    connection_dir: Path
-    matplotlib_dir: Path
-    start_timeout: float
-    preload_modules: tuple[str, ...]
-    # Largest message read from a kernel; a larger one is refused unread (see wire.py).
-    max_message_bytes: int
-
-
-@dataclass(frozen=True)
-class RunOutcome:
-    """How one execution ended, with everything gathered for it."""
-
-    collector: ExecutionCollector
-    ending: Ending
-    exit_reason: str | None = None
-    lost: str | None = None  # why output was lost (with ending "output_lost")
-
-    @property
-    def kernel_lost(self) -> bool:
-        return self.ending in ("killed", "died")
-
-
-def describe_exit(returncode: int, oom_kills: int | None = None) -> str:
-    """Words for why a kernel process ended, for people and models alike. `oom_kills`, read
-    from the kernel's memory cgroup as it ended (None without one), tells a SIGKILL of the
-    out-of-memory killer from another."""
-    if returncode < 0:
-        number = -returncode
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = f"signal {number}"
-        if number == signal.SIGKILL:
-            if oom_kills == 0:
-                return (
-                    "it was killed by SIGKILL, not by the out-of-memory killer (a kill sent "
-                    "by the code itself or from outside)"
-                )
-            if oom_kills:
-                return (
-                    "it was killed by the out-of-memory killer (out of memory: the code used "
-                    "more memory than its limit allows)"
-                )
-            return (
-                "it was killed by SIGKILL, most likely by the out-of-memory killer "
-                "(out of memory: the code used more memory than the machine allows)"
-            )
-        if number == signal.SIGSEGV:
-            return "it crashed with a segmentation fault (SIGSEGV)"
-        return f"it was ended by {name}"
-    if returncode == 0:
-        return "it exited with code 0 (the code called exit() or quit(), which ends the kernel)"
-    return f"it exited with code {returncode}"
 
 
 class Kernel:
@@ -151,8 +78,7 @@ class Kernel:
             files.connection_info, max_message_bytes, self._dispatch, self._on_refused
         )
         self._active: ExecutionCollector | None = None
-        self._execution: ExecutionCollector | None = None  # the execute_request in flight
-        self._interrupt_on_start = False
+        self._interrupts = Interrupts(self._send_interrupt)
         # An execution given up by its caller, still ending; the next one waits for it.
         self._settling: asyncio.Task[None] | None = None
         self._lost: str | None = None  # why output of the active request was lost
@@ -160,10 +86,8 @@ class Kernel:
         self._probe_answered = False
         self._refusals_seen = 0  # messages refused when the last execution began
         self._changed = asyncio.Event()
-        self._killed_by_us = False
-        self._killed_at_timeout = False
+        self._end = KernelEnd(process)
         self._closed = False
-        self._oom_kills: int | None = None  # its cgroup's, read as it ends by a SIGKILL
         process.on_exit(self._on_exit)
 
     # ------------------------------------------------------------ lifecycle
@@ -182,6 +106,7 @@ class Kernel:
         kernel is ended and the error goes to the caller."""
         kernel_id = uuid.uuid4().hex[:16]
         try:
+            # on the loop: a thread cancelled meanwhile would leave the directory behind
             files = KernelFiles.create(options.connection_dir, kernel_id)
         except ValueError as exc:
             raise KernelStartError(str(exc)) from exc
@@ -189,14 +114,14 @@ class Kernel:
             files=files,
             work_dir=work_dir,
             env=kernel_env(options),
-            kernel_args=_kernel_args(options),
+            kernel_args=kernel_args(options),
         )
         try:
             # user code may have removed it; a mkdir is too small to hand to a thread
             work_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
             process = await launcher.launch(spec)
         except BaseException as exc:
-            files.remove()
+            await asyncio.shield(asyncio.to_thread(files.remove))
             if isinstance(exc, OSError):
                 raise KernelStartError(f"the kernel process could not be started: {exc}") from exc
             raise
@@ -214,22 +139,19 @@ class Kernel:
 
     @classmethod
     async def adopt(
-        cls, record: KernelRecord, launcher: KernelLauncher, options: KernelOptions
+        cls, record: RecordedKernel, launcher: KernelLauncher, options: KernelOptions
     ) -> "Kernel":
         """Take over a kernel that an earlier service process started: its process found
         alive, its connection file as recorded, and kernel_info answered (over the control
         channel: the shell may still be busy with code that ran when that service ended).
         Raises AdoptionError, after ending the kernel, when any of that fails."""
         try:
-            on_disk = json.loads(KernelFiles(record.directory, {}).connection_file.read_text())
-        except (OSError, ValueError) as exc:
-            raise AdoptionError(f"its connection file is missing or unreadable ({exc})") from exc
-        if not isinstance(on_disk, dict) or any(
-            on_disk.get(k) != record.connection.get(k) for k in _CONNECTION_KEYS
-        ):
-            raise AdoptionError("its connection file is not the one it was started with")
+            files = await asyncio.to_thread(
+                KernelFiles.recorded, record.directory, record.connection
+            )
+        except ValueError as exc:
+            raise AdoptionError(str(exc)) from exc
         process = launcher.adopt(record)
-        files = KernelFiles(record.directory, record.connection)
         kernel = cls(record.kernel_id, process, files, options.max_message_bytes)
         try:
             kernel._start_channels()
@@ -240,19 +162,6 @@ class Kernel:
                 raise AdoptionError(str(exc)) from exc
             raise
         return kernel
-
-    def record(self) -> KernelRecord:
-        """What a later service process needs to adopt this kernel."""
-        ticks = start_ticks(self.process.pid)
-        return KernelRecord(
-            kernel_id=self.kernel_id,
-            pid=self.process.pid,
-            start_ticks=ticks if ticks is not None else -1,
-            directory=self.files.directory,
-            connection=self.files.connection_info,
-            uid=self.process.sandbox_uid,
-            cgroup=self.process.cgroup,
-        )
 
     def detach(self) -> None:
         """Let go of a kernel that stays running (for the next service process): close our
@@ -294,13 +203,13 @@ class Kernel:
         if self._closed:
             return
         self._closed = True
-        self._killed_by_us = True
-        self.process.kill()
+        self._end.killed()
         try:
+            await self.process.kill()
             await self.process.wait()
         finally:  # cleaned up even if the caller is cancelled while the process is reaped
             self._stop_channels()
-            self.files.remove()
+            await asyncio.shield(asyncio.to_thread(self.files.remove))
 
     @property
     def alive(self) -> bool:
@@ -345,18 +254,17 @@ class Kernel:
             },
         )
         collector = ExecutionCollector(msg_id, limits, listener)
-        self._execution = collector
-        self._interrupt_on_start = interrupted
+        self._interrupts.begin(collector, interrupted)
         self._lost = None
         try:
             ending = await self._follow(collector, loop.time() + timeout)
             timed_out = ending == "timeout"
             if timed_out:
-                self._interrupt_at_once(collector)
+                self._interrupts.at_once(collector)
                 ending = await self._follow(collector, loop.time() + interrupt_grace)
                 if ending == "timeout":  # deaf to interrupts (a long C call): end it
-                    self._killed_by_us = self._killed_at_timeout = True
-                    self.process.kill()
+                    self._end.killed(at_timeout=True)
+                    await self.process.kill()
                     await self.process.wait()
                     return RunOutcome(collector, "killed")
             if ending == "died":
@@ -374,60 +282,28 @@ class Kernel:
             # cancelled again and again (anyio's cancel scopes do that): the ending goes on
             # in a task of its own, which the next execution waits for.
             if self.alive and self._settling is None:
-                self._interrupt_at_once(collector)
+                self._interrupts.at_once(collector)
                 self._settling = asyncio.create_task(self._settle(collector, interrupt_grace))
             raise
         finally:
-            self._active = self._execution = None
-            self._interrupt_on_start = False
+            self._active = None
+            self._interrupts.end()
 
     async def _settle(self, collector: ExecutionCollector, grace: float) -> None:
         """Let an interrupted execution end within `grace`; kill the kernel if it does not."""
         loop = asyncio.get_running_loop()
         try:
             if await self._follow(collector, loop.time() + grace) == "timeout":
-                self._killed_by_us = True
-                self.process.kill()
+                self._end.killed()
+                await self.process.kill()
                 await self.process.wait()
         finally:
             self._active = None
             self._settling = None
 
     def interrupt(self) -> None:
-        """Make the running code raise KeyboardInterrupt.
-
-        ipykernel ignores SIGINT until it has begun handling a request, so an interrupt sent
-        between our execute_request and the kernel taking it up would be lost (and the code
-        run to its end): it is held until the kernel announces the code (execute_input)."""
-        execution = self._execution
-        if execution is not None and not execution.started and execution.reply is None:
-            self._interrupt_on_start = True
-            return
-        if execution is not None:
-            self._interrupt_execution(execution)
-        else:
-            self._send_interrupt()
-
-    def _interrupt_execution(self, execution: ExecutionCollector, tries: int = 1) -> None:
-        """Interrupt `execution`'s code, and again while it neither raised nor ended."""
-        if self._execution is not execution or execution.reply is not None or execution.raised:
-            return
-        self._send_interrupt()
-        if tries < _INTERRUPT_TRIES:
-            asyncio.get_running_loop().call_later(
-                _INTERRUPT_AGAIN, self._interrupt_execution, execution, tries + 1
-            )
-
-    def _interrupt_at_once(self, collector: ExecutionCollector) -> None:
-        """At a deadline, or when the caller gives up: interrupt whatever runs now, and
-        `collector`'s code as it begins.
-
-        Code that has not begun by then is stuck behind other code (a cell that an earlier
-        service process sent to an adopted kernel) or the kernel is slow to take it up; the
-        signal now frees the kernel of the former, the held one reaches the latter."""
-        if not collector.started:
-            self._send_interrupt()
-        self.interrupt()
+        """Make the running code raise KeyboardInterrupt (see interrupts.py)."""
+        self._interrupts.interrupt()
 
     def _send_interrupt(self) -> None:
         """interrupt_request on the control channel: the kernel signals itself, so this
@@ -503,9 +379,7 @@ class Kernel:
         except Exception:  # the collector is pure but its input comes from user code
             log.exception("kernel %s: message not understood", self.kernel_id)
             return
-        if self._interrupt_on_start and active is self._execution and active.started:
-            self._interrupt_on_start = False
-            self._interrupt_execution(active)
+        self._interrupts.fed(active)
         if msg_type in ("execute_reply", "kernel_info_reply", "status"):
             self._changed.set()
 
@@ -521,66 +395,19 @@ class Kernel:
             self._changed.set()
 
     def _on_exit(self, returncode: int) -> None:
-        if returncode == -signal.SIGKILL and self.process.cgroup is not None:
-            # before the launcher removes the cgroup (a task it starts on the same exit)
-            self._oom_kills = oom_kills(self.process.cgroup)
-        if not self._killed_by_us:
+        self._end.exited(returncode)
+        if not self._end.by_service:
             log.warning("kernel %s ended unexpectedly: %s", self.kernel_id, self.exit_words())
         self._changed.set()
 
     def exit_words(self) -> str:
         """Why the kernel ended, for people and models alike."""
-        if self._killed_by_us:
-            return "it was shut down by the service (a restart or the session's deletion)"
-        if (reason := self.process.exit_reason()) is not None:
-            return reason
-        returncode = self.process.returncode
-        if returncode is None:
-            return "it stopped answering"
-        return describe_exit(returncode, self._oom_kills)
+        return self._end.words()
 
     def exit_cause(self) -> ExitCause | None:
         """Why the kernel ended, in a word; None while it runs."""
-        returncode = self.process.returncode
-        if returncode is None:
-            return None
-        if self._killed_by_us:
-            return "timeout" if self._killed_at_timeout else "shutdown"
-        if self.process.exit_reason() is not None:
-            return "unknown"  # it was not our child when it ended: no exit status
-        if returncode == -signal.SIGKILL and self._oom_kills != 0:
-            # a SIGKILL we did not send: the OOM killer (its cgroup says so), most likely
-            return "out_of_memory"
-        return "signal" if returncode < 0 else "exited"
+        return self._end.cause()
 
     def _log_excerpt(self) -> str:
         tail = self.process.output_tail()[-_LOG_TAIL:].strip()
         return f" Kernel log:\n{tail}" if tail else ""
-
-
-def _kernel_args(options: KernelOptions) -> list[str]:
-    # Run from its file in a namespace of its own: the kernel may not see our package (in a
-    # sandbox only this file is mounted) and user code should not see the startup's names.
-    startup = (
-        f"exec(compile(open({str(STARTUP_FILE)!r}).read(), {str(STARTUP_FILE)!r}, 'exec'), "
-        f"{{'__name__': '__kernel_service_startup__', "
-        f"'PRELOAD': {list(options.preload_modules)!r}}})"
-    )
-    return [
-        f"--IPKernelApp.exec_lines={json.dumps([startup])}",
-        "--HistoryManager.enabled=False",
-        "--InteractiveShell.colors=nocolor",
-        "--IPKernelApp.log_level=WARN",
-    ]
-
-
-def kernel_env(options: KernelOptions) -> dict[str, str]:
-    """What the kernel needs, whatever the launcher; nothing of the service's own (keys)."""
-    return {
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "TERM": "dumb",
-        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-        "MPLCONFIGDIR": str(options.matplotlib_dir),
-        "PYDEVD_DISABLE_FILE_VALIDATION": "1",
-    }

@@ -20,13 +20,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
 from kernel_service.kernel.files import KernelFiles
+from kernel_service.kernel.programs.reaper import start_ticks
 from kernel_service.kernel.uids import UidRange
-from kernel_service.store.state import KernelRecord, start_ticks
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,28 @@ class LaunchSpec:
     def kernel_argv(self) -> list[str]:
         """The kernel app's own arguments."""
         return ["-f", str(self.files.connection_file), *self.kernel_args]
+
+
+class RecordedKernel(Protocol):
+    """What a later service process needs to take a kernel over. The service keeps it (in
+    its state store) from the kernel's launch; this package only reads it."""
+
+    @property
+    def kernel_id(self) -> str: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def start_ticks(self) -> int:
+        """When its process started (see `start_ticks`): tells a reused pid apart."""
+
+    @property
+    def directory(self) -> Path: ...
+    @property
+    def connection(self) -> dict[str, Any]: ...
+    @property
+    def uid(self) -> int | None: ...
+    @property
+    def cgroup(self) -> Path | None: ...
 
 
 class KernelProcess(ABC):
@@ -75,8 +97,9 @@ class KernelProcess(ABC):
     async def wait(self) -> int: ...
 
     @abstractmethod
-    def kill(self) -> None:
-        """End the kernel and every process it started, at once."""
+    async def kill(self) -> None:
+        """End the kernel and every process it started, at once; done even if the caller
+        is cancelled meanwhile."""
 
     def output_tail(self) -> str:
         """The end of what the process wrote to its own stdout and stderr (not iopub)."""
@@ -148,7 +171,7 @@ class KernelLauncher(ABC):
         """Release what the launcher holds; with `kernels_left` (kept for the next start),
         what is theirs stays."""
 
-    def adopt(self, record: KernelRecord) -> KernelProcess:
+    def adopt(self, record: RecordedKernel) -> KernelProcess:
         """Watch a kernel that an earlier service process started. Raises AdoptionError when
         its process is gone (or its pid is another process's now)."""
         return AdoptedKernelProcess(record.pid, record.start_ticks)
@@ -221,19 +244,22 @@ class WatchedProcess(KernelProcess):
     async def wait(self) -> int:
         return await asyncio.shield(self._exited)
 
-    def kill(self) -> None:
+    async def kill(self) -> None:
+        await asyncio.shield(self._kill())
+
+    async def _kill(self) -> None:
         descendants: list[psutil.Process] = []
         if not self._exited.done():
             # Collected before the kill: once the kernel is gone its children are
             # re-parented and can't be found, even those that left its process group.
-            with contextlib.suppress(psutil.Error):
-                descendants = psutil.Process(self._pid).children(recursive=True)
+            # Off the loop: finding them reads every process of the host.
+            descendants = await asyncio.to_thread(_descendants, self._pid)
+        if not self._exited.done():  # checked again: it may have ended meanwhile
             with contextlib.suppress(ProcessLookupError):
                 self._send_kill()
         self._kill_group()
-        for child in descendants:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
+        if descendants:
+            await asyncio.to_thread(_kill_all, descendants)
 
     def _send_kill(self) -> None:
         os.kill(self._pid, signal.SIGKILL)
@@ -270,6 +296,18 @@ class WatchedProcess(KernelProcess):
         self._exited.set_result(status)
         for callback in self._callbacks:
             callback(status)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid).children(recursive=True)
+    return []
+
+
+def _kill_all(processes: list[psutil.Process]) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
 
 
 # The exit status of a process that was not ours when it ended, and the words for it.

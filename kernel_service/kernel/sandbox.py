@@ -11,17 +11,18 @@ bubblewrap runs as root *without* a user namespace and the kernel drops to its u
 (setpriv): an unprivileged bwrap could not reach a Python installed under a 0700 /root,
 and a uid mapped inside a user namespace created by root is root on the host. Without a
 user namespace of its own, the seccomp filter is what keeps the kernel from making one.
+
+What the sandbox is, is written once in sandbox_spec.py; here it is rendered as prlimit,
+bwrap and setpriv arguments, and the fork-server's launch (forkserver.py) sends it to the
+zygote instead.
 """
 
 import asyncio
-import collections
 import logging
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,59 +33,31 @@ from kernel_service.kernel.launcher import (
     KernelProcess,
     LaunchSpec,
     PopenKernelProcess,
+    RecordedKernel,
+)
+from kernel_service.kernel.sandbox_spec import (
+    MIB,
+    PROC_MASKED,
+    SHM_BYTES,
+    SandboxLimits,
+    SandboxSpec,
+    bwrap_options,
+    prlimit_options,
+    sandbox_spec,
+    setpriv_options,
 )
 from kernel_service.kernel.seccomp import build_filter
-from kernel_service.kernel.uids import UidClaim, UidRange, claim, uids_in_use
-from kernel_service.store.state import KernelRecord
+from kernel_service.kernel.uids import UidClaim, UidPool, UidRange, claim
 
 log = logging.getLogger(__name__)
 
-WORKSPACE = Path("/workspace")
-# Only what Python, SSL, fonts and user lookups need from /etc.
-ETC_FILES = (
-    "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "ssl", "ca-certificates", "fonts",
-    "localtime", "mime.types", "nsswitch.conf", "passwd", "group", "hosts", "alternatives",
-)  # fmt: skip
-# What of /proc a kernel does not see, as container runtimes (runc, containerd) mask it, and
-# what else tells of the host or of other tenants: disks and their I/O (each session's work
-# directory is a loop device), per-filesystem details (ext4 and jbd2 list those devices),
-# file locks, pressure stall figures, the boot command line and the kernel's build config.
-# A file becomes an unreadable /dev/null, a directory an empty read-only tmpfs. Left
-# readable: what programs size themselves by (cpuinfo, meminfo, stat, loadavg, uptime,
-# vmstat), host-wide totals that name no tenant. There is no /sys at all.
-PROC_MASKED = (
-    "acpi", "asound", "kcore", "keys", "latency_stats", "timer_list", "timer_stats",
-    "sched_debug", "scsi",
-    "diskstats", "partitions", "fs", "locks", "swaps", "pressure", "cmdline", "config.gz",
-)  # fmt: skip
-# Read-only in /proc (bubblewrap does these itself, the fork-server's child does them too).
-PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")
 # Processes in a kernel's cgroup that are not the kernel's: the launch's two root wrappers
 # (bwrap and its pid 1, or the zygote's child and its pid 1).
 _WRAPPER_TASKS = 2
-_MIB = 1024 * 1024
-# Fewer malloc arenas keep the address space (what RLIMIT_AS counts) small; one BLAS thread
-# keeps thread pools from eating the process limit (and a zygote free of threads).
-FEW_THREADS_ENV = {
-    "MALLOC_ARENA_MAX": "2",
-    "OPENBLAS_NUM_THREADS": "1",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-}
 
 
 class SandboxUnavailable(Exception):
     """The sandbox cannot be set up here; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class SandboxLimits:
-    memory_bytes: int  # RLIMIT_AS: past it allocations fail with MemoryError
-    processes: int  # RLIMIT_NPROC for the kernel's own uid: processes and threads
-    file_bytes: int  # RLIMIT_FSIZE: the largest file it may write
-    open_files: int  # RLIMIT_NOFILE
-    tmp_bytes: int  # size of its private /tmp (RAM)
-    cpus: float = 0.0  # CPU quota of its cgroup, in CPUs; 0: none
 
 
 class BubblewrapLauncher(KernelLauncher):
@@ -98,7 +71,7 @@ class BubblewrapLauncher(KernelLauncher):
         self._limits = limits
         self._uid_base, self._uid_count = uid_base, uid_count
         self._claim: UidClaim | None = None
-        self._uids = _UidPool(0, 0)  # until the range is claimed
+        self._uids = UidPool(0, 0)  # until the range is claimed
         self._read_only = read_only_paths
         bwrap, setpriv, prlimit = (shutil.which(t) for t in ("bwrap", "setpriv", "prlimit"))
         if not (bwrap and setpriv and prlimit):
@@ -116,7 +89,7 @@ class BubblewrapLauncher(KernelLauncher):
         self._cgroup_limits = CgroupLimits(
             # Above RLIMIT_AS, so one process growing gets MemoryError first; /tmp and
             # /dev/shm are memory too and count here.
-            memory_bytes=limits.memory_bytes + limits.tmp_bytes + 16 * _MIB + 128 * _MIB,
+            memory_bytes=limits.memory_bytes + limits.tmp_bytes + SHM_BYTES + 128 * MIB,
             # RLIMIT_NPROC stops the kernel first; this holds whatever its uid does
             tasks=limits.processes + _WRAPPER_TASKS,
             cpus=limits.cpus,
@@ -135,12 +108,12 @@ class BubblewrapLauncher(KernelLauncher):
             "filesystem": "system and Python read-only; /workspace and a private /tmp writable",
             "user": "a uid of its own per kernel, no capabilities, no new privileges",
             "seccomp": True,
-            "memory_mb": limits.memory_bytes // _MIB,
+            "memory_mb": limits.memory_bytes // MIB,
             "max_processes": limits.processes,
-            "max_file_mb": limits.file_bytes // _MIB,
+            "max_file_mb": limits.file_bytes // MIB,
             "max_open_files": limits.open_files,
-            "tmp_mb": limits.tmp_bytes // _MIB,
-            "memory_cgroup_mb": self._cgroup_limits.memory_bytes // _MIB
+            "tmp_mb": limits.tmp_bytes // MIB,
+            "memory_cgroup_mb": self._cgroup_limits.memory_bytes // MIB
             if "memory" in roots
             else None,
             "pids_cgroup_max": self._cgroup_limits.tasks if "pids" in roots else None,
@@ -174,7 +147,7 @@ class BubblewrapLauncher(KernelLauncher):
 
     def claim_uids(self, earlier: UidRange | None, own: set[int]) -> UidRange:
         self._claim = claim(self._uid_count, self._uid_base, earlier, own)
-        self._uids = _UidPool(self._claim.range.first, self._claim.range.count)
+        self._uids = UidPool(self._claim.range.first, self._claim.range.count)
         return self._claim.range
 
     def release_uids(self) -> None:
@@ -183,7 +156,7 @@ class BubblewrapLauncher(KernelLauncher):
             self._claim = None
 
     async def prepare(self) -> None:
-        self.check_uids()
+        await asyncio.to_thread(self.check_uids)  # a scan of every process on the host
 
     def check_uids(self) -> None:
         """Refuse a uid range that processes other than our kernels (adopted ones included)
@@ -198,26 +171,40 @@ class BubblewrapLauncher(KernelLauncher):
 
     async def launch(self, spec: LaunchSpec) -> KernelProcess:
         uid = self._uids.take()
-        cgroup = self._cgroups.group(spec.files.directory.name)
+        name = spec.files.directory.name
+        cgroup = self._cgroups.group(name)
         try:
             # The kernel's files become its own; a walk that never follows its symlinks.
             await asyncio.to_thread(_chown_tree, spec.files.directory, uid)
             await asyncio.to_thread(_chown_tree, spec.work_dir, uid)
-            procs = self._cgroups.create(spec.files.directory.name, self._cgroup_limits)
+            sandbox = await asyncio.to_thread(self.sandbox_spec, spec, uid)
+            # on the loop (a few writes): a thread cancelled meanwhile would leave them
+            procs = self._cgroups.create(name, self._cgroup_limits)
             seccomp_fd = self.seccomp_program()
             try:
-                process = await self._start(spec, uid, procs, seccomp_fd)
+                process = await self._start(spec, sandbox, procs, seccomp_fd)
             finally:
                 os.close(seccomp_fd)
         except BaseException:
             self._uids.give_back(uid)
             if cgroup is not None:
-                KernelCgroups.remove(cgroup)
+                await asyncio.shield(asyncio.to_thread(KernelCgroups.remove, cgroup))
             raise
         process.sandbox_uid, process.cgroup = uid, cgroup
         process.on_exit(lambda _: self._release(uid, cgroup))
         log.debug("sandboxed kernel pid=%d uid=%d in %s", process.pid, uid, spec.files.directory)
         return process
+
+    def sandbox_spec(self, spec: LaunchSpec, uid: int) -> SandboxSpec:
+        """The sandbox of the kernel `spec` describes, run as `uid` (see sandbox_spec.py)."""
+        return sandbox_spec(
+            self._limits,
+            uid,
+            kernel_env=spec.env,
+            files_dir=spec.files.directory,
+            work_dir=spec.work_dir,
+            read_only=self._read_only,
+        )
 
     def seccomp_program(self) -> int:
         """A memfd holding the seccomp BPF program, at offset 0; the caller closes it."""
@@ -227,29 +214,21 @@ class BubblewrapLauncher(KernelLauncher):
         return seccomp_fd
 
     async def _start(
-        self, spec: LaunchSpec, uid: int, cgroup_procs: list[Path], seccomp_fd: int
+        self, spec: LaunchSpec, sandbox: SandboxSpec, cgroup_procs: list[Path], seccomp_fd: int
     ) -> KernelProcess:
         """The sandboxed process, its uid, files and cgroups prepared (bubblewrap here)."""
-        limits = self._limits
         # bubblewrap reads its options from a file: they (host paths, the kernel's
         # environment) are not on its command line, which the kernel sees as
         # /proc/1/cmdline; the command (its own, seen in /proc/self/cmdline) is
+        options = [*bwrap_options(sandbox), "--seccomp", str(seccomp_fd)]
         args_fd = os.memfd_create("bwrap-args")
         try:
-            os.write(
-                args_fd,
-                b"".join(f"{arg}\0".encode() for arg in self._bwrap_args(spec, uid, seccomp_fd)),
-            )
+            os.write(args_fd, b"".join(f"{arg}\0".encode() for arg in options))
             os.lseek(args_fd, 0, os.SEEK_SET)
             argv = [
-                self._prlimit,
-                f"--as={limits.memory_bytes}",
-                f"--nproc={limits.processes}",
-                f"--fsize={limits.file_bytes}",
-                f"--nofile={limits.open_files}",
-                "--core=0",
-                "--",
-                self._bwrap, "--args", str(args_fd), "--", *self._command(spec, uid),
+                self._prlimit, *prlimit_options(sandbox), "--",
+                self._bwrap, "--args", str(args_fd), "--",
+                self._setpriv, *setpriv_options(sandbox), "--", *spec.ipykernel_argv(),
             ]  # fmt: skip
             if cgroup_procs:
                 # joins the cgroups before anything forks, then becomes prlimit → bwrap
@@ -271,7 +250,7 @@ class BubblewrapLauncher(KernelLauncher):
             os.close(args_fd)
         return PopenKernelProcess(popen, exit_status_of_child=True)
 
-    def adopt(self, record: KernelRecord) -> KernelProcess:
+    def adopt(self, record: RecordedKernel) -> KernelProcess:
         """A kernel of an earlier service process: its uid is not given to another kernel
         while it lives, and its cgroup goes when it ends."""
         if record.uid is None:
@@ -290,7 +269,7 @@ class BubblewrapLauncher(KernelLauncher):
 
     async def _remove_cgroup(self, cgroup: Path) -> None:
         for _ in range(100):  # the namespace's last processes take a moment to go
-            if KernelCgroups.remove(cgroup):
+            if await asyncio.to_thread(KernelCgroups.remove, cgroup):
                 return
             await asyncio.sleep(0.05)
         log.warning("cgroup %s still busy; left for the service's exit", cgroup)
@@ -301,81 +280,6 @@ class BubblewrapLauncher(KernelLauncher):
     async def on_ready(self, spec: LaunchSpec) -> None:
         # Its sockets are bound: from now on the kernel may not change its directory.
         spec.files.lock()
-
-    def kernel_env(self, spec: LaunchSpec, uid: int) -> dict[str, str]:
-        """The whole environment of a sandboxed kernel (nothing of the service's)."""
-        return {
-            **spec.env,
-            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-            "HOME": str(WORKSPACE),
-            "USER": f"kernel{uid}",
-            "TMPDIR": "/tmp",
-            "IPYTHONDIR": "/tmp/ipython",
-            "JUPYTER_RUNTIME_DIR": "/tmp/jupyter",
-            "MPLCONFIGDIR": "/tmp/matplotlib",
-            **FEW_THREADS_ENV,
-        }
-
-    def font_caches(self, spec: LaunchSpec) -> list[Path]:
-        """matplotlib's font list, built once by the service, read-only in every kernel."""
-        matplotlib_dir = Path(spec.env.get("MPLCONFIGDIR", "/nonexistent"))
-        return sorted(matplotlib_dir.glob("fontlist-*.json"))
-
-    def _bwrap_args(self, spec: LaunchSpec, uid: int, seccomp_fd: int) -> list[str]:
-        limits = self._limits
-        env = self.kernel_env(spec, uid)
-        argv = [
-            "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
-            "--unshare-cgroup-try", "--hostname", "sandbox",
-            "--new-session",
-            "--ro-bind", "/usr", "/usr",
-            "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
-            "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
-            "--perms", "0755", "--dir", "/etc",
-        ]  # fmt: skip
-        for name in ETC_FILES:
-            argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
-        argv += ["--proc", "/proc"]
-        for name in PROC_MASKED:
-            masked = f"/proc/{name}"
-            if os.path.isdir(masked):
-                argv += ["--perms", "0555", "--tmpfs", masked, "--remount-ro", masked]
-            elif os.path.exists(masked):
-                argv += ["--ro-bind", "/dev/null", masked]
-        for name in PROC_READ_ONLY:  # bubblewrap covers some of these, as root not `sys`
-            knobs = f"/proc/{name}"
-            if os.path.exists(knobs):
-                argv += ["--ro-bind", knobs, knobs]
-        argv += [
-            "--dev", "/dev",
-            "--perms", "1777", "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp",
-            "--perms", "1777", "--size", str(16 * _MIB), "--tmpfs", "/dev/shm",
-            "--perms", "1777", "--dir", "/tmp/matplotlib",
-        ]  # fmt: skip
-        for cache in self.font_caches(spec):
-            argv += ["--ro-bind", str(cache), f"/tmp/matplotlib/{cache.name}"]
-        for path in self._read_only:
-            argv += [*_parents(path, "0755"), "--ro-bind", str(path), str(path)]
-        argv += _parents(spec.files.directory, "0711")
-        argv += ["--bind", str(spec.files.directory), str(spec.files.directory)]
-        argv += ["--perms", "0755", "--dir", str(WORKSPACE)]
-        argv += ["--bind", str(spec.work_dir), str(WORKSPACE)]
-        argv += ["--remount-ro", "/", "--chdir", str(WORKSPACE), "--clearenv"]
-        for key, value in env.items():
-            argv += ["--setenv", key, value]
-        argv += [
-            "--seccomp", str(seccomp_fd),
-        ]  # fmt: skip
-        return argv
-
-    def _command(self, spec: LaunchSpec, uid: int) -> list[str]:
-        """What bubblewrap runs: the kernel, dropped to its uid."""
-        return [
-            self._setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
-            "--",
-            *spec.ipykernel_argv(),
-        ]  # fmt: skip
 
 
 def host_headroom(kernels: int, limits: SandboxLimits) -> list[str]:
@@ -403,21 +307,6 @@ def host_headroom(kernels: int, limits: SandboxLimits) -> list[str]:
     return sentences
 
 
-def default_read_only_paths(startup_file: Path) -> tuple[Path, ...]:
-    """The Python environment the kernel runs in, and the one file of ours it executes."""
-    paths = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), startup_file.resolve()}
-    return tuple(sorted(p for p in paths if not p.is_relative_to("/usr")))
-
-
-def _parents(path: Path, mode: str) -> list[str]:
-    """Mount points' parents, created traversable (bwrap makes them 0700 as root)."""
-    args: list[str] = []
-    for parent in reversed(path.parents):
-        if parent != Path("/"):
-            args += ["--perms", mode, "--dir", str(parent)]
-    return args
-
-
 def _chown_tree(root: Path, uid: int) -> None:
     for path in _walk(root):
         os.chown(path, uid, uid, follow_symlinks=False)
@@ -439,42 +328,3 @@ def _walk(root: Path) -> Iterator[Path]:
                 pending.append(Path(entry.path))
             else:
                 yield Path(entry.path)
-
-
-class _UidPool:
-    """Uids for kernels, one per live kernel, so per-uid limits and files are theirs alone.
-
-    A uid given back is taken again last: the processes of a killed kernel take a moment to
-    be reaped, and until then they still count against RLIMIT_NPROC for their uid.
-    """
-
-    def __init__(self, first: int, count: int) -> None:
-        self._range = range(first, first + count)
-        self._free = collections.deque(self._range)
-        self._taken: set[int] = set()
-
-    def in_use_on_host(self) -> list[int]:
-        """Uids of the range that some process on the host runs as."""
-        return sorted(uid for uid in uids_in_use() if uid in self._range)
-
-    def take(self) -> int:
-        if not self._free:
-            raise OSError("no free sandbox uid left: raise KERNEL_SERVICE_SANDBOX_UID_COUNT")
-        uid = self._free.popleft()
-        self._taken.add(uid)
-        return uid
-
-    def reserve(self, uid: int) -> None:
-        """Take this uid (an adopted kernel's), if it is of the range."""
-        if uid in self._range and uid not in self._taken:
-            self._free.remove(uid)
-            self._taken.add(uid)
-
-    def in_use_by_others(self) -> list[int]:
-        """Uids of the range that processes run as, other than the ones taken here."""
-        return [uid for uid in self.in_use_on_host() if uid not in self._taken]
-
-    def give_back(self, uid: int) -> None:
-        if uid in self._taken:
-            self._taken.discard(uid)
-            self._free.append(uid)

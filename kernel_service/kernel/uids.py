@@ -14,6 +14,7 @@ overlapping ranges). The lock goes with the service process, however it ends.
 - Explicit: exactly that range; refused if another service holds any of its uids.
 """
 
+import collections
 import contextlib
 import fcntl
 import itertools
@@ -146,3 +147,42 @@ def uids_in_use() -> set[int]:
         with contextlib.suppress(TypeError):
             uids.add(process.info["uids"].real)
     return uids
+
+
+class UidPool:
+    """Uids for kernels, one per live kernel, so per-uid limits and files are theirs alone.
+
+    A uid given back is taken again last: the processes of a killed kernel take a moment to
+    be reaped, and until then they still count against RLIMIT_NPROC for their uid.
+    """
+
+    def __init__(self, first: int, count: int) -> None:
+        self._range = range(first, first + count)
+        self._free = collections.deque(self._range)
+        self._taken: set[int] = set()
+
+    def in_use_on_host(self) -> list[int]:
+        """Uids of the range that some process on the host runs as."""
+        return sorted(uid for uid in uids_in_use() if uid in self._range)
+
+    def take(self) -> int:
+        if not self._free:
+            raise OSError("no free sandbox uid left: raise KERNEL_SERVICE_SANDBOX_UID_COUNT")
+        uid = self._free.popleft()
+        self._taken.add(uid)
+        return uid
+
+    def reserve(self, uid: int) -> None:
+        """Take this uid (an adopted kernel's), if it is of the range."""
+        if uid in self._range and uid not in self._taken:
+            self._free.remove(uid)
+            self._taken.add(uid)
+
+    def in_use_by_others(self) -> list[int]:
+        """Uids of the range that processes run as, other than the ones taken here."""
+        return [uid for uid in self.in_use_on_host() if uid not in self._taken]
+
+    def give_back(self, uid: int) -> None:
+        if uid in self._taken:
+            self._taken.discard(uid)
+            self._free.append(uid)

@@ -25,7 +25,8 @@ from kernel_service.kernel import Kernel, KernelLauncher, KernelOptions
 from kernel_service.kernel.launcher import AdoptionError
 from kernel_service.kernel.programs.reaper import end_kernel
 from kernel_service.sessions.registry import SessionRegistry
-from kernel_service.store.state import KernelRecord, SessionRecord, StateStore
+from kernel_service.store.records import KernelRecord, SessionRecord
+from kernel_service.store.state import StateStore
 from kernel_service.workdir.workspaces import Workspaces
 
 log = logging.getLogger(__name__)

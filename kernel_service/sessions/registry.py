@@ -25,7 +25,8 @@ from kernel_service.metrics import CloseReason, Metrics
 from kernel_service.sessions.pool import KernelFactory, KernelPool
 from kernel_service.sessions.services import SessionServices
 from kernel_service.sessions.session import Restored, Session, session_key
-from kernel_service.store.state import SessionRecord, StateStore
+from kernel_service.store.records import SessionRecord
+from kernel_service.store.state import StateStore
 from kernel_service.workdir.workspaces import WorkspaceError, Workspaces
 from kernel_service_client.models import (
     SessionStatus,

@@ -13,7 +13,7 @@ from typing import Any, cast
 import nbformat
 from nbformat import NotebookNode, v4
 
-from kernel_service.store.state import ExecutionRecord
+from kernel_service.store.records import ExecutionRecord
 from kernel_service_client.models import (
     DisplayDataOutput,
     ErrorOutput,

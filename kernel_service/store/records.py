@@ -50,16 +50,3 @@ class SessionTotals:
     last_seq: int = 0
     result_bytes: int = 0
     images: tuple[tuple[str, int], ...] = ()
-
-
-def start_ticks(pid: int) -> int | None:
-    """When process `pid` started, in clock ticks since boot; None if there is no such
-    process or it has ended (a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])

@@ -32,28 +32,13 @@ from typing import Any, TypeVar
 
 from kernel_service.errors import StateFull
 from kernel_service.store.database import Database
-from kernel_service.store.locks import DirectoryInUse, lock_directory
+from kernel_service.store.locks import lock_directory
 from kernel_service.store.records import (
     ExecutionRecord,
     KernelRecord,
     SessionRecord,
     SessionTotals,
-    start_ticks,
 )
-
-# Where they were first written; kernel/ and the reaper import them from here.
-__all__ = [
-    "DATABASE",
-    "LOCK_FILE",
-    "DirectoryInUse",
-    "ExecutionRecord",
-    "KernelRecord",
-    "SessionRecord",
-    "SessionTotals",
-    "StateStore",
-    "lock_directory",
-    "start_ticks",
-]
 
 T = TypeVar("T")
 

@@ -1,8 +1,10 @@
 """Programs that run outside the service process, each started as a file or a module:
 
-- `zygote`: the fork-server, run as a file; it forks kernels and builds their sandbox.
+- `zygote`: the fork-server, run as a file; it forks kernels and applies the sandbox
+  described in kernel/sandbox_spec.py.
   Standard library only: it must not import this package.
 - `startup`: run inside each kernel at its start (output chunking, input() refusal).
 - `fonts`: warms matplotlib's font cache in a subprocess before the first kernel.
-- `reaper`: a watchdog process that ends the kernels if the service dies.
+- `reaper`: a watchdog process that ends the kernels if the service dies; run as a file,
+  standard library and psutil only.
 """

@@ -2,8 +2,9 @@
 
 Kernels outlive the service that started them, so that the next start can adopt them (see
 `kernel/launcher.py`). Each service process starts one reaper, in a session of its own, as
-`python -I -m kernel_service.kernel.programs.reaper STATE_DIR SERVICE_PID TIMEOUT`. It waits for the
-service to end:
+`python -I reaper.py STATE_DIR SERVICE_PID TIMEOUT DATABASE LOCK` (DATABASE and LOCK: the
+names of the state store's database and lock file in STATE_DIR). It waits for the service
+to end:
 
 - a clean stop (the service ended its kernels and says so in the state database): it exits;
 - a crash, or a stop that kept the kernels: it waits up to TIMEOUT seconds for a service
@@ -13,8 +14,9 @@ service to end:
   removes their connection directories and cgroups and records, and exits.
 
 Sessions and their work directories stay for the next start, which tells each session's
-next execution that its kernel was ended. It imports little (psutil and the state store's names):
-it lives as long as the service, so it should cost little memory.
+next execution that its kernel was ended. It runs as a file and imports only the standard
+library and psutil: it lives as long as the service, so it should cost little memory. The
+service imports its cgroup and process helpers from here, so both remove cgroups alike.
 """
 
 import contextlib
@@ -28,10 +30,9 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
-
-from kernel_service.store.state import DATABASE, LOCK_FILE, start_ticks
 
 PR_SET_NAME = 15
 NAME = b"ks-reaper"
@@ -41,24 +42,32 @@ CONTROLLERS = ("memory", "pids", "cpu")  # the ones a kernel gets a group in
 
 def main() -> None:
     state_dir, service_pid, timeout = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    state = _State(state_dir / sys.argv[4], state_dir / sys.argv[5])
     ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(NAME), 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the service's terminal
     _wait_for_exit(service_pid)
-    if _meta(state_dir, "stopped") == "clean":
+    if _meta(state, "stopped") == "clean":
         return
     # read now: no kernel is started while no service runs, and the directory may be gone
     # (removed by hand) by the deadline, the kernels still running
-    kernels = _kernels(state_dir)
+    kernels = _kernels(state)
     deadline = time.monotonic() + timeout
     while (remaining := deadline - time.monotonic()) > 0:
-        if _service_running(state_dir):
+        if _service_running(state):
             return
         time.sleep(min(remaining, 0.5))
-    with _locked(state_dir) as locked:
+    with _locked(state) as locked:
         # none came back in time; unless one did at the last moment, or it was a later
         # service (with a reaper of its own) that stopped
-        if locked and _meta(state_dir, "service_pid") in (str(service_pid), None):
-            _reap(state_dir, kernels, timeout)
+        if locked and _meta(state, "service_pid") in (str(service_pid), None):
+            _reap(state, kernels, timeout)
+
+
+class _State(NamedTuple):
+    """The state store's database and lock file."""
+
+    database: Path
+    lock: Path
 
 
 def _wait_for_exit(pid: int) -> None:
@@ -70,8 +79,8 @@ def _wait_for_exit(pid: int) -> None:
     os.close(pidfd)
 
 
-def _meta(state_dir: Path, name: str) -> str | None:
-    with contextlib.suppress(sqlite3.Error), _database(state_dir) as db:
+def _meta(state: _State, name: str) -> str | None:
+    with contextlib.suppress(sqlite3.Error), _database(state) as db:
         row = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return row[0] if row else None
     return None
@@ -80,17 +89,17 @@ def _meta(state_dir: Path, name: str) -> str | None:
 Kernel = tuple[str, int, int, str, str | None]  # id, pid, start ticks, directory, cgroup
 
 
-def _kernels(state_dir: Path) -> list[Kernel]:
-    with contextlib.suppress(sqlite3.Error), _database(state_dir) as db:
+def _kernels(state: _State) -> list[Kernel]:
+    with contextlib.suppress(sqlite3.Error), _database(state) as db:
         query = "SELECT kernel_id, pid, start_ticks, directory, cgroup FROM kernels"
         return [tuple(row) for row in db.execute(query).fetchall()]
     return []
 
 
 @contextlib.contextmanager
-def _database(state_dir: Path):  # type: ignore[no-untyped-def]
+def _database(state: _State):  # type: ignore[no-untyped-def]
     # read-write but never created: a missing database is an error, not a new empty one
-    uri = f"{(state_dir / DATABASE).as_uri()}?mode=rw"
+    uri = f"{state.database.as_uri()}?mode=rw"
     db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=10)
     try:
         yield db
@@ -98,19 +107,19 @@ def _database(state_dir: Path):  # type: ignore[no-untyped-def]
         db.close()
 
 
-def _service_running(state_dir: Path) -> bool:
+def _service_running(state: _State) -> bool:
     """Whether a service holds the state directory's lock."""
-    with _locked(state_dir) as locked:
+    with _locked(state) as locked:
         return not locked
 
 
 @contextlib.contextmanager
-def _locked(state_dir: Path):  # type: ignore[no-untyped-def]
+def _locked(state: _State):  # type: ignore[no-untyped-def]
     """The state directory's lock if it is free (True), else False; released at the end.
     A lock file or directory that is gone is free: no service can hold it (and it is not
     made again: the directory may be being removed)."""
     try:
-        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(state.lock, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         yield True
         return
@@ -125,12 +134,12 @@ def _locked(state_dir: Path):  # type: ignore[no-untyped-def]
         os.close(fd)
 
 
-def _reap(state_dir: Path, kernels: list[Kernel], timeout: float) -> None:
+def _reap(state: _State, kernels: list[Kernel], timeout: float) -> None:
     """End the kernels, remove their files and cgroups, then their records (if the
     database is still there)."""
     for _, pid, ticks, directory, cgroup in kernels:
         end_kernel(pid, ticks, Path(directory), Path(cgroup) if cgroup else None)
-    with contextlib.suppress(sqlite3.Error), _database(state_dir) as db:
+    with contextlib.suppress(sqlite3.Error), _database(state) as db:
         for kernel_id, *_ in kernels:
             db.execute("DELETE FROM kernels WHERE kernel_id = ?", (kernel_id,))
         db.execute("INSERT OR REPLACE INTO meta VALUES ('reaped', ?)", (f"{timeout:g}",))
@@ -203,6 +212,19 @@ def cgroups_of(group: Path) -> list[Path]:
         if controller in CONTROLLERS and namesake != group and namesake.is_dir():
             groups.append(namesake)
     return groups
+
+
+def start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (it tells a reused pid apart);
+    None if there is no such process or it has ended (a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
 
 
 def own_cgroups() -> dict[str, str]:

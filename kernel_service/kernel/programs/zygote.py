@@ -7,9 +7,11 @@ kernel its seccomp program); the answers are `{"id", "pid"}` or `{"id", "error"}
 `{"exited": pid, "status": code}` when a kernel process ends.
 
 Only the standard library is imported here besides what is preloaded, and no thread is
-started, so a fork is a clean copy. A sandboxed child builds the same sandbox bubblewrap
-builds (namespaces, a read-only root, its own /tmp, /workspace, uid, rlimits, no
-capabilities, no new privileges, seccomp), keeping the zygote's memory pages shared.
+started, so a fork is a clean copy. A sandboxed request carries the sandbox's description
+(kernel/sandbox_spec.py, as JSON), the one bubblewrap's arguments are made from: the child
+enters its namespaces, applies its mount operations in order (`MOUNTS` knows each by its
+name), sets its hostname, rlimits, uid, environment and working directory, drops every
+capability and loads the seccomp filter; keeping the zygote's memory pages shared.
 
 Process tree of a sandboxed kernel: the forked child (host side; it waits and passes on the
 exit status as bwrap does, 128 + N for a signal N) → pid 1 of a new PID namespace (reaps
@@ -32,16 +34,20 @@ import socket
 import struct
 import sys
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 CLONE_NEWNS = 0x00020000
-CLONE_NEWCGROUP = 0x02000000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
+# the namespaces a sandbox may name, besides the mount namespace that every sandbox has
+CLONE_FLAGS = {
+    "cgroup": 0x02000000,
+    "uts": 0x04000000,
+    "ipc": 0x08000000,
+    "pid": 0x20000000,
+    "net": 0x40000000,
+}
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
@@ -199,12 +205,13 @@ class Zygote:
 def _sandboxed(request: dict[str, Any], output: int, seccomp: int | None) -> int:
     """Join the cgroup, enter new namespaces, and wait for the namespace's init; its status."""
     os.dup2(output, 2)  # errors of the set-up reach the service's output tail
-    sandbox = request["sandbox"]
-    for path in sandbox["cgroup_procs"]:
+    for path in request["cgroup_procs"]:
         with open(path, "w") as procs:
             procs.write(str(os.getpid()))
-    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
-    _check(_libc.unshare(flags | CLONE_NEWCGROUP), "unshare")
+    flags = CLONE_NEWNS
+    for namespace in request["sandbox"]["namespaces"]:
+        flags |= CLONE_FLAGS[namespace]
+    _check(_libc.unshare(flags), "unshare")
     init = os.fork()  # pid 1 of the new PID namespace
     if init == 0:
         _init(request, output, seccomp)
@@ -226,8 +233,10 @@ def _init(request: dict[str, Any], output: int, seccomp: int | None) -> None:
     try:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         _set_name("ks-init")
-        _build_root(request)
-        _check(_libc.sethostname(b"sandbox", 7), "sethostname")
+        sandbox = request["sandbox"]
+        _build_root(sandbox["mounts"], request["root"])
+        hostname = sandbox["hostname"].encode()
+        _check(_libc.sethostname(hostname, len(hostname)), "sethostname")
         _loopback_up()
         kernel = os.fork()
         if kernel == 0:
@@ -247,93 +256,117 @@ def _init(request: dict[str, Any], output: int, seccomp: int | None) -> None:
         os._exit(code)
 
 
-def _build_root(request: dict[str, Any]) -> None:  # noqa: PLR0915 (one mount after another)
-    """The kernel's filesystem, as bubblewrap's arguments in the service describe it."""
-    sandbox = request["sandbox"]
-    root: str = sandbox["root"]
+def _build_root(mounts: list[dict[str, Any]], root: str) -> None:
+    """The kernel's filesystem: `mounts` applied in order on an empty tmpfs at `root`, which
+    then becomes the root."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    for mount in mounts:
+        MOUNTS[mount["op"]](_Root(root), **{k: v for k, v in mount.items() if k != "op"})
+    os.chdir(root)
+    _check(_libc.syscall(SYS_PIVOT_ROOT[os.uname().machine], b".", b"."), "pivot_root")
+    _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
+    os.chdir("/")
 
-    def at(path: str) -> str:
-        return root + path
 
-    def make_dir(path: str, mode: int = 0o755) -> None:
+class _Root:
+    """The root being built, at a path of the host."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def at(self, path: str) -> str:
+        return self.path + path
+
+    def make_dir(self, path: str, mode: int = 0o755) -> None:
+        """`path` and its missing parents, each made with `mode`."""
         parts = path.strip("/").split("/")
         for index in range(1, len(parts) + 1):
-            directory = at("/" + "/".join(parts[:index]))
+            directory = self.at("/" + "/".join(parts[:index]))
             if not os.path.isdir(directory):
                 os.mkdir(directory)
                 os.chmod(directory, mode)
 
-    def bind(source: str, target: str, read_only: bool, device: bool = False) -> None:
+    def bind(self, source: str, target: str, read_only: bool, device: bool = False) -> None:
         """`source` at `target`, with every mount below it: read-only or not, never suid,
         and no device files but for a device's own bind."""
         if os.path.isdir(source):
-            make_dir(target)
-        elif not os.path.exists(at(target)):
-            make_dir(os.path.dirname(target))
-            open(at(target), "a").close()
-        _mount(source, at(target), None, MS_BIND | MS_REC)
+            self.make_dir(target)
+        elif not os.path.exists(self.at(target)):
+            self.make_dir(os.path.dirname(target))
+            open(self.at(target), "a").close()
+        _mount(source, self.at(target), None, MS_BIND | MS_REC)
         attributes, flags = MOUNT_ATTR_NOSUID, MS_NOSUID
         if not device:
             attributes, flags = attributes | MOUNT_ATTR_NODEV, flags | MS_NODEV
         if read_only:
             attributes, flags = attributes | MOUNT_ATTR_RDONLY, flags | MS_RDONLY
-        _set_attributes(at(target), attributes, flags)
+        _set_attributes(self.at(target), attributes, flags)
 
-    bind("/usr", "/usr", True)
-    for name, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"),
-                         ("lib64", "usr/lib64")):  # fmt: skip
-        os.symlink(target, at("/" + name))
-    make_dir("/etc")
-    for name in sandbox["etc"]:
-        if os.path.exists(f"/etc/{name}"):
-            bind(os.path.realpath(f"/etc/{name}"), f"/etc/{name}", True)
-    make_dir("/proc")
-    _mount("proc", at("/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    for name in sandbox["proc_read_only"]:  # the kernel's knobs stay untouched
-        if os.path.exists(at(f"/proc/{name}")):
-            bind(at(f"/proc/{name}"), f"/proc/{name}", True)
-    for name in sandbox["proc_masked"]:  # as bubblewrap's arguments mask them
-        path = at(f"/proc/{name}")
-        if os.path.isdir(path):
-            _mount(
-                "tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0555"
-            )
-        elif os.path.exists(path):
-            bind("/dev/null", f"/proc/{name}", True)
-    make_dir("/dev")
-    _mount("tmpfs", at("/dev"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+
+# The mount operations of a sandbox's description, by name (see kernel/sandbox_spec.py).
+
+
+def _dir(root: _Root, path: str, mode: int) -> None:
+    root.make_dir(path, mode)
+
+
+def _symlink(root: _Root, target: str, path: str) -> None:
+    os.symlink(target, root.at(path))
+
+
+def _bind(root: _Root, source: str, path: str, read_only: bool, optional: bool) -> None:
+    if optional and not os.path.exists(source):
+        return
+    root.bind(os.path.realpath(source), path, read_only)
+
+
+def _proc(root: _Root, path: str) -> None:
+    root.make_dir(path)
+    _mount("proc", root.at(path), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def _dev(root: _Root, path: str) -> None:
+    root.make_dir(path)
+    _mount("tmpfs", root.at(path), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
     for device in DEVICES:
         if os.path.exists(f"/dev/{device}"):
-            bind(f"/dev/{device}", f"/dev/{device}", False, device=True)
+            root.bind(f"/dev/{device}", f"{path}/{device}", False, device=True)
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
                          ("ptmx", "pts/ptmx")):  # fmt: skip
-        os.symlink(target, at(f"/dev/{name}"))
-    make_dir("/dev/pts")
-    _mount("devpts", at("/dev/pts"), "devpts", MS_NOSUID | MS_NOEXEC,
+        os.symlink(target, root.at(f"{path}/{name}"))
+    root.make_dir(f"{path}/shm")
+    root.make_dir(f"{path}/pts")
+    _mount("devpts", root.at(f"{path}/pts"), "devpts", MS_NOSUID | MS_NOEXEC,
            "newinstance,ptmxmode=0666,mode=620")  # fmt: skip
-    make_dir("/dev/shm")
-    _mount("tmpfs", at("/dev/shm"), "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={16 << 20}")
-    make_dir("/tmp")
-    tmp_size = sandbox["tmp_bytes"]
-    _mount("tmpfs", at("/tmp"), "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={tmp_size}")
-    make_dir("/tmp/matplotlib")
-    os.chmod(at("/tmp/matplotlib"), 0o1777)
-    for cache in sandbox["font_caches"]:
-        bind(cache, f"/tmp/matplotlib/{os.path.basename(cache)}", True)
-    for path in sandbox["read_only"]:
-        bind(path, path, True)
-    files_dir = sandbox["files_dir"]
-    make_dir(os.path.dirname(files_dir), 0o711)
-    bind(files_dir, files_dir, False)
-    bind(request["work_dir"], "/workspace", False)
-    os.chdir(root)
-    _check(_libc.syscall(SYS_PIVOT_ROOT[os.uname().machine], b".", b"."), "pivot_root")
-    _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
-    os.chdir("/")
-    _mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _tmpfs(root: _Root, path: str, mode: int, size: int | None, read_only: bool) -> None:
+    root.make_dir(path)
+    flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if read_only else 0)
+    options = f"mode={mode:04o}" + (f",size={size}" if size is not None else "")
+    _mount("tmpfs", root.at(path), "tmpfs", flags, options)
+
+
+def _read_only(root: _Root, path: str) -> None:
+    root.bind(root.at(path), path, True)
+
+
+def _remount_read_only(root: _Root, path: str) -> None:
+    _mount(None, root.at(path), None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+MOUNTS: dict[str, Callable[..., None]] = {
+    "dir": _dir,
+    "symlink": _symlink,
+    "bind": _bind,
+    "proc": _proc,
+    "dev": _dev,
+    "tmpfs": _tmpfs,
+    "read_only": _read_only,
+    "remount_read_only": _remount_read_only,
+}
 
 
 def _hide_command_line() -> None:
@@ -366,22 +399,15 @@ def _ioctl(sock: socket.socket, request: int, argument: bytes) -> bytes:
 
 
 def _drop_privileges(sandbox: dict[str, Any]) -> None:
-    limits = sandbox["limits"]
-    for name, value in (
-        (resource.RLIMIT_AS, limits["memory_bytes"]),
-        (resource.RLIMIT_NPROC, limits["processes"]),
-        (resource.RLIMIT_FSIZE, limits["file_bytes"]),
-        (resource.RLIMIT_NOFILE, limits["open_files"]),
-        (resource.RLIMIT_CORE, 0),
-    ):
-        resource.setrlimit(name, (value, value))
+    for name, value in sandbox["rlimits"].items():
+        resource.setrlimit(getattr(resource, f"RLIMIT_{name.upper()}"), (value, value))
     for capability in range(CAP_LAST + 1):
         dropped = _libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) == 0
         if not dropped and ctypes.get_errno() == errno.EINVAL:
             break  # past the last capability this kernel knows
-    uid = sandbox["uid"]
+    uid, gid = sandbox["uid"], sandbox["gid"]
     os.setgroups([])
-    os.setresgid(uid, uid, uid)
+    os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)  # from root to a plain uid: every capability is gone
     # A uid change clears "dumpable" (an exec would set it again): without it /proc/self
     # is root's and the kernel cannot read its own environ or limits.
@@ -424,14 +450,14 @@ def _become_kernel(request: dict[str, Any], output: int, seccomp: int | None) ->
     if sandbox:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         os.setsid()
-        os.chdir("/workspace")
+        os.chdir(sandbox["cwd"])
         _drop_privileges(sandbox)
         if program is not None:
             _load_seccomp(program)
     else:
         os.chdir(request["work_dir"])
     os.environ.clear()
-    os.environ.update(request["env"])
+    os.environ.update(sandbox["env"] if sandbox else request["env"])
     matplotlib = sys.modules.get("matplotlib")
     for name in ("get_configdir", "get_cachedir"):  # found at import, under the zygote's env
         getattr(getattr(matplotlib, name, None), "cache_clear", lambda: None)()
