@@ -2,12 +2,8 @@
 
 from typing import Any
 
-from kernel_service.execution.collector import (
-    ExecutionCollector,
-    OutputLimits,
-    apply_terminal_controls,
-    strip_ansi,
-)
+from kernel_service.execution.collector import ExecutionCollector, OutputLimits
+from kernel_service.execution.text import apply_terminal_controls, strip_ansi
 from kernel_service_client.models import (
     DisplayDataOutput,
     ErrorOutput,

@@ -4,7 +4,7 @@ applied as a notebook shows them, long text cut in the middle with a count of wh
 
 import pytest
 
-from kernel_service.execution.collector import apply_terminal_controls, strip_ansi
+from kernel_service.execution.text import apply_terminal_controls, strip_ansi
 from kernel_service_client.outputs import cut_middle
 
 

@@ -3,7 +3,7 @@ last lines, image references, the service's notice; long text cut in the middle.
 
 from collections.abc import Iterator, Sequence
 
-from kernel_service.execution.collector import strip_ansi
+from kernel_service.execution.text import strip_ansi
 from kernel_service_client.models import (
     DisplayDataOutput,
     ErrorOutput,
