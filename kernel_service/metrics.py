@@ -18,8 +18,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from kernel_service.execution.collector import is_rich_mime
-from kernel_service.kernel import ExitCause, Kernel
-from kernel_service.sessions.pool import KernelFactory
+from kernel_service.kernel import ExitCause, Kernel, KernelFactory
 from kernel_service_client.models import (
     DisplayDataOutput,
     ErrorOutput,

@@ -6,9 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from kernel_service.execution.collector import ExecutionCollector, OutputLimits
+from kernel_service.execution.outcome import Ending, RunOutcome
 from kernel_service.execution.results import STATE_LOST, build_result
-from kernel_service.kernel import RunOutcome
-from kernel_service.kernel.endings import Ending
 from kernel_service_client.models import (
     ErrorOutput,
     ExecutionResult,

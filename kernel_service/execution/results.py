@@ -5,8 +5,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kernel_service.execution.outcome import RunOutcome
 from kernel_service.execution.render import fit_text, uncut_text
-from kernel_service.kernel import RunOutcome
 from kernel_service_client.models import (
     ErrorOutput,
     ExecutionError,

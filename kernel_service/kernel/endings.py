@@ -1,31 +1,14 @@
-"""How things end: one execution (`RunOutcome`), and a kernel process (`KernelEnd`: why, in
-words for people and models and in a word for counting)."""
+"""How a kernel process ends (`KernelEnd`): why, in words for people and models and in a
+word for counting. How one execution ended is `execution.outcome.RunOutcome`."""
 
 import signal
-from dataclasses import dataclass
 from typing import Literal
 
-from kernel_service.execution.collector import ExecutionCollector
 from kernel_service.kernel.cgroups import oom_kills
 from kernel_service.kernel.launcher import KernelProcess
 
-Ending = Literal["done", "interrupted", "killed", "died", "output_lost"]
 # Why a kernel process ended, in a word (for counting; `exit_words` says it for people).
 ExitCause = Literal["shutdown", "timeout", "exited", "signal", "out_of_memory", "unknown"]
-
-
-@dataclass(frozen=True)
-class RunOutcome:
-    """How one execution ended, with everything gathered for it."""
-
-    collector: ExecutionCollector
-    ending: Ending
-    exit_reason: str | None = None
-    lost: str | None = None  # why output was lost (with ending "output_lost")
-
-    @property
-    def kernel_lost(self) -> bool:
-        return self.ending in ("killed", "died")
 
 
 class KernelEnd:

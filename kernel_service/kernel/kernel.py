@@ -10,13 +10,14 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from kernel_service.execution.collector import ExecutionCollector, OutputLimits, OutputListener
+from kernel_service.execution.outcome import RunOutcome
 from kernel_service.kernel.channels import Channel, KernelChannels
-from kernel_service.kernel.endings import ExitCause, KernelEnd, RunOutcome
+from kernel_service.kernel.endings import ExitCause, KernelEnd
 from kernel_service.kernel.files import KernelFiles
 from kernel_service.kernel.interrupts import Interrupts
 from kernel_service.kernel.launcher import (
@@ -411,3 +412,8 @@ class Kernel:
     def _log_excerpt(self) -> str:
         tail = self.process.output_tail()[-_LOG_TAIL:].strip()
         return f" Kernel log:\n{tail}" if tail else ""
+
+
+# Starts a ready kernel with the given work directory as its cwd and home (the runtime's
+# `_start_kernel`, wrapped by the metrics to count starts).
+KernelFactory = Callable[[Path], Awaitable[Kernel]]

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from kernel_service.errors import KernelUnavailable, SessionNotFound
 from kernel_service.execution.results import STATE_LOST
-from kernel_service.kernel import Kernel, KernelStartError
-from kernel_service.sessions.pool import KernelFactory
+from kernel_service.kernel import Kernel, KernelFactory, KernelStartError
 
 log = logging.getLogger(__name__)
 

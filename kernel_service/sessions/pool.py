@@ -11,18 +11,14 @@ import contextlib
 import logging
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from kernel_service.kernel import Kernel
+from kernel_service.kernel import Kernel, KernelFactory
 from kernel_service.workdir.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
-
-# Starts a ready kernel with the given work directory as its cwd and home.
-KernelFactory = Callable[[Path], Awaitable[Kernel]]
 
 # after a failed start, wait this long before trying again (a broken host must not spin)
 _RETRY_DELAY = 5.0

@@ -20,9 +20,9 @@ from kernel_service.errors import (
     SessionNotFound,
     TooManySessions,
 )
-from kernel_service.kernel import Kernel, KernelStartError
+from kernel_service.kernel import Kernel, KernelFactory, KernelStartError
 from kernel_service.metrics import CloseReason, Metrics
-from kernel_service.sessions.pool import KernelFactory, KernelPool
+from kernel_service.sessions.pool import KernelPool
 from kernel_service.sessions.services import SessionServices
 from kernel_service.sessions.session import Restored, Session, session_key
 from kernel_service.store.records import SessionRecord

@@ -3,8 +3,8 @@
 from dataclasses import dataclass
 
 from kernel_service.config import Settings
+from kernel_service.kernel import KernelFactory
 from kernel_service.metrics import Metrics
-from kernel_service.sessions.pool import KernelFactory
 from kernel_service.store.state import StateStore
 from kernel_service.workdir.workspaces import Workspaces
 

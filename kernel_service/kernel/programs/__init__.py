@@ -2,7 +2,7 @@
 
 - `zygote`: the fork-server, run as a file; it forks kernels and applies the sandbox
   described in kernel/sandbox_spec.py.
-  Standard library only: it must not import this package.
+  The standard library and ipykernel only: it must not import this package.
 - `startup`: run inside each kernel at its start (output chunking, input() refusal).
 - `fonts`: warms matplotlib's font cache in a subprocess before the first kernel.
 - `reaper`: a watchdog process that ends the kernels if the service dies; run as a file,
