@@ -19,6 +19,9 @@ from kernel_service_client.models import (
     TruncatedOutput,
 )
 
+# An execution's status, its error, and what its text must say of how it ended.
+_Ending = tuple[Status, ExecutionError | None, list[str]]
+
 STATE_LOST = (
     "The kernel was restarted: all variables, imports and definitions from earlier calls "
     "are lost; re-run the code they depend on."
@@ -66,71 +69,18 @@ def build_result(
     anything else the caller should know first (an earlier execution cut short). `files`:
     those it created or changed.
     """
-    collector = outcome.collector
-    status: Status
-    error: ExecutionError | None
-    notices: list[str] = []
-    if lost_before:
-        notices.append(lost_before)
-    if notice:
-        notices.append(notice)
+    notices = [words for words in (lost_before, notice) if words]
     limit_words = f"{timeout:g} s time limit" + (
         " (the most this service allows)" if timeout_capped else ""
     )
-
-    if outcome.ending == "interrupted":
-        status = "timeout"
-        message = (
-            f"Execution exceeded the {limit_words} and was interrupted. The kernel survived: "
-            "variables from earlier calls are intact, but this call stopped part-way."
-        )
-        error = ExecutionError(ename="TimeoutError", evalue=message)
-        notices.append(f"TimeoutError: {message}")
-    elif outcome.ending == "killed":
-        status = "timeout"
-        message = (
-            f"Execution exceeded the {limit_words} and did not respond to the interrupt "
-            f"(e.g. a long call inside C code). {STATE_LOST}"
-        )
-        error = ExecutionError(ename="TimeoutError", evalue=message)
-        notices.append(f"TimeoutError: {message}")
-    elif outcome.ending == "died":
-        status = "error"
-        message = f"The kernel died during execution: {outcome.exit_reason}. {STATE_LOST}"
-        error = ExecutionError(ename="KernelDied", evalue=message)
-        notices.append(f"KernelDied: {message}")
-    else:
-        error = _user_error(outputs) or _as_error(collector.reply_error())
-        reply_status = (collector.reply or {}).get("status")
-        if reply_status == "aborted" and error is None:
-            error = ExecutionError(
-                ename="ExecutionAborted", evalue="The kernel aborted this execution."
-            )
-        status = "error" if error is not None else "ok"
-        if error is not None and error.ename == "MemoryError":
-            notices.append(
-                "Out of memory: the code needed more memory than this session may use. The "
-                "kernel survived; free memory (del large objects) or work on smaller pieces."
-            )
-        if error is not None and not any(isinstance(o, ErrorOutput) for o in outputs):
-            notices.append(f"{error.ename}: {error.evalue}")
-        if outcome.ending == "output_lost":
-            # never an "ok" with output missing: a lost output is an error of its own
-            lost = ExecutionError(
-                ename="OutputLost",
-                evalue=f"Part of this call's output was lost: {outcome.lost}. The code "
-                "ran to its end, but what it printed or displayed after that point, the "
-                "value included, is missing here. Print or display less at once.",
-            )
-            notices.append(f"OutputLost: {lost.evalue}")
-            status = "error"
-            error = error or lost
+    status, error, said = _ending(outcome, outputs, limit_words)
+    notices += said
 
     return ResultDraft(
         fields={
             "session_id": session_id,
             "status": status,
-            "execution_count": collector.execution_count,
+            "execution_count": outcome.collector.execution_count,
             "outputs": outputs,
             "error": error,
             "images": images,
@@ -142,6 +92,61 @@ def build_result(
         text_limit=text_limit,
         truncated=next((o for o in outputs if isinstance(o, TruncatedOutput)), None),
     )
+
+
+def _ending(outcome: RunOutcome, outputs: Sequence[Output], limit_words: str) -> _Ending:
+    """The status and error of an execution that ended so, and what the text must say."""
+    if outcome.ending == "interrupted":
+        message = (
+            f"Execution exceeded the {limit_words} and was interrupted. The kernel survived: "
+            "variables from earlier calls are intact, but this call stopped part-way."
+        )
+        return _said("timeout", "TimeoutError", message)
+    if outcome.ending == "killed":
+        message = (
+            f"Execution exceeded the {limit_words} and did not respond to the interrupt "
+            f"(e.g. a long call inside C code). {STATE_LOST}"
+        )
+        return _said("timeout", "TimeoutError", message)
+    if outcome.ending == "died":
+        message = f"The kernel died during execution: {outcome.exit_reason}. {STATE_LOST}"
+        return _said("error", "KernelDied", message)
+    return _code_ending(outcome, outputs)
+
+
+def _said(status: Status, ename: str, message: str) -> _Ending:
+    """An ending the service saw (not the code's error), said first in the text too."""
+    return status, ExecutionError(ename=ename, evalue=message), [f"{ename}: {message}"]
+
+
+def _code_ending(outcome: RunOutcome, outputs: Sequence[Output]) -> _Ending:
+    """An execution that ran to its end (its output perhaps partly lost): the code's error,
+    if it raised."""
+    notices: list[str] = []
+    collector = outcome.collector
+    error = _user_error(outputs) or _as_error(collector.reply_error())
+    if (collector.reply or {}).get("status") == "aborted" and error is None:
+        error = ExecutionError(
+            ename="ExecutionAborted", evalue="The kernel aborted this execution."
+        )
+    if error is not None and error.ename == "MemoryError":
+        notices.append(
+            "Out of memory: the code needed more memory than this session may use. The "
+            "kernel survived; free memory (del large objects) or work on smaller pieces."
+        )
+    if error is not None and not any(isinstance(o, ErrorOutput) for o in outputs):
+        notices.append(f"{error.ename}: {error.evalue}")
+    if outcome.ending == "output_lost":
+        # never an "ok" with output missing: a lost output is an error of its own
+        lost = ExecutionError(
+            ename="OutputLost",
+            evalue=f"Part of this call's output was lost: {outcome.lost}. The code "
+            "ran to its end, but what it printed or displayed after that point, the "
+            "value included, is missing here. Print or display less at once.",
+        )
+        notices.append(f"OutputLost: {lost.evalue}")
+        return "error", error or lost, notices
+    return ("error" if error is not None else "ok"), error, notices
 
 
 def _user_error(outputs: Sequence[Output]) -> ExecutionError | None:
