@@ -119,6 +119,16 @@ def descendants() -> set[int]:
     }
 
 
+# Code that keeps its kernel busy until the test lets it end (`Server.let_end`), rather than
+# for a guessed time: the test observes what it needs while the code runs, then ends it.
+HOLD = (
+    "import os, time\n"
+    "while not os.path.exists('let-end'):\n"
+    "    time.sleep(0.01)\n"
+    "os.remove('let-end')"
+)
+
+
 class Server:
     """A running kernel-service and a client for it."""
 
@@ -129,7 +139,8 @@ class Server:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self._server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+        self.app = create_app(settings)
+        self._server = uvicorn.Server(uvicorn_config(self.app, settings))
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
         )
@@ -167,6 +178,11 @@ class Server:
     def wait_busy(self, session_id: str) -> None:
         """Until the session runs an execution."""
         assert wait_for(lambda: self.status(session_id) == "busy", 10)
+
+    def let_end(self, session_id: str) -> None:
+        """Let the session's running `HOLD` code end (it removes the file it waits for)."""
+        work_dir: Path = self.app.state.registry.get(session_id).work_dir
+        (work_dir / "let-end").touch()
 
     def stop(self) -> None:
         self.client.close()

@@ -23,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import Server, alive, kernel_processes, running_server, wait_for, zygotes
+from tests.conftest import HOLD, Server, alive, kernel_processes, running_server, wait_for, zygotes
 
 LOOP_30S = "import time\nfor i in range(300):\n    n = i\n    time.sleep(0.1)\ndone = True"
 
@@ -146,9 +146,12 @@ def test_a_client_that_stays_leaves_no_task_behind(server: Server, session: str)
 
 def test_a_queued_request_whose_client_hangs_up_never_runs(server: Server, session: str) -> None:
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(server.execute, "import time; time.sleep(2); 'first'", session)
+        running = pool.submit(server.execute, f"{HOLD}\n'first'", session)
         server.wait_busy(session)
         hang_up_with_httpx(server, session, "queued_ran = True", 0.5)
+        # the service has seen the hang-up: only the running request is left
+        assert wait_for(lambda: server.requests_in_flight() == 1, 30)
+        server.let_end(session)
         assert running.result(timeout=30)["result"] == "'first'"
     result = server.execute("'queued_ran' in globals()", session)
     assert result["result"] == "False"

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from tests.conftest import (
+    HOLD,
     Server,
     kernel_processes,
     read_notebook,
@@ -130,14 +131,15 @@ def test_a_timeout_and_a_running_execution(server: Server, session: str) -> None
     """A timeout's error (only in the result's `error`) is an error output in the notebook;
     an execution still running is in the history, without outputs."""
     server.execute("while True: pass", session, timeout=1)
-    sleeper = threading.Thread(target=server.execute, args=("import time; time.sleep(2)", session))
-    sleeper.start()
+    holder = threading.Thread(target=server.execute, args=(HOLD, session))
+    holder.start()
     try:
         server.wait_busy(session)
         timed_out, running = history(server, session)
         nb = notebook(server, session)
     finally:
-        sleeper.join()
+        server.let_end(session)
+        holder.join()
     assert timed_out["status"] == "timeout"
     assert timed_out["error"]["ename"] == "TimeoutError"
     # the kernel's own words (KeyboardInterrupt), then the service's (TimeoutError)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Server, kernel_processes, running_server, wait_for, zygotes
+from tests.conftest import HOLD, Server, kernel_processes, running_server, wait_for, zygotes
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -59,13 +59,12 @@ def test_metrics_follow_executions_kernel_deaths_and_sessions(tmp_path: Path) ->
         assert value(live, "kernel_service_sessions_created_total", kernel="warm") == 1
 
         # a busy session is seen busy at the next scrape
-        sleeper = threading.Thread(
-            target=server.execute, args=("import time\ntime.sleep(1)", session)
-        )
-        sleeper.start()
+        holder = threading.Thread(target=server.execute, args=(HOLD, session))
+        holder.start()
         server.wait_busy(session)
         assert value(scrape(server.client), "kernel_service_sessions", status="busy") == 1
-        sleeper.join()
+        server.let_end(session)
+        holder.join()
 
         assert server.execute("print('hello')", session)["status"] == "ok"
         assert server.execute(SHOW_PNG, session)["status"] == "ok"

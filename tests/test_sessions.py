@@ -1,6 +1,7 @@
 """Session endpoints, serialised executions within a session, concurrency across sessions."""
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -222,3 +223,30 @@ def test_update_display_and_clear_output_from_a_real_kernel(server: Server, sess
     )
     [bar] = progress["outputs"]
     assert bar["data"]["text/plain"] == "'100%'"
+
+
+def test_an_interrupt_while_the_execution_is_being_recorded_is_kept(tmp_path: Path) -> None:
+    """The session is busy from the moment its execution holds the lock; an interrupt asked
+    for while the execution is still being written to the state store (before its code is
+    sent) is kept, and ends the code as it begins."""
+    with running_server(tmp_path) as server:
+        session = server.new_session()
+        store = server.app.state.runtime.store
+        # hold the state store's thread: the execution waits on its first record
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            held.set()
+            release.wait(60)
+
+        store._db.queue(hold)
+        assert held.wait(60)
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(server.execute, "import time\ntime.sleep(60)", session)
+            server.wait_busy(session)
+            interrupted = server.client.post(f"/sessions/{session}/interrupt").json()
+            release.set()
+            result = running.result(timeout=60)
+        assert interrupted["interrupted"] is True
+        assert result["status"] == "error"
+        assert result["error"]["ename"] == "KeyboardInterrupt"

@@ -133,23 +133,38 @@ class Session:
             began, started = self.last_activity, time.perf_counter()
             if self._closed:
                 raise SessionNotFound(self.session_id)
-            seq = await self._journal.begin(code)  # StateFull: nothing ran
-            full_bytes = self._settings.full_output_mb * MIB
-            spill = FullOutputSpill(self.work_dir, self.session_id, seq, full_bytes)
+            # From here an interrupt is for this execution (kept until its code begins).
             self._executing, self._interrupt_asked = True, False
             try:
-                result = await self._run(code, timeout, started, spill, on_output)
-            except BaseException as exc:  # cancelled (client gone, service stopping) or failed
-                self._journal.cut_short(seq, cancelled=isinstance(exc, asyncio.CancelledError))
-                raise
+                seq = await self._journal.begin(code)  # StateFull: nothing ran
+                result = await self._run_recorded(seq, code, timeout, started, on_output)
             finally:
                 self._executing = False
-                spill.close()
                 self._touch()
             # Past the try: a wait cancelled here leaves the write to happen, and alone.
             await self._journal.end(seq, result, began, self.execution_count)
         self._report(result)
         return result
+
+    async def _run_recorded(
+        self,
+        seq: int,
+        code: str,
+        timeout: float | None,
+        started: float,
+        on_output: OutputListener | None,
+    ) -> ExecutionResult:
+        """Run execution `seq`, its full output spilled; an ending other than a result
+        (cancelled: client gone, service stopping; or failed) is recorded as cut short."""
+        full_bytes = self._settings.full_output_mb * MIB
+        spill = FullOutputSpill(self.work_dir, self.session_id, seq, full_bytes)
+        try:
+            return await self._run(code, timeout, started, spill, on_output)
+        except BaseException as exc:
+            self._journal.cut_short(seq, cancelled=isinstance(exc, asyncio.CancelledError))
+            raise
+        finally:
+            spill.close()
 
     async def _run(
         self,
