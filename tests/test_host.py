@@ -335,7 +335,7 @@ def test_sixteen_sessions_of_one_key_cannot_exhaust_the_host(tmp_path: Path) -> 
 
     While the attack forks (some seconds of both CPUs busy with 16 x 54 forks of a 200 MB
     process) the p50 is printed, not held to the bar: every runnable kernel then gets its
-    share, and each of the bystander's wake-ups waits its turn (see README, "What is not
+    share, and each of the bystander's wake-ups waits its turn (see docs/security.md, "What is not
     isolated"); it is only held to 0.5 s, against starvation. Bounded: the attack's
     processes end themselves after HOLD_S seconds, and the sessions are deleted at the end.
     """

@@ -294,7 +294,7 @@ async def healthz(request: Request, registry: Registry, settings: Config) -> Hea
     },
 )
 async def metrics(request: Request) -> Response:
-    """The service's metrics for Prometheus: executions, kernels, sessions (see the README)."""
+    """The service's metrics for Prometheus: executions, kernels, sessions (docs/operations.md)."""
     # On the event loop on purpose: the live figures are read from the session registry.
     collected: Metrics = request.app.state.metrics
     body, content_type = collected.exposition(request.headers.get("accept", ""))

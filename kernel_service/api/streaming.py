@@ -121,7 +121,7 @@ def wants_stream(body_stream: bool, accept: str | None) -> bool:
 
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "The result; with `stream`, Server-Sent Events (see the README).",
+        "description": "The result; with `stream`, Server-Sent Events (docs/http-api.md).",
         "content": {
             "text/event-stream": {
                 "schema": {

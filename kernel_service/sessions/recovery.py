@@ -31,7 +31,7 @@ from kernel_service.workdir.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
 
-# What forked kernels' processes are called (see kernel/zygote.py); the zygote is not one.
+# What forked kernels' processes are called (see kernel/programs/zygote.py); the zygote is not one.
 _KERNEL_NAMES = ("ks-sandbox", "ks-init", "ks-kernel")
 
 
