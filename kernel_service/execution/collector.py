@@ -278,6 +278,16 @@ class ExecutionCollector:
         """True once the execute_reply has arrived and iopub went idle for this request."""
         return self.reply is not None and self.idle
 
+    def end_unanswered(self) -> None:
+        """The kernel went idle for this request and will send no reply (ipykernel drops
+        it when an interrupt lands as it takes the request up): it ends as interrupted."""
+        self.reply = {
+            "status": "error",
+            "ename": "KeyboardInterrupt",
+            "evalue": "interrupted as it began; the kernel sent no reply",
+            "traceback": [],
+        }
+
     @property
     def execution_count(self) -> int | None:
         count = (self.reply or {}).get("execution_count")

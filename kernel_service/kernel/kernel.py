@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 # output was lost (a probe whose iopub status, coming after ours, proves ours was dropped),
 # and how long the answer to that probe may take before the output is taken as lost.
 _IOPUB_GRACE = 5.0
+# iopub idle for a request and no reply yet: after this long the kernel is asked whether a
+# reply is still to come (a SIGINT landing as ipykernel takes a request up can make it go
+# idle without ever replying)
+_REPLY_GRACE = 0.2
 _PROBE_WAIT = 30.0
 # How long a dying kernel's last messages may take to arrive.
 _DEATH_DRAIN = 0.05
@@ -85,6 +89,8 @@ class Kernel:
         self._lost: str | None = None  # why output of the active request was lost
         self._probe: str | None = None  # msg_id of a request sent to check for lost output
         self._probe_answered = False
+        self._reply_probe: str | None = None  # msg_id of a request sent after a missing reply
+        self._reply_dropped = False  # its answer came, and still no reply: none will
         self._refusals_seen = 0  # messages refused when the last execution began
         self._changed = asyncio.Event()
         self._end = KernelEnd(process)
@@ -288,7 +294,10 @@ class Kernel:
             raise
         finally:
             self._active = None
-            self._interrupts.end()
+            if self._settling is None:
+                self._interrupts.end()
+            # else the interrupt stays armed for the settling code: held until it begins,
+            # sent again while it neither raised nor ended
 
     async def _settle(self, collector: ExecutionCollector, grace: float) -> None:
         """Let an interrupted execution end within `grace`; kill the kernel if it does not."""
@@ -300,6 +309,7 @@ class Kernel:
                 await self.process.wait()
         finally:
             self._active = None
+            self._interrupts.end()
             self._settling = None
 
     def interrupt(self) -> None:
@@ -325,12 +335,24 @@ class Kernel:
         loop = asyncio.get_running_loop()
         self._active = collector
         self._probe, self._probe_answered = None, False
+        self._reply_probe, self._reply_dropped = None, False
         reply_seen = False
+        ask_for_reply_at: float | None = None
         while True:
             if collector.done:
                 return "done"
             if not self.alive:
                 return "died"
+            if self._reply_dropped:
+                # shell answers in order: the probe's reply came, so no reply will
+                collector.end_unanswered()
+                return "done"
+            if collector.idle and collector.reply is None and self._reply_probe is None:
+                if ask_for_reply_at is None:
+                    ask_for_reply_at = loop.time() + _REPLY_GRACE
+                elif loop.time() >= ask_for_reply_at:
+                    self._reply_probe = self._channels.send("shell", "kernel_info_request", {})
+                    ask_for_reply_at = None
             if self._lost is not None and collector.reply is not None:
                 return "output_lost"  # a refused message: its idle may be lost too
             if self._probe_answered:
@@ -341,7 +363,9 @@ class Kernel:
                 reply_seen = True
                 deadline = loop.time() + _IOPUB_GRACE
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if ask_for_reply_at is not None:
+                remaining = min(remaining, max(ask_for_reply_at - loop.time(), 0.0))
+            if deadline - loop.time() <= 0:
                 if not reply_seen:
                     return "timeout"
                 if self._probe is None:
@@ -371,6 +395,11 @@ class Kernel:
             parent = msg.get("parent_header")
             if isinstance(parent, dict) and parent.get("msg_id") == self._probe:
                 self._probe_answered = True
+                self._changed.set()
+        if self._reply_probe is not None and msg_type == "kernel_info_reply":
+            parent = msg.get("parent_header")
+            if isinstance(parent, dict) and parent.get("msg_id") == self._reply_probe:
+                self._reply_dropped = self._active is not None and self._active.reply is None
                 self._changed.set()
         active = self._active
         if active is None:
