@@ -3,8 +3,13 @@
 import json
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
+import pytest
 
 from tests.conftest import Server, kernel_processes, running_server, wait_for, zygotes
 
@@ -225,28 +230,92 @@ def test_update_display_and_clear_output_from_a_real_kernel(server: Server, sess
     assert bar["data"]["text/plain"] == "'100%'"
 
 
+@contextmanager
+def store_held(server: Server) -> Iterator[Callable[[], None]]:
+    """The state store's thread held busy (its writes wait) until the caller releases it:
+    a session's awaits on the store are then a window other requests can reach into."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait(60)
+
+    server.app.state.runtime.store._db.queue(hold)
+    assert held.wait(60)
+    try:
+        yield release.set
+    finally:
+        release.set()
+
+
+def warm_kernels(server: Server) -> int:
+    return len(server.app.state.runtime.pool)
+
+
 def test_an_interrupt_while_the_execution_is_being_recorded_is_kept(tmp_path: Path) -> None:
     """The session is busy from the moment its execution holds the lock; an interrupt asked
     for while the execution is still being written to the state store (before its code is
     sent) is kept, and ends the code as it begins."""
     with running_server(tmp_path) as server:
         session = server.new_session()
-        store = server.app.state.runtime.store
-        # hold the state store's thread: the execution waits on its first record
-        held, release = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            held.set()
-            release.wait(60)
-
-        store._db.queue(hold)
-        assert held.wait(60)
-        with ThreadPoolExecutor(1) as pool:
+        with store_held(server) as release, ThreadPoolExecutor(1) as pool:
             running = pool.submit(server.execute, "import time\ntime.sleep(60)", session)
             server.wait_busy(session)
             interrupted = server.client.post(f"/sessions/{session}/interrupt").json()
-            release.set()
+            release()
             result = running.result(timeout=60)
         assert interrupted["interrupted"] is True
         assert result["status"] == "error"
         assert result["error"]["ename"] == "KeyboardInterrupt"
+
+
+def test_an_execution_given_up_on_while_it_is_recorded_leaves_the_session_usable(
+    tmp_path: Path,
+) -> None:
+    """Its record is written anyway (as cut short), its number taken: the next execution
+    gets the next number and runs."""
+    with running_server(tmp_path) as server:
+        session = server.new_session()
+        with store_held(server) as release:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up: the server cancels
+                httpx.post(
+                    f"{server.base_url}/execute",
+                    json={"code": "1", "session_id": session},
+                    timeout=httpx.Timeout(60, read=1.0),
+                )
+            assert wait_for(lambda: server.requests_in_flight() == 0, 30)
+            release()
+        after = server.execute("40 + 2", session)
+        assert after["result"] == "42"
+        history = server.client.get(f"/sessions/{session}/history").json()["executions"]
+        assert [(e["seq"], e["status"]) for e in history] == [(1, "cancelled"), (2, "ok")]
+
+
+def test_sessions_being_recorded_count_against_the_limit(tmp_path: Path) -> None:
+    with running_server(tmp_path, pool_size=2, max_sessions=1) as server:
+        assert wait_for(lambda: warm_kernels(server) == 2, 60)
+        with store_held(server) as release, ThreadPoolExecutor(2) as pool:
+            answers = [
+                pool.submit(server.client.post, "/sessions", json={"session_id": name})
+                for name in ("a", "b")
+            ]
+            # the first has taken a warm kernel and waits on its record
+            assert wait_for(lambda: warm_kernels(server) < 2 or any(a.done() for a in answers))
+            release()
+            codes = sorted(a.result(60).status_code for a in answers)
+        assert codes == [201, 429]
+
+
+def test_one_id_asked_for_twice_at_once_is_made_once(tmp_path: Path) -> None:
+    with running_server(tmp_path, pool_size=2) as server:
+        assert wait_for(lambda: warm_kernels(server) == 2, 60)
+        with store_held(server) as release, ThreadPoolExecutor(2) as pool:
+            answers = [
+                pool.submit(server.client.post, "/sessions", json={"session_id": "twice"})
+                for _ in range(2)
+            ]
+            assert wait_for(lambda: warm_kernels(server) < 2 or any(a.done() for a in answers))
+            release()
+            codes = sorted(a.result(60).status_code for a in answers)
+        assert codes == [201, 409]
+        assert server.execute("40 + 2", "twice")["result"] == "42"

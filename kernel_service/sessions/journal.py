@@ -1,6 +1,7 @@
 """A session's execution journal: each execution written to the state store as it starts
 and as it ends, within the history's byte budget (the oldest results dropped past it)."""
 
+import asyncio
 import logging
 from datetime import datetime
 
@@ -31,7 +32,13 @@ class ExecutionJournal:
         """Record an execution about to run; its number. Raises StateFull: then it must
         not run."""
         seq = self._seq + 1
-        await self._store.execution_started(self._key, seq, code)
+        try:
+            await self._store.execution_started(self._key, seq, code)
+        except asyncio.CancelledError:
+            # the write was handed over and happens anyway: its number is taken
+            self._seq = seq
+            self.cut_short(seq, cancelled=True)
+            raise
         self._seq = seq
         return seq
 

@@ -81,6 +81,13 @@ class SessionRegistry:
         session_id = session_id or uuid.uuid4().hex
         key = session_key(session_id, owner)
         self._check_room(session_id, key, owner)
+        self._reserved[key] = owner  # until it is recorded and listed
+        try:
+            return await self._create(session_id, key, owner)
+        finally:
+            self._reserved.pop(key, None)
+
+    async def _create(self, session_id: str, key: str, owner: str | None) -> Session:
         warm = self.pool.take() if self.pool is not None else None
         if warm is not None:  # ready now: no await, so no failure to undo
             kernel, work_dir = warm.kernel, warm.work_dir
@@ -102,11 +109,7 @@ class SessionRegistry:
                 )
             )
         except BaseException:
-            self._reserved[key] = owner
-            try:
-                await session.close()
-            finally:
-                self._reserved.pop(key, None)
+            await session.close()
             raise
         self._sessions[key] = session
         self.metrics.session_created(warm=warm is not None)
@@ -126,8 +129,7 @@ class SessionRegistry:
                 raise TooManySessions(self._settings.max_sessions_per_key, per_key=True)
 
     async def _new_kernel(self, key: str, owner: str | None) -> tuple[Kernel, Path]:
-        """A work directory and a kernel started in it, the key reserved meanwhile."""
-        self._reserved[key] = owner
+        """A work directory and a kernel started in it (the caller reserved the key)."""
         work_dir = self.workspaces.path(key)
         try:
             work_dir = await self.workspaces.create(key)
@@ -137,8 +139,6 @@ class SessionRegistry:
             if isinstance(exc, KernelStartError | WorkspaceError):
                 raise KernelUnavailable(str(exc)) from exc
             raise
-        finally:
-            self._reserved.pop(key, None)
 
     async def close(
         self, session_id: str, owner: str | None = None, reason: CloseReason = "deleted"

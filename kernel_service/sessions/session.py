@@ -192,22 +192,25 @@ class Session:
         if outcome.collector.execution_count is not None:
             self.execution_count = outcome.collector.execution_count
         outputs = outcome.collector.outputs()
+        images = await self._images.keep(outputs)
         notice, notice_lost = self.notice, self._notice_lost_state
-        self.notice, self._notice_lost_state = None, False
         draft = build_result(
             session_id=self.session_id,
             outcome=outcome,
             outputs=outputs,
             timeout=effective,
             timeout_capped=timeout is not None and timeout > effective,
-            images=await self._images.keep(outputs),
+            images=images,
             duration_ms=(time.perf_counter() - started) * 1000,
             lost_before=lost_before or (notice if notice_lost else None),
             notice=None if notice_lost else notice,
             text_limit=self._settings.text_limit,
             files=files,
         )
-        return draft.finish(await spill.keep() if draft.needs_full_output else None)
+        result = draft.finish(await spill.keep() if draft.needs_full_output else None)
+        # said once, in this result: cleared only now that no await can cut it off
+        self.notice, self._notice_lost_state = None, False
+        return result
 
     def interrupt(self) -> bool:
         """Interrupt the running execution, if any. True when one was running (or about to:
