@@ -65,6 +65,7 @@ class FullOutputSpill:
         self._at_line_start = True  # of the text received
         self._kept_ends_line = True  # of the text kept
         self._writer: ThreadPoolExecutor | None = None  # made when there is a file to write
+        self._closed = False  # output arriving later (code still ending) is not kept
         self._pending: deque[tuple[Future[None], int]] = deque()  # handed over: (job, bytes)
         self._pending_bytes = 0
         # on the writer's thread (read by the loop only once it has waited for the writer)
@@ -89,6 +90,8 @@ class FullOutputSpill:
 
     def add(self, output: Output) -> None:
         """Take one output's text; never raises (a failure is logged, and ends spilling)."""
+        if self._closed:
+            return
         try:
             self._add(output)
         except Exception as exc:
@@ -139,6 +142,7 @@ class FullOutputSpill:
     def close(self) -> None:
         """Remove the file unless kept, and let go of the descriptors (on the writer's
         thread, after what was handed to it)."""
+        self._closed = True
         self._buffer.clear()
         if self._writer is not None:
             self._writer.submit(self._close)

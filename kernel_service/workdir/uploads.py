@@ -57,6 +57,9 @@ class Upload:
         self._batch: list[bytes] = []
         self._batched = 0
         self._lock = threading.RLock()
+        # Set by abort: a step that starts later (its thread began before the abort took the
+        # lock; its caller is gone) does nothing, so nothing is made after the clean-up.
+        self._aborted = False
 
     async def open(self) -> None:
         """Make the missing directories and the hidden file to write."""
@@ -94,6 +97,8 @@ class Upload:
 
     def _open(self) -> None:
         with self._lock:
+            if self._aborted:
+                return
             root = open_root(self._work_dir, self.path)
             try:
                 owner = os.fstat(root)
@@ -167,6 +172,8 @@ class Upload:
 
     def _write(self, data: bytes) -> None:
         with self._lock:
+            if self._aborted:
+                return
             assert self._fd is not None
             view = memoryview(data)
             try:
@@ -199,6 +206,7 @@ class Upload:
 
     def _abort(self) -> None:
         with self._lock:
+            self._aborted = True
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
