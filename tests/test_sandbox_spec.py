@@ -5,6 +5,7 @@ test_sandbox.py, runs both launches for real)."""
 import dataclasses
 import inspect
 import json
+import os
 import resource
 from pathlib import Path
 
@@ -12,9 +13,12 @@ from kernel_service.kernel.programs import zygote
 from kernel_service.kernel.sandbox_spec import (
     MOUNT_TYPES,
     NAMESPACES,
+    PROC_MASKED,
     SHM_BYTES,
     Bind,
+    Mask,
     Mount,
+    ReadOnly,
     RemountReadOnly,
     SandboxLimits,
     SandboxSpec,
@@ -64,7 +68,11 @@ def test_both_renderings_cover_the_same_operations(tmp_path: Path) -> None:
     rendered = [arg for mount in made.mounts for arg in bwrap_mount(mount)]
     start = options.index(rendered[0])
     assert options[start : start + len(rendered)] == rendered
-    assert all(bwrap_mount(mount) for mount in made.mounts)
+    # (a mask or a knob renders to nothing only where the host's /proc has nothing there)
+    assert all(
+        bwrap_mount(m) or (isinstance(m, Mask | ReadOnly) and not os.path.exists(m.path))
+        for m in made.mounts
+    )
     # and every kind of operation is used
     assert {type(mount) for mount in made.mounts} == set(MOUNT_TYPES)
 
@@ -109,3 +117,19 @@ def test_sizes_and_writable_paths_are_written_once(tmp_path: Path) -> None:
         (str(tmp_path / "work"), "/workspace"),
     ]
     assert made.mounts[-1] == RemountReadOnly("/")  # last: the mount points exist by then
+
+
+def test_a_mask_hides_a_directory_a_file_or_nothing(tmp_path: Path) -> None:
+    """bubblewrap's rendering follows what is at the path (the zygote's child looks in the
+    sandbox's own procfs instead: `_mask`, applied by the attack suite's launches)."""
+    directory, file = tmp_path / "acpi", tmp_path / "keys"
+    directory.mkdir()
+    file.write_text("")
+    assert bwrap_mount(Mask(str(directory))) == [
+        "--perms", "0555", "--tmpfs", str(directory), "--remount-ro", str(directory),
+    ]  # fmt: skip
+    assert bwrap_mount(Mask(str(file))) == ["--ro-bind", "/dev/null", str(file)]
+    assert bwrap_mount(Mask(str(tmp_path / "absent"))) == []
+    assert bwrap_mount(ReadOnly(str(tmp_path / "absent"))) == []
+    masked = {m.path for m in spec(tmp_path).mounts if isinstance(m, Mask)}
+    assert masked == {f"/proc/{name}" for name in PROC_MASKED}

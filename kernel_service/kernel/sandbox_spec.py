@@ -124,10 +124,21 @@ class Tmpfs:
 
 @dataclass(frozen=True)
 class ReadOnly:
-    """What the sandbox has at `path`, made read-only in place (bubblewrap binds the host's
-    file of that name: for /proc's kernel knobs, the same)."""
+    """What the sandbox has at `path`, made read-only in place, if it has anything there
+    (bubblewrap binds the host's file of that name: for /proc's kernel knobs, the same)."""
 
     op: ClassVar[str] = "read_only"
+    path: str
+
+
+@dataclass(frozen=True)
+class Mask:
+    """What the sandbox has at `path` hidden: a directory under an empty read-only tmpfs
+    (mode 0555), a file under /dev/null, nothing if there is nothing. Each launch looks in
+    the sandbox's own procfs where it can (the zygote's child); bubblewrap's arguments are
+    written beforehand, from the host's /proc."""
+
+    op: ClassVar[str] = "mask"
     path: str
 
 
@@ -139,9 +150,9 @@ class RemountReadOnly:
     path: str
 
 
-Mount = Dir | Symlink | Bind | Proc | Dev | Tmpfs | ReadOnly | RemountReadOnly
+Mount = Dir | Symlink | Bind | Proc | Dev | Tmpfs | ReadOnly | Mask | RemountReadOnly
 MOUNT_TYPES: tuple[type[Mount], ...] = (
-    Dir, Symlink, Bind, Proc, Dev, Tmpfs, ReadOnly, RemountReadOnly,
+    Dir, Symlink, Bind, Proc, Dev, Tmpfs, ReadOnly, Mask, RemountReadOnly,
 )  # fmt: skip
 
 
@@ -195,13 +206,8 @@ def sandbox_spec(
         *(Bind(f"/etc/{name}", f"/etc/{name}", optional=True) for name in ETC_FILES),
         Proc("/proc"),
     ]  # fmt: skip
-    for name in PROC_MASKED:  # the sandbox's procfs has what the host's has
-        masked = f"/proc/{name}"
-        if os.path.isdir(masked):
-            mounts.append(Tmpfs(masked, 0o555, read_only=True))
-        elif os.path.exists(masked):
-            mounts.append(Bind("/dev/null", masked))
-    mounts += [ReadOnly(f"/proc/{n}") for n in PROC_READ_ONLY if os.path.exists(f"/proc/{n}")]
+    mounts += [Mask(f"/proc/{name}") for name in PROC_MASKED]
+    mounts += [ReadOnly(f"/proc/{name}") for name in PROC_READ_ONLY]
     mounts += [
         Dev("/dev"),
         Tmpfs("/tmp", 0o1777, size=limits.tmp_bytes),
@@ -278,7 +284,8 @@ def bwrap_options(spec: SandboxSpec) -> list[str]:
 
 
 def bwrap_mount(mount: Mount) -> list[str]:
-    """One mount operation as bwrap's options."""
+    """One mount operation as bwrap's options (a mask or a read-only knob as the host's
+    /proc has it: bubblewrap's own procfs shows the same entries)."""
     match mount:
         case Dir(path, mode):
             return ["--perms", f"{mode:04o}", "--dir", path]
@@ -296,7 +303,11 @@ def bwrap_mount(mount: Mount) -> list[str]:
             made = ["--perms", f"{mode:04o}", *sized, "--tmpfs", path]
             return [*made, "--remount-ro", path] if read_only else made
         case ReadOnly(path):
-            return ["--ro-bind", path, path]
+            return ["--ro-bind", path, path] if os.path.exists(path) else []
+        case Mask(path):
+            if os.path.isdir(path):
+                return ["--perms", "0555", "--tmpfs", path, "--remount-ro", path]
+            return ["--ro-bind", "/dev/null", path] if os.path.exists(path) else []
         case RemountReadOnly(path):
             return ["--remount-ro", path]
         case _:

@@ -350,7 +350,17 @@ def _tmpfs(root: _Root, path: str, mode: int, size: int | None, read_only: bool)
 
 
 def _read_only(root: _Root, path: str) -> None:
-    root.bind(root.at(path), path, True)
+    if os.path.exists(root.at(path)):
+        root.bind(root.at(path), path, True)
+
+
+def _mask(root: _Root, path: str) -> None:
+    inside = root.at(path)  # what this sandbox's own procfs has, whatever the host's shows
+    if os.path.isdir(inside):
+        flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+        _mount("tmpfs", inside, "tmpfs", flags, "mode=0555")
+    elif os.path.exists(inside):
+        root.bind("/dev/null", path, True)
 
 
 def _remount_read_only(root: _Root, path: str) -> None:
@@ -365,6 +375,7 @@ MOUNTS: dict[str, Callable[..., None]] = {
     "dev": _dev,
     "tmpfs": _tmpfs,
     "read_only": _read_only,
+    "mask": _mask,
     "remount_read_only": _remount_read_only,
 }
 
