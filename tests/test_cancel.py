@@ -3,7 +3,9 @@ aborted by the kernel's stop_on_error because it arrived while the cut-short cod
 ending)."""
 
 import asyncio
+import contextlib
 import json
+import os
 import socket
 import threading
 from pathlib import Path
@@ -16,8 +18,12 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp.types import TextContent
 
+from kernel_service.execution.collector import OutputLimits
+from kernel_service.kernel import Kernel
+from kernel_service.runtime import Runtime
+from kernel_service_client.models import ExecuteResultOutput
 from kernel_service_client.tools.spec import TOOL_NAME
-from tests.conftest import Server, running_server, wait_for
+from tests.conftest import Server, make_settings, running_server, wait_for
 
 # Long enough that only an ending from outside stops it; ignores nothing.
 LONG = "import time\nfor _ in range(600):\n    time.sleep(0.1)\n"
@@ -26,6 +32,15 @@ LONG = "import time\nfor _ in range(600):\n    time.sleep(0.1)\n"
 def text_of(result: object) -> str:
     content = getattr(result, "content", [])
     return "\n".join(c.text for c in content if isinstance(c, TextContent))
+
+
+def open_fds() -> list[str]:
+    """What this process's descriptors point at."""
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            found.append(os.readlink(fd))
+    return found
 
 
 def assert_ready(server: Server, session: str) -> None:
@@ -89,3 +104,74 @@ def test_every_early_ending_leaves_the_session_ready(
         lambda: server.client.get(f"/sessions/{session}").json()["status"] == "idle", 30
     )
     assert_ready(server, session)
+
+
+def test_code_given_up_on_as_it_begins_is_interrupted_while_it_settles(tmp_path: Path) -> None:
+    """A caller that gives up just before or just as the kernel begins the code: the
+    interrupt is held for the code's start and sent again while the cut-short code neither
+    raised nor ended (ipykernel can swallow a SIGINT that lands between announcing the code
+    and running it), for as long as it settles; the kernel lives on and runs the next code."""
+    settings = make_settings(tmp_path, interrupt_grace=20)
+    limits = OutputLimits(text=settings.output_limit, rich=settings.rich_output_limit)
+
+    async def scenario() -> list[tuple[str, bool, str | None]]:
+        runtime = Runtime(settings)
+        async with runtime.running():
+            work_dir = tmp_path / "work" / "direct"
+            work_dir.mkdir(parents=True)
+            kernel = await Kernel.start(runtime.launcher, runtime.options, work_dir)
+            rounds: list[tuple[str, bool, str | None]] = []
+            try:
+                for begun in (False, True) * 3:
+                    cut = asyncio.create_task(
+                        kernel.execute(LONG, timeout=600, interrupt_grace=20, limits=limits)
+                    )
+                    await asyncio.sleep(0)  # one step: the request is sent
+                    active = kernel._active
+                    assert active is not None
+                    while begun and not active.started and active.reply is None:  # noqa: ASYNC110
+                        await asyncio.sleep(0)  # a step at a time: cut as it begins
+                    cut.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await cut
+                    after = await kernel.execute(
+                        "1 + 1", timeout=60, interrupt_grace=20, limits=limits
+                    )
+                    values = [
+                        o.data.get("text/plain")
+                        for o in after.collector.outputs()
+                        if isinstance(o, ExecuteResultOutput)
+                    ]
+                    rounds.append((after.ending, kernel.alive, values[0] if values else None))
+            finally:
+                await kernel.shutdown()
+            return rounds
+
+    assert asyncio.run(scenario()) == [("done", True, "2")] * 6
+
+
+def test_what_cut_short_code_prints_as_it_ends_is_not_spilled(tmp_path: Path) -> None:
+    """The caller is gone and the execution over (its spill closed): what the code prints
+    while it ends opens no file, no descriptor and no writing thread."""
+    code = (
+        "import sys, time\n"
+        "try:\n"
+        "    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.stdout.write('x' * 600_000)\n"
+        "    sys.stdout.flush()\n"
+    )
+    with running_server(tmp_path, interrupt_grace=30) as server:
+        session = server.new_session()
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up: the server cancels
+            httpx.post(
+                f"{server.base_url}/execute",
+                json={"code": code, "session_id": session},
+                timeout=httpx.Timeout(60, read=1.5),
+            )
+        # the next execution runs once the cut-short one has ended, its output all come
+        assert server.execute("1", session)["status"] == "ok"
+        outputs = server.app.state.registry.get(session).work_dir / ".outputs"
+        assert not (outputs / "1.txt").exists()
+        assert [fd for fd in open_fds() if ".outputs" in fd] == []
+        assert [t for t in threading.enumerate() if t.name.startswith("full-output")] == []
