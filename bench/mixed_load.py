@@ -124,7 +124,7 @@ class MixedLoad:
     total_seconds: float = 0.0
     # callbacks that held the service's event loop (seconds, which), longest first; None:
     # not watched
-    stalls: list[tuple[float, str]] | None = None
+    stalls: list[tuple[float, float, str]] | None = None  # seconds, waiting for a CPU, which
 
     def within_bounds(self) -> tuple[bool | None, bool | None]:
         """RSS and fd growth within their limits (None: not measured)."""

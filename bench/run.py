@@ -240,9 +240,11 @@ def _load_problems(column: Column, result: mixed_load.MixedLoad) -> None:
         kinds = ", ".join(f"{kind} ×{n}" for kind, n in result.kinds.most_common())
         column.problems.append(f"load: {kinds}")
         column.problems += [f"load: {example}" for example in result.examples]
-    for seconds, callback in (result.stalls or [])[:_STALLS_SHOWN]:
+    held = sorted(((s - w, w, c) for s, w, c in result.stalls or []), reverse=True)
+    for seconds, waiting, callback in held[:_STALLS_SHOWN]:
         if seconds >= STALL_LIMIT:
-            column.problems.append(f"load: the event loop stalled {seconds * 1000:.0f} ms in "
+            column.problems.append(f"load: a callback held the event loop {seconds * 1000:.0f} ms "
+                                   f"(and waited {waiting * 1000:.0f} ms for a CPU) in "
                                    f"{callback[:300]}")  # fmt: skip
     if result.kernels_left or result.files_left:
         column.problems.append(

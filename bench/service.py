@@ -111,14 +111,15 @@ class Service:
                 raise RuntimeError(f"{self.name}: the service did not answer:\n{self.log_tail()}")
             await asyncio.sleep(0.1)
 
-    def stalls(self) -> list[tuple[float, str]]:
-        """The callbacks that held its event loop (seconds, which), longest first: those
-        asyncio reported, when it runs with `watch_stalls`."""
+    def stalls(self) -> list[tuple[float, float, str]]:
+        """The slow callbacks of its event loop (seconds, seconds of them waiting for a
+        CPU, which), longest first, when it runs with `watch_stalls`."""
         found = []
         with contextlib.suppress(OSError), self.log.open(errors="replace") as log:
             for line in log:
                 if match := STALL.search(line):
-                    found.append((float(match["seconds"]), match["callback"]))
+                    waiting = float(match["waiting"] or 0)
+                    found.append((float(match["seconds"]), waiting, match["callback"]))
         return sorted(found, reverse=True)
 
     def log_tail(self, chars: int = 3000) -> str:
