@@ -2,6 +2,7 @@
 the MCP server at `/mcp`; the app's lifespan runs them and ends every kernel at shutdown."""
 
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -35,9 +36,11 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
     mcp_app = mcp.http_app(settings.host)
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # MCP sessions end first, closing their kernel sessions; then every other one
         async with runtime.running(), mcp.serving_http():
+            if getattr(app.state, "freeze_heap", False):
+                gc.freeze()  # what the start made, too (see server.serve)
             yield
 
     app = FastAPI(
