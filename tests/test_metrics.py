@@ -93,7 +93,7 @@ def test_metrics_follow_executions_kernel_deaths_and_sessions(tmp_path: Path) ->
         }
         assert executions == {"ok": 3, "error": 4, "timeout": 2}
         assert value(after, "kernel_service_execution_duration_seconds_count") == 9
-        assert value(after, "kernel_service_execution_duration_seconds_sum") >= 3  # 1 + 1 + 1 s
+        assert value(after, "kernel_service_execution_duration_seconds_sum") >= 2  # two 1 s limits
         assert value(after, "kernel_service_execution_duration_seconds_bucket", le="600.0") == 9
         assert value(after, "kernel_service_execution_duration_seconds_bucket", le="0.5") < 9
         assert value(after, "kernel_service_output_bytes_total", kind="rich") == len(PNG)
