@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
         # MCP sessions end first, closing their kernel sessions; then every other one
         async with runtime.running(), mcp.serving_http():
             if getattr(app.state, "freeze_heap", False):
-                gc.freeze()  # what the start made, too (see server.serve)
+                gc.freeze()  # see server.serve
             yield
 
     app = FastAPI(

@@ -18,7 +18,6 @@ Idle kept-alive connections are closed after `keep_alive_timeout` (uvicorn's own
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import resource
@@ -252,11 +251,11 @@ def uvicorn_config(app: Any, settings: Settings, **extra: Any) -> uvicorn.Config
 def serve(app: Any, settings: Settings) -> bool:
     """Run `app` under uvicorn until it is stopped (SIGTERM, SIGINT); whether it started."""
     server = uvicorn.Server(uvicorn_config(app, settings))
-    # What exists now (the imported modules, classes and functions: most of the heap), and
-    # what the app's start makes, is kept out of the cyclic garbage collector's passes,
-    # which would otherwise walk it all each time, holding the event loop 60-150 ms under
-    # load. (Only here, where the process is the service's alone: not in tests' servers.)
-    gc.freeze()
+    # Once the app has started, what exists then (the imported modules, classes and
+    # functions, what the start made: most of the heap) is kept out of the cyclic garbage
+    # collector's passes, which would otherwise walk it all each time, holding the event
+    # loop 60-150 ms under load (app.py's lifespan does it). Only here, where the process
+    # is the service's alone: not in tests' in-process servers.
     app.state.freeze_heap = True
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
