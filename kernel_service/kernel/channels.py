@@ -1,13 +1,12 @@
 """The service's three channels to one kernel (shell, iopub, control): Jupyter messages,
-signed and checked by jupyter_client's `Session`, over our own bounded ZMTP sockets
-(`wire.py` says why not libzmq's)."""
+signed and checked (`messages.py`), over our own bounded ZMTP sockets (`wire.py` says why
+not libzmq's)."""
 
 import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
-from jupyter_client.session import Session
-
+from kernel_service.kernel.messages import BadMessage, MessageCodec
 from kernel_service.kernel.wire import KernelSocket, SocketType
 
 log = logging.getLogger(__name__)
@@ -33,9 +32,9 @@ class KernelChannels:
         on_refused: OnRefused,
     ) -> None:
         key = connection_info["key"]
-        self.session = Session(
-            key=key if isinstance(key, bytes) else str(key).encode(),
-            signature_scheme=connection_info.get("signature_scheme", "hmac-sha256"),
+        self._codec = MessageCodec(
+            key if isinstance(key, bytes) else str(key).encode(),
+            connection_info.get("signature_scheme", "hmac-sha256"),
         )
         self._on_message = on_message
         self._bad_messages = 0
@@ -66,15 +65,14 @@ class KernelChannels:
 
     def send(self, channel: Channel, msg_type: str, content: dict[str, Any]) -> str:
         """Send a request; its msg_id (replies and outputs name it as their parent)."""
-        msg = self.session.msg(msg_type, content)
-        self._sockets[channel].send(self.session.serialize(msg))
-        return str(msg["header"]["msg_id"])
+        msg_id, frames = self._codec.request(msg_type, content)
+        self._sockets[channel].send(frames)
+        return msg_id
 
     def _receive(self, frames: list[bytes]) -> None:
         try:
-            _, parts = self.session.feed_identities(frames)
-            msg: dict[str, Any] = self.session.deserialize(parts)
-        except Exception:  # malformed, unsigned, replayed: dropped, whatever user code sent
+            msg = self._codec.read(frames)
+        except BadMessage:  # malformed, unsigned, replayed: dropped, whatever user code sent
             self._bad_messages += 1
             if self._bad_messages & (self._bad_messages - 1) == 0:  # 1, 2, 4, 8, ...
                 log.warning("%d unreadable messages from a kernel", self._bad_messages)

@@ -1,0 +1,81 @@
+"""The service's own codec for Jupyter messages speaks the wire format of jupyter_client's
+`Session` (what ipykernel uses) both ways, and refuses what `Session` refuses."""
+
+import pytest
+from jupyter_client.session import Session
+
+from kernel_service.kernel.messages import BadMessage, MessageCodec
+
+KEY = b"a-kernel-key-0123456789abcdef"
+
+
+def kernel_message(session: Session, msg_type: str, content: dict[str, object]) -> list[bytes]:
+    """Frames as a kernel sends them (identities first on iopub: the topic)."""
+    msg = session.msg(msg_type, content, parent=session.msg_header("execute_request"))
+    return [b"kernel.abc.status", *session.serialize(msg)]
+
+
+def test_reads_what_a_kernel_sends() -> None:
+    kernel = Session(key=KEY)
+    frames = kernel_message(kernel, "status", {"execution_state": "idle"})
+    msg = MessageCodec(KEY).read(frames)
+    assert msg["msg_type"] == msg["header"]["msg_type"] == "status"
+    assert msg["content"] == {"execution_state": "idle"}
+    assert msg["parent_header"]["msg_type"] == "execute_request"
+    assert isinstance(msg["header"]["date"], str)  # left as it came: nothing reads it
+
+
+def test_a_kernel_reads_its_requests() -> None:
+    codec, kernel = MessageCodec(KEY), Session(key=KEY)
+    msg_id, frames = codec.request("execute_request", {"code": "1+1", "silent": False})
+    _, parts = kernel.feed_identities(frames)
+    msg = kernel.deserialize(parts)  # checks the signature, parses the date
+    assert msg["header"]["msg_id"] == msg_id
+    assert msg["header"]["version"].startswith("5.")
+    assert msg["content"] == {"code": "1+1", "silent": False}
+    assert codec.request("kernel_info_request", {})[0] != msg_id
+
+
+@pytest.mark.parametrize("scheme", ["hmac-sha256", "hmac-sha512"])
+def test_signature_schemes(scheme: str) -> None:
+    kernel = Session(key=KEY, signature_scheme=scheme)
+    frames = kernel_message(kernel, "stream", {"name": "stdout", "text": "hi"})
+    assert MessageCodec(KEY, scheme).read(frames)["content"]["text"] == "hi"
+    with pytest.raises(BadMessage):
+        MessageCodec(KEY, "hmac-sha384").read(frames)
+
+
+def test_refuses_what_the_kernel_did_not_sign() -> None:
+    codec = MessageCodec(KEY)
+    signed = kernel_message(Session(key=KEY), "status", {"execution_state": "busy"})
+    forged = kernel_message(Session(key=b"another key"), "status", {"execution_state": "busy"})
+    unsigned = [*signed[:2], b"", *signed[3:]]
+    tampered = [*signed[:-1], b'{"execution_state": "idle"}']
+    for frames, why in (
+        (forged, "another key"),
+        (unsigned, "signed"),
+        (tampered, "signed"),
+        (signed[:5], "four parts"),
+        ([b"no", b"delimiter"], "delimiter"),
+    ):
+        with pytest.raises(BadMessage, match=why):
+            codec.read(frames)
+    codec.read(signed)
+    with pytest.raises(BadMessage, match="replayed"):
+        codec.read(signed)
+
+
+def test_refuses_signed_parts_that_are_not_a_message() -> None:
+    codec = MessageCodec(KEY)
+    for header, content, why in ((b"[1]", b"{}", "object"), (b"{}", b"not json", "JSON")):
+        parts = [header, b"{}", b"{}", content]
+        with pytest.raises(BadMessage, match=why):
+            codec.read([b"<IDS|MSG>", codec._sign(parts), *parts])
+
+
+def test_a_key_and_a_known_scheme_are_required() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        MessageCodec(b"")
+    for scheme in ("sha256", "hmac-nonesuch"):
+        with pytest.raises(ValueError, match="scheme"):
+            MessageCodec(KEY, scheme)
