@@ -65,6 +65,14 @@ def _ready(socket_type: SocketType) -> bytes:
     return _command(b"READY", bytes([len(name)]) + name + len(value).to_bytes(4, "big") + value)
 
 
+def _copy(buffer: bytes | bytearray, start: int, end: int) -> bytes:
+    """`buffer[start:end]` as bytes, copied once."""
+    if isinstance(buffer, bytes):
+        return buffer[start:end]
+    with memoryview(buffer) as view:
+        return bytes(view[start:end])
+
+
 class _Connection(asyncio.Protocol):
     """One connection's handshake and frame parsing, within the message limit."""
 
@@ -87,16 +95,25 @@ class _Connection(asyncio.Protocol):
             self.closed.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        self._buffer += data
+        # Most reads hold whole messages: they are parsed where they are, and only what is
+        # left of a message is kept for the next read.
+        buffer: bytes | bytearray = data
+        if self._buffer:
+            self._buffer += data
+            buffer = self._buffer
         try:
-            used = self._parse()
+            used = self._parse(buffer)
         except _Refused as exc:
             self._buffer.clear()
+            self._owner._lost(self)  # what is sent from now waits for the next connection
             self._owner._refused(str(exc))
             if self.transport is not None:
                 self.transport.abort()
             return
-        del self._buffer[:used]
+        if buffer is self._buffer:
+            del self._buffer[:used]
+        elif used < len(data):
+            self._buffer += data[used:]
 
     def send(self, frames: list[bytes]) -> None:
         assert self.transport is not None
@@ -107,9 +124,9 @@ class _Connection(asyncio.Protocol):
             chunks.append(frame)
         self.transport.writelines(chunks)
 
-    def _parse(self) -> int:
-        """Take every whole frame in the buffer; how many bytes were used."""
-        buffer, position = self._buffer, 0
+    def _parse(self, buffer: bytes | bytearray) -> int:
+        """Take every whole frame in `buffer`; how many bytes were used."""
+        position = 0
         if not self._greeted:
             if len(buffer) < _GREETING_SIZE:
                 return 0
@@ -143,8 +160,7 @@ class _Connection(asyncio.Protocol):
                 raise _Refused(f"a message of more than {MAX_FRAMES} parts")
             if len(buffer) - start < size:
                 return position  # checked above before its bytes arrive; taken when they have
-            with memoryview(buffer) as view:
-                body = bytes(view[start : start + size])
+            body = _copy(buffer, start, start + size)
             position = start + size
             if flags & _COMMAND:
                 self._on_command(body)

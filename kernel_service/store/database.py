@@ -6,6 +6,11 @@ and awaits its outcome (or does not wait at all), so a result of 32 MiB is writt
 without stopping it. A job handed over always runs, even when whoever awaits it is
 cancelled: a write is never half called off.
 
+Handing over is batched: the thread takes every job waiting when it wakes, runs them in
+turn, and gives the event loop their outcomes in one call. A hand-over per job (a thread
+pool's) cost ~60 µs of CPU in wake-ups, more than the statements themselves; under load,
+when many sessions end executions at once, a batch shares one.
+
 The database runs in WAL mode with `synchronous=NORMAL`: a commit is an append to the log,
 with no fsync. A write that cannot be made (disk full, I/O error) raises `StateFull`; SQLite
 rolls it back, and it works again once there is room.
@@ -14,9 +19,11 @@ rolls it back, and it works again once there is room.
 import asyncio
 import contextlib
 import os
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -70,45 +77,95 @@ CREATE TABLE IF NOT EXISTS images (
 """
 
 
+# A job, its arguments, and where its outcome goes: a future of the event loop's (settled
+# there, in a batch), one of another thread's, or nowhere.
+_Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any] | Future[Any] | None"]
+_STOP = None
+# Jobs run before their outcomes are given: a bound on how long the first one waits for them.
+_BATCH = 64
+
+
 class Database:
     """One SQLite connection, opened, used and closed on a thread of its own."""
 
     def __init__(self, path: Path) -> None:
         """Open (or make) the database at `path`, 0600, with its schema."""
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-store")
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="state-store", daemon=True)
+        self._thread.start()
         self.closed = False
         try:
             self._db = self.wait(_open, path)
         except BaseException:
-            self._thread.shutdown()
+            self._jobs.put(_STOP)
+            self._thread.join()
             raise
 
     # ------------------------------------------------------------ handing jobs over
 
-    def queue(self, job: Callable[..., T], *args: Any) -> "Future[T]":
+    def queue(self, job: Callable[..., T], *args: Any) -> None:
         """Hand `job` over without waiting: it runs after every job handed over before it."""
-        return self._thread.submit(job, *args)
+        self._put((job, args, None))
 
     def run(self, job: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
         """Hand `job` over now; its outcome, to await on the running loop. Cancelling the
         wait leaves the job to run."""
-        loop = asyncio.get_running_loop()
-        outcome: asyncio.Future[T] = loop.create_future()
-        done = self.queue(job, *args)
-        done.add_done_callback(lambda _: _call_in(loop, _settle, outcome, done))
+        outcome: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._put((job, args, outcome))
         return outcome
 
     def wait(self, job: Callable[..., T], *args: Any) -> T:
         """Hand `job` over and wait for its outcome: for the start and the stop, and for
         threads other than the event loop's."""
-        return self.queue(job, *args).result()
+        outcome: Future[T] = Future()
+        self._put((job, args, outcome))
+        return outcome.result()
 
     def close(self) -> None:
         """Run every job handed over, then close the database."""
         if not self.closed:
             self.closed = True
-            self._thread.submit(self._db.close)
-            self._thread.shutdown(wait=True)
+            self._jobs.put((self._db.close, (), None))
+            self._jobs.put(_STOP)
+            self._thread.join()
+
+    def _put(self, job: _Job) -> None:
+        if self.closed:
+            raise RuntimeError("the state store is closed")
+        self._jobs.put(job)
+
+    def _serve(self) -> None:
+        """The thread: every job waiting, in turn; their outcomes, a batch per event loop."""
+        while True:
+            batch = [self._jobs.get()]
+            with contextlib.suppress(queue.Empty):
+                while batch[-1] is not _STOP and len(batch) < _BATCH:
+                    batch.append(self._jobs.get_nowait())
+            settled: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+            for item in batch:
+                if item is _STOP:
+                    break
+                job, args, outcome = item
+                try:
+                    result: Any = job(*args)
+                except BaseException as exc:  # an outcome like any other; the thread goes on
+                    result, failed = exc, True
+                else:
+                    failed = False
+                if isinstance(outcome, Future):
+                    if failed:
+                        outcome.set_exception(result)
+                    else:
+                        outcome.set_result(result)
+                elif outcome is not None:
+                    settled.setdefault(outcome.get_loop(), []).append(
+                        (outcome, _Failed(result) if failed else result)
+                    )
+            for loop, outcomes in settled.items():
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_settle, outcomes)
+            if batch[-1] is _STOP:
+                return
 
     # ------------------------------------------------------------ on the thread only
 
@@ -140,15 +197,18 @@ def _open(path: Path) -> sqlite3.Connection:
     return db
 
 
-def _call_in(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
-    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-        loop.call_soon_threadsafe(callback, *args)
+class _Failed:
+    """A job's exception, carried to the event loop."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
 
 
-def _settle(outcome: "asyncio.Future[T]", done: "Future[T]") -> None:
-    if outcome.cancelled():
-        return
-    if (exc := done.exception()) is not None:
-        outcome.set_exception(exc)
-    else:
-        outcome.set_result(done.result())
+def _settle(outcomes: list[tuple["asyncio.Future[Any]", Any]]) -> None:
+    for outcome, result in outcomes:
+        if outcome.cancelled():
+            continue
+        if isinstance(result, _Failed):
+            outcome.set_exception(result.exc)
+        else:
+            outcome.set_result(result)

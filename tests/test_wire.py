@@ -1,0 +1,119 @@
+"""The service's ZMTP sockets against libzmq's (pyzmq, as a kernel binds them): messages of
+every size arrive whole and in order, however the reads split them, and one over the limit
+is refused without losing the connection for the next."""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from kernel_service.kernel.wire import KernelSocket, SocketType
+
+LIMIT = 4 * 1024 * 1024
+
+
+async def until(condition: "asyncio.Event", seconds: float = 30) -> None:
+    await asyncio.wait_for(condition.wait(), seconds)
+
+
+@pytest.mark.parametrize("socket_type", ["DEALER", "SUB"])
+def test_messages_arrive_whole_whatever_their_size(tmp_path: Path, socket_type: str) -> None:
+    asyncio.run(messages_arrive_whole(tmp_path, socket_type))
+
+
+async def messages_arrive_whole(tmp_path: Path, socket_type: str) -> None:
+    context = zmq.asyncio.Context()
+    peer = context.socket(zmq.ROUTER if socket_type == "DEALER" else zmq.PUB)
+    path = tmp_path / "kernel-1"
+    peer.bind(f"ipc://{path}")
+    received: list[list[bytes]] = []
+    refusals: list[str] = []
+    arrived = asyncio.Event()
+    expected: list[list[bytes]] = []
+
+    def on_message(frames: list[bytes]) -> None:
+        received.append(frames)
+        if len(received) >= len(expected):
+            arrived.set()
+
+    kind: SocketType = "DEALER" if socket_type == "DEALER" else "SUB"
+    ours = KernelSocket(str(path), kind, LIMIT, on_message, refusals.append)
+    ours.start()
+    try:
+        identity = b""
+        if socket_type == "DEALER":
+            ours.send([b"hello"])
+            identity, hello = await asyncio.wait_for(peer.recv_multipart(), 30)
+            assert hello == b"hello"
+        else:  # a SUB socket is connected once its subscription reaches the publisher
+            probe = [b"probe"]
+            expected.append(probe)
+            while not arrived.is_set():
+                await peer.send_multipart(probe)
+                await asyncio.sleep(0.01)  # the publisher's pace; the wait is on `arrived`
+            received.clear()
+            expected.clear()
+            arrived.clear()
+        expected.extend(
+            [
+                [b"<IDS|MSG>", b"", b"{}", b"{}", b"{}", b"{}"],
+                [b"x" * 255, b"y" * 256],  # the short and the long frame head
+                [bytes(range(256)) * 4096, b"tail"],  # 1 MiB: split across many reads
+                *([b"small", str(i).encode()] for i in range(200)),  # many in one read
+            ]
+        )
+        for frames in expected:
+            await peer.send_multipart([identity, *frames] if identity else frames)
+        await until(arrived)
+        assert received == expected
+        assert refusals == []
+    finally:
+        ours.close()
+        peer.close(linger=0)
+        context.term()
+
+
+def test_a_message_over_the_limit_is_refused_and_the_next_arrives(tmp_path: Path) -> None:
+    asyncio.run(over_the_limit(tmp_path))
+
+
+async def over_the_limit(tmp_path: Path) -> None:
+    context = zmq.asyncio.Context()
+    peer = context.socket(zmq.ROUTER)
+    path = tmp_path / "kernel-2"
+    peer.bind(f"ipc://{path}")
+    received: list[list[bytes]] = []
+    refusals: list[str] = []
+    arrived = asyncio.Event()
+
+    def on_message(frames: list[bytes]) -> None:
+        received.append(frames)
+        arrived.set()
+
+    refused = asyncio.Event()
+
+    def on_refused(reason: str) -> None:
+        refusals.append(reason)
+        refused.set()
+
+    ours = KernelSocket(str(path), "DEALER", LIMIT, on_message, on_refused)
+    ours.start()
+    try:
+        ours.send([b"hello"])
+        identity, _ = await asyncio.wait_for(peer.recv_multipart(), 30)
+        await peer.send_multipart([identity, b"a" * LIMIT, b"b"])
+        await until(refused)
+        # sent once the refusal is known: it waits for the next connection, and goes there
+        ours.send([b"again"])
+        identity, frame = await asyncio.wait_for(peer.recv_multipart(), 30)
+        assert frame == b"again"
+        await peer.send_multipart([identity, b"after"])
+        await until(arrived)
+        assert received == [[b"after"]]
+        assert "more than" in refusals[0]
+    finally:
+        ours.close()
+        peer.close(linger=0)
+        context.term()
