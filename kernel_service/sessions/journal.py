@@ -7,10 +7,13 @@ from datetime import datetime
 
 from kernel_service.errors import StateFull
 from kernel_service.store.records import ExecutionRecord, SessionTotals
-from kernel_service.store.state import StateStore
+from kernel_service.store.state import SMALL_WRITE, StateStore
 from kernel_service_client.models import ExecutionResult
 
 log = logging.getLogger(__name__)
+
+# A result's JSON against its outputs' size: they are in it as outputs and as text, escaped.
+_JSON_GROWTH = 3
 
 
 class ExecutionJournal:
@@ -26,7 +29,7 @@ class ExecutionJournal:
         self._store = store
         self._room = room
         self._seq = totals.last_seq
-        self._result_bytes = totals.result_bytes  # used on the store's thread only
+        self._result_bytes = totals.result_bytes  # used in the store's jobs only, one at a time
 
     async def begin(self, code: str) -> int:
         """Record an execution about to run; its number. Raises StateFull: then it must
@@ -48,11 +51,18 @@ class ExecutionJournal:
         self._store.execution_cut_short(self._key, seq, "cancelled" if cancelled else "failed")
 
     async def end(
-        self, seq: int, result: ExecutionResult, last_activity: datetime, execution_count: int
+        self,
+        seq: int,
+        result: ExecutionResult,
+        last_activity: datetime,
+        execution_count: int,
+        output_bytes: int,
     ) -> None:
         """Its result, and the session's last use. A failure to write is logged, not
         raised: the code has run and its caller gets the result (a later service process
-        reports this execution as lost). Cancelling the wait leaves the write to happen."""
+        reports this execution as lost). Cancelling the wait leaves the write to happen.
+        `output_bytes`: what its outputs hold; a result of little output is written on
+        the event loop when that need not wait (its JSON is made there too)."""
 
         def write() -> None:
             stored = result.model_dump_json()
@@ -73,7 +83,7 @@ class ExecutionJournal:
             except StateFull as exc:
                 log.error("session %s: execution %d not recorded: %s", self._session_id, seq, exc)
 
-        await self._store.hand_over(write)
+        await self._store.hand_over(write, small=output_bytes * _JSON_GROWTH <= SMALL_WRITE)
 
     async def history(self, since: int, limit: int | None) -> list[ExecutionRecord]:
         return await self._store.executions(self._key, since, limit)

@@ -15,7 +15,7 @@ from kernel_service.execution.collector import OutputLimits, OutputListener
 from kernel_service.execution.full_output import FullOutputSpill
 from kernel_service.execution.results import build_result
 from kernel_service.kernel import Kernel
-from kernel_service.metrics import output_size
+from kernel_service.metrics import OutputSize, output_size
 from kernel_service.sessions.image_store import ImageStore, StoredImage
 from kernel_service.sessions.journal import ExecutionJournal
 from kernel_service.sessions.kernel_slot import KernelSlot
@@ -141,9 +141,10 @@ class Session:
             finally:
                 self._executing = False
                 self._touch()
+            size = output_size(result.outputs)
             # Past the try: a wait cancelled here leaves the write to happen, and alone.
-            await self._journal.end(seq, result, began, self.execution_count)
-        self._report(result)
+            await self._journal.end(seq, result, began, self.execution_count, size.total)
+        self._report(result, size)
         return result
 
     async def _run_recorded(
@@ -253,10 +254,9 @@ class Session:
         self.last_activity = datetime.now(UTC)
         self._idle_since = time.monotonic()
 
-    def _report(self, result: ExecutionResult) -> None:
+    def _report(self, result: ExecutionResult, size: OutputSize) -> None:
         """Count it, and log one line for it: key=value in the message and the same fields
         as record attributes (for a JSON formatter); never the code or its output."""
-        size = output_size(result.outputs)
         self._metrics.execution(result, size)
         fields = {
             "session_id": self.session_id,

@@ -13,8 +13,9 @@ service runs (and the orphan reaper briefly, see `kernel/programs/reaper.py`). T
 is 0600 in a 0700 directory: it holds the kernels' connection keys, and no kernel can reach
 it (sandboxed kernels see only their own connection directory).
 
-Every statement runs on the database's own thread (see `database.py`), never on the event
-loop. While the service serves, its methods are awaited, or hand a write over and return
+Every statement runs on the database's own thread (see `database.py`), but for an
+execution's start and its small result, made on the event loop when they need not wait.
+While the service serves, its methods are awaited, or hand a write over and return
 (`remove_kernel`, `set_kernel`...: writes whose failure changes nothing). Those for the
 start and the stop (the service's own records, what recovery reads) wait for the thread.
 """
@@ -39,6 +40,9 @@ from kernel_service.store.records import (
     SessionRecord,
     SessionTotals,
 )
+
+# Bytes under which a write is small enough to be made on the event loop (`run_small`).
+SMALL_WRITE = 16 * 1024
 
 T = TypeVar("T")
 
@@ -217,7 +221,10 @@ class StateStore:
     # ------------------------------------------------------------ executions
 
     async def execution_started(self, key: str, seq: int, code: str) -> None:
-        await self._db.run(
+        """Made on the event loop when it need not wait (see `Database.run_small`): unless
+        the code is large, it is a small write."""
+        run = self._db.run_small if len(code) <= SMALL_WRITE else self._db.run
+        await run(
             self._write,
             "INSERT INTO executions (session_key, seq, code, status, started_at) "
             "VALUES (?, ?, ?, 'running', ?)",
@@ -232,10 +239,12 @@ class StateStore:
             (status, key, seq),
         )
 
-    def hand_over(self, job: Callable[[], T]) -> "asyncio.Future[T]":
+    def hand_over(self, job: Callable[[], T], small: bool = False) -> "asyncio.Future[T]":
         """Run `job`, made of this store's `*_now` calls, on the store's thread in its turn;
-        its outcome, to await (cancelling the wait does not call it off)."""
-        return self._db.run(job)
+        its outcome, to await (cancelling the wait does not call it off). `small`: it
+        writes a few small rows, and may be run at once on the event loop instead, when
+        that need not wait (see `Database.run_small`)."""
+        return self._db.run_small(job) if small else self._db.run(job)
 
     def execution_ended_now(
         self,
