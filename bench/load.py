@@ -67,15 +67,23 @@ class Throughput:
     kernels_cpu: float = 0.0  # seconds of every process it started
     bench_cpu: float = 0.0  # seconds of this process (the clients)
 
+    def per_execution(self, cpu_seconds: float) -> float:
+        """ms of CPU per execution answered."""
+        return 1000 * cpu_seconds / max(1, len(self.latencies))
+
 
 async def throughput(service: Service, clients: int, duration: float) -> Throughput:
-    """`clients` connections, each on a session of its own, sending `1+1` back to back."""
+    """`clients` connections, each on a session of its own, sending `1+1` back to back.
+    Measured once the warm pool has refilled after the sessions took its kernels, so that
+    no kernel start is counted in the service's CPU."""
     result = Throughput(clients)
     sessions = await make_sessions(service, clients)
     connections = [await RawHttp.connect(service.port) for _ in sessions]
     try:
         for connection, session in zip(connections, sessions, strict=True):
             await connection.execute("1+1", session)
+        if not await service.wait_pool_full():
+            raise RuntimeError("throughput: the warm pool did not refill")
         me = psutil.Process()
         kernels_before = cpu_seconds(service.children())
         service_before, bench_before = service.cpu_seconds(), _cpu(me)

@@ -173,6 +173,23 @@ def _load_cpu(column: Column) -> Cell | None:
     return Cell(" / ".join(f"{100 * s / load.seconds:.0f}%" for s in shares))
 
 
+def _service_cpu(column: Column) -> Cell | None:
+    load = column.throughput
+    if not load or not load.latencies:
+        return None
+    each = load.per_execution(load.service_cpu)
+    return Cell(f"{each:.2f}", each <= SERVICE_CPU_LIMIT)
+
+
+def _others_cpu(column: Column) -> Cell | None:
+    load = column.throughput
+    if not load or not load.latencies:
+        return None
+    return Cell(
+        f"{load.per_execution(load.kernels_cpu):.2f} / {load.per_execution(load.bench_cpu):.2f}"
+    )
+
+
 def _scale_live(column: Column) -> Cell | None:
     scale = column.scale
     if not scale:
@@ -334,6 +351,7 @@ def _peer_memory(kind: str) -> Callable[[PeerResult, Column | None], Cell | None
 
 TIMEOUT = 2.0  # seconds, the limit asked with the uninterruptible cell
 STALL_LIMIT = 0.020  # seconds: the longest a callback may hold the service's event loop
+SERVICE_CPU_LIMIT = 1.0  # ms of the service process's CPU per execution under throughput
 
 # Headings are formatted with the run's sizes; a row shows only when something filled it.
 ROWS: list[Row | str] = [
@@ -365,6 +383,10 @@ ROWS: list[Row | str] = [
     Row("executions/s", _execs),
     Row("latency, ms p50 / p99", _load_latency),
     Row("CPU: service process / kernels / clients (% of one core)", _load_cpu),
+    Row("service process CPU per execution, ms", _service_cpu,
+        target=f"≤ {SERVICE_CPU_LIMIT:g} ms",
+        goal=f"throughput: service CPU per execution ≤ {SERVICE_CPU_LIMIT:g} ms"),
+    Row("kernels / clients CPU per execution, ms", _others_cpu),
     "**Scale** (up to {sessions} idle sessions at once)",
     Row("sessions live / asked", _scale_live, target="all, no errors",
         goal="{sessions} idle sessions, no errors"),
@@ -460,8 +482,11 @@ How each figure is measured (bench/):
   across the sessions), divided by N. PSS splits shared pages among their users, so the
   sum counts nothing twice. Peers: their one kernel process after the warm calls.
 - Throughput: a client per session, each on its own bare HTTP connection, `1+1` back to back
-  for the duration; CPU is user+system time of the service process, of all its child
-  processes, and of the benchmark (the clients), over wall time.
+  for the duration, measured once the warm pool has refilled after the sessions took its
+  kernels (no kernel start in the figures); CPU is user+system time of the service process,
+  of all its child processes (kernels, sandboxes, the fork-server's zygote), and of the
+  benchmark (the clients), over wall time, and divided by the executions answered (CPU per
+  execution).
 - Scale: sessions made two at a time until the count, the time limit, or until available
   memory would fall under the floor (3 GiB); then `1+1` in each; then all deleted, and the
   service's child processes counted against those before the first session.
