@@ -31,6 +31,7 @@ class Column:
     timeouts: TimeoutTrips | None = None
     memory: IdleMemory | None = None
     throughput: Throughput | None = None
+    raw_limit: Throughput | None = None  # bare jupyter_client clients, no service
     scale: Scale | None = None
     load: MixedLoad | None = None
     problems: list[str] = field(default_factory=list)
@@ -187,6 +188,31 @@ def _others_cpu(column: Column) -> Cell | None:
         return None
     return Cell(
         f"{load.per_execution(load.kernels_cpu):.2f} / {load.per_execution(load.bench_cpu):.2f}"
+    )
+
+
+def _raw_execs(column: Column) -> Cell | None:
+    raw = column.raw_limit
+    if not raw or not raw.seconds or not raw.latencies:
+        return None
+    errors = f", {raw.errors} errors" if raw.errors else ""
+    return Cell(f"{len(raw.latencies) / raw.seconds:.0f}; {_p(raw.latencies)}{errors}")
+
+
+def _raw_ratio(column: Column) -> Cell | None:
+    load, raw = column.throughput, column.raw_limit
+    if not (load and raw and load.seconds and raw.seconds and raw.latencies):
+        return None
+    ratio = (len(load.latencies) / load.seconds) / (len(raw.latencies) / raw.seconds)
+    return Cell(f"×{ratio:.2f}", ratio >= RAW_RATIO_LIMIT)
+
+
+def _raw_cpu(column: Column) -> Cell | None:
+    raw = column.raw_limit
+    if not raw or not raw.latencies:
+        return None
+    return Cell(
+        f"{raw.per_execution(raw.bench_cpu):.2f} / {raw.per_execution(raw.kernels_cpu):.2f}"
     )
 
 
@@ -352,6 +378,7 @@ def _peer_memory(kind: str) -> Callable[[PeerResult, Column | None], Cell | None
 TIMEOUT = 2.0  # seconds, the limit asked with the uninterruptible cell
 STALL_LIMIT = 0.020  # seconds: the longest a callback may hold the service's event loop
 SERVICE_CPU_LIMIT = 1.0  # ms of the service process's CPU per execution under throughput
+RAW_RATIO_LIMIT = 0.8  # the service's executions/s ÷ the raw limit's
 
 # Headings are formatted with the run's sizes; a row shows only when something filled it.
 ROWS: list[Row | str] = [
@@ -387,6 +414,11 @@ ROWS: list[Row | str] = [
         target=f"≤ {SERVICE_CPU_LIMIT:g} ms",
         goal=f"throughput: service CPU per execution ≤ {SERVICE_CPU_LIMIT:g} ms"),
     Row("kernels / clients CPU per execution, ms", _others_cpu),
+    Row("raw limit: as many kernels, each driven by a bare jupyter_client, no service: "
+        "executions/s; latency, ms p50 / p99", _raw_execs),
+    Row("service ÷ raw limit, executions/s", _raw_ratio, target=f"≥ {RAW_RATIO_LIMIT:g}×",
+        goal=f"throughput: service ≥ {RAW_RATIO_LIMIT:g}× the raw limit's executions/s"),
+    Row("raw limit CPU per execution, ms: its process (clients) / kernels", _raw_cpu),
     "**Scale** (up to {sessions} idle sessions at once)",
     Row("sessions live / asked", _scale_live, target="all, no errors",
         goal="{sessions} idle sessions, no errors"),
@@ -486,7 +518,13 @@ How each figure is measured (bench/):
   kernels (no kernel start in the figures); CPU is user+system time of the service process,
   of all its child processes (kernels, sandboxes, the fork-server's zygote), and of the
   benchmark (the clients), over wall time, and divided by the executions answered (CPU per
-  execution).
+  execution). The raw limit follows, once that service has stopped: as many kernels as
+  clients, started as the service starts them (one Runtime of the column's settings: same
+  launcher, sandbox and fork-server), each driven by a bare jupyter_client AsyncKernelClient
+  in the benchmark's process, `1+1` back to back for as long, no service between; its
+  executions/s, the service's executions/s ÷ it, and its CPU per execution (the benchmark's
+  process, then every process it started: the kernels, their sandboxes, the zygote). Both
+  run on this noisy machine one after the other, not interleaved.
 - Scale: sessions made two at a time until the count, the time limit, or until available
   memory would fall under the floor (3 GiB); then `1+1` in each; then all deleted, and the
   service's child processes counted against those before the first session.
