@@ -94,6 +94,29 @@ def _httpx(column: Column) -> Cell | None:
     return Cell(_p(column.warm.httpx) + _ratio_to_floor(column.warm.httpx, column))
 
 
+def _ours(column: Column) -> Cell | None:
+    if not (column.warm and column.warm.ours):
+        return None
+    text = _p(column.warm.ours) + _ratio_to_floor(column.warm.ours, column)
+    if not column.floor:
+        return Cell(text)
+    ratio = Summary.of(column.warm.ours).p50 / Summary.of(column.floor).p50
+    return Cell(text, ratio <= OURS_LIMIT)
+
+
+def _client_cpu(column: Column) -> Cell | None:
+    """Median CPU of the benchmark's thread per call, for each way of calling."""
+    if not (column.warm and column.warm.cpu):
+        return None
+    cpu = column.warm.cpu
+    return Cell(
+        " / ".join(
+            ms(statistics.median(cpu[name])) if cpu.get(name) else "–"
+            for name in ("floor", "raw", "httpx", "ours")
+        )
+    )
+
+
 def _inside(column: Column) -> Cell | None:
     if not (column.warm and column.warm.inside):
         return None
@@ -377,6 +400,7 @@ def _peer_memory(kind: str) -> Callable[[PeerResult, Column | None], Cell | None
 
 TIMEOUT = 2.0  # seconds, the limit asked with the uninterruptible cell
 STALL_LIMIT = 0.020  # seconds: the longest a callback may hold the service's event loop
+OURS_LIMIT = 1.3  # our Python client's warm `1+1`, p50 ÷ the floor's
 SERVICE_CPU_LIMIT = 1.0  # ms of the service process's CPU per execution under throughput
 RAW_RATIO_LIMIT = 0.8  # the service's executions/s ÷ the raw limit's
 
@@ -388,6 +412,11 @@ ROWS: list[Row | str] = [
     Row("… ÷ floor (peers: p50 ÷ the plain floor)", _ratio, _peer_ratio, "≤ 1.25 / ≤ 2",
         "warm `1+1` over HTTP ÷ floor: p50 ≤ 1.25, p99 ≤ 2"),
     Row("`1+1`, POST /execute, httpx client (p50 ÷ floor)", _httpx),
+    Row("`1+1`, our Python client: `kernel_service_client.Client`, sync (p50 ÷ floor)", _ours,
+        target=f"p50 ≤ {OURS_LIMIT:g}× floor",
+        goal=f"warm `1+1` with our Python client ÷ floor: p50 ≤ {OURS_LIMIT:g}"),
+    Row("client CPU per call, ms (median, thread CPU time): floor / bare HTTP / httpx / ours",
+        _client_cpu),
     Row("`1+1`, inside the service: `duration_ms` (p50 ÷ floor)", _inside),
     Row("plot, p50: floor → HTTP (×)", _cell("plot"), _peer_cell("plot")),
     Row("pandas `df.describe()`, p50: floor → HTTP (×)", _cell("pandas"), _peer_cell("pandas")),
@@ -498,11 +527,18 @@ How each figure is measured (bench/):
 - Floor: a kernel started by the service's own Runtime and launcher (same sandbox, preloads
   and kernel options), driven by a bare jupyter_client AsyncKernelClient in the benchmark's
   process: `execute_request` until the execute_reply and iopub idle. Warm round trips
-  interleave floor, bare HTTP client and httpx call by call (order rotating), after 30 of
-  each to warm up. The bare HTTP client is a keep-alive HTTP/1.1 connection written and
-  parsed by hand, the counterpart of the bare jupyter_client: the target is judged on it.
-  httpx shows what a Python httpx caller sees (the difference is the client's own CPU).
-  `duration_ms` is the service's own time for the execution, HTTP excluded.
+  interleave floor, bare HTTP client, httpx and our own Python client call by call (order
+  rotating), after 30 of each to warm up and once the warm pool has refilled after the
+  sessions took its kernels. The bare HTTP client is a keep-alive HTTP/1.1 connection
+  written and parsed by hand, the counterpart of the bare jupyter_client: the target is
+  judged on it. httpx shows what a Python httpx caller sees (the difference is the client's
+  own CPU). Our client is `kernel_service_client.Client` (sync) on a session of its own,
+  `session.execute("1+1")` checked for `result == "2"`; it is called straight from the
+  benchmark's event loop (it blocks it while it waits; nothing else runs then, and a thread
+  would add its hand-offs to the figure). Client CPU per call is the median of the event
+  loop thread's CPU time (`time.thread_time()`) around each call: the caller's side of it
+  (the floor's zmq I/O thread is not in it). `duration_ms` is the service's own time for the
+  execution, HTTP excluded.
 - New session: POST /execute without session_id, until its answer (the session is deleted
   afterwards, untimed); with the pool, each one after /healthz shows the pool full again.
   "inside" is the first execution's `duration_ms`.

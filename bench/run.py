@@ -5,17 +5,18 @@
 
 For each launcher configuration (a column; a configuration is only Settings overrides, see
 LAUNCHERS): the floor (a bare jupyter_client round trip to a kernel started as the service
-starts one) interleaved call by call with the service over HTTP; a plot and a pandas cell;
-new sessions with and without the warm pool; a timeout on code deaf to interrupts; idle
-memory per session; 32-client throughput with the service's CPU per execution, then the
-raw limit (32 such kernels driven by bare jupyter_client clients, no service). Then, in one
-configuration, as many idle sessions as asked (bounded by memory and time); in one (the
-defaults), a load of 10 000 mixed cells (plots and errors among them) from 32 clients over
-100 live sessions, every answer checked, the service's RSS and open files before and after,
-and nothing left once they are deleted (bounded by a deadline); then the peers (Qwen-Agent,
-Lagent, from PyPI into bench/.venv-peers). The service always runs as
-`kernel-service serve` in a process of its own on a free loopback port. Every process the
-benchmark starts is ended, also on Ctrl-C. The table goes to stdout and bench/results.md.
+starts one) interleaved call by call with the service over HTTP and with our own Python
+client; a plot and a pandas cell; new sessions with and without the warm pool; a timeout on
+code deaf to interrupts; idle memory per session; 32-client throughput with the service's
+CPU per execution, then the raw limit (32 such kernels driven by bare jupyter_client
+clients, no service). Then, in one configuration, as many idle sessions as asked (bounded
+by memory and time); in one (the defaults), a load of 10 000 mixed cells (plots and errors
+among them) from 32 clients over 100 live sessions, every answer checked, the service's RSS
+and open files before and after, and nothing left once they are deleted (bounded by a
+deadline); then the peers (Qwen-Agent, Lagent, from PyPI into bench/.venv-peers). The
+service always runs as `kernel-service serve` in a process of its own on a free loopback
+port. Every process the benchmark starts is ended, also on Ctrl-C. The table goes to stdout
+and bench/results.md.
 
 The machine is noisy (its CPU swings between a fast and a slow phase): compare ratios
 within a run, and read the noise rows before comparing runs.
