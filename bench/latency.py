@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from bench.floor import Floor
 from bench.service import RawHttp, Service
+from kernel_service_client import Client
 
 ONE_PLUS_ONE = "1+1"
 PLOT = "import matplotlib.pyplot as plt\nplt.plot(range(10))\nplt.show()"
@@ -27,16 +28,22 @@ class WarmTrips:
     floor: list[float] = field(default_factory=list)
     httpx: list[float] = field(default_factory=list)
     raw: list[float] = field(default_factory=list)
+    ours: list[float] = field(default_factory=list)  # kernel_service_client's sync Client
     inside: list[float] = field(default_factory=list)  # the service's own duration_ms
+    # ms of the event loop thread's CPU time per call, by the names above
+    cpu: dict[str, list[float]] = field(default_factory=dict)
     errors: int = 0
 
 
 async def warm_round_trips(floor: Floor | None, service: Service, rounds: int) -> WarmTrips:
-    """`1+1` on the floor, over httpx and over a bare connection, interleaved call by call
-    (the order rotating), so all three see the same machine."""
+    """`1+1` on the floor, over httpx, over a bare connection and with our own client,
+    interleaved call by call (the order rotating), so all of them see the same machine.
+    Each call's CPU time on this thread is taken too: what the caller's side costs."""
     trips = WarmTrips()
     session = await service.new_session()
     raw = await RawHttp.connect(service.port)
+    client = Client(service.base_url)
+    ours = client.session()  # a session of its own, made by its first call
 
     async def over_httpx() -> float:
         started = time.perf_counter()
@@ -53,28 +60,46 @@ async def warm_round_trips(floor: Floor | None, service: Service, rounds: int) -
         trips.errors += result["result"] != "2"
         return elapsed
 
+    async def with_ours() -> float:
+        # sync, so it blocks the event loop while it waits: nothing else is meant to run
+        # then (the round trips go one at a time), and a thread would add its hand-offs
+        started = time.perf_counter()
+        result = ours.execute(ONE_PLUS_ONE)
+        elapsed = (time.perf_counter() - started) * 1000
+        trips.errors += result.result != "2"
+        return elapsed
+
     async def on_floor() -> float:
         assert floor is not None
         return await floor.run(ONE_PLUS_ONE)
 
-    targets: list[tuple[list[float], Callable[[], Awaitable[float]]]] = [
-        (trips.httpx, over_httpx),
-        (trips.raw, over_raw),
-    ]
+    targets: dict[str, tuple[list[float], Callable[[], Awaitable[float]]]] = {
+        "httpx": (trips.httpx, over_httpx),
+        "raw": (trips.raw, over_raw),
+        "ours": (trips.ours, with_ours),
+    }
     if floor is not None:
-        targets.append((trips.floor, on_floor))
+        targets["floor"] = (trips.floor, on_floor)
+    names = list(targets)
     try:
         for _ in range(_WARM_UP):
-            for _, measure in targets:
+            for _, measure in targets.values():
                 await measure()
+        # the two sessions took kernels from the warm pool: no kernel start while measuring
+        await service.wait_pool_full()
         trips.inside.clear()
         for i in range(rounds):
-            shift = i % len(targets)
-            for samples, measure in targets[shift:] + targets[:shift]:
+            shift = i % len(names)
+            for name in names[shift:] + names[:shift]:
+                samples, measure = targets[name]
+                cpu = time.thread_time()
                 samples.append(await measure())
+                trips.cpu.setdefault(name, []).append((time.thread_time() - cpu) * 1000)
     finally:
         await raw.close()
         await service.delete(session)
+        with client:  # closed whatever ending the session does
+            ours.close()
     return trips
 
 

@@ -5,13 +5,14 @@ time limit), each ending with every session deleted."""
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import psutil
 
+from bench.floor import BareKernel, Floor
 from bench.service import RawHttp, Service, gather_limited, poll_until
-from bench.stats import MIB, Memory, cpu_seconds, cpu_used, memory
+from bench.stats import MIB, Memory, cpu_seconds, cpu_used, memory, tree
 
 # Sessions are made this many at a time: the machine has two cores.
 _CREATE_AT_ONCE = 2
@@ -63,38 +64,36 @@ class Throughput:
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
-    service_cpu: float = 0.0  # seconds of the service process
+    service_cpu: float = 0.0  # seconds of the service process (none for the raw limit)
     kernels_cpu: float = 0.0  # seconds of every process it started
     bench_cpu: float = 0.0  # seconds of this process (the clients)
 
+    def per_execution(self, cpu_seconds: float) -> float:
+        """ms of CPU per execution answered."""
+        return 1000 * cpu_seconds / max(1, len(self.latencies))
+
+
+# An answer-checking call: True when the answer is right.
+Call = Callable[[], Awaitable[bool]]
+
 
 async def throughput(service: Service, clients: int, duration: float) -> Throughput:
-    """`clients` connections, each on a session of its own, sending `1+1` back to back."""
+    """`clients` connections, each on a session of its own, sending `1+1` back to back.
+    Measured once the warm pool has refilled after the sessions took its kernels, so that
+    no kernel start is counted in the service's CPU."""
     result = Throughput(clients)
     sessions = await make_sessions(service, clients)
     connections = [await RawHttp.connect(service.port) for _ in sessions]
     try:
-        for connection, session in zip(connections, sessions, strict=True):
-            await connection.execute("1+1", session)
+        calls = [_over_http(c, s) for c, s in zip(connections, sessions, strict=True)]
+        for call in calls:
+            await call()
+        if not await service.wait_pool_full():
+            raise RuntimeError("throughput: the warm pool did not refill")
         me = psutil.Process()
         kernels_before = cpu_seconds(service.children())
         service_before, bench_before = service.cpu_seconds(), _cpu(me)
-        started = time.perf_counter()
-        deadline = started + duration
-
-        async def client(connection: RawHttp, session: str) -> None:
-            while time.perf_counter() < deadline:
-                sent = time.perf_counter()
-                try:
-                    answer = await connection.execute("1+1", session)
-                    result.errors += answer["result"] != "2"
-                except Exception:
-                    result.errors += 1
-                    return
-                result.latencies.append((time.perf_counter() - sent) * 1000)
-
-        await asyncio.gather(*(client(c, s) for c, s in zip(connections, sessions, strict=True)))
-        result.seconds = time.perf_counter() - started
+        await _back_to_back(result, calls, duration)
         result.service_cpu = service.cpu_seconds() - service_before
         result.kernels_cpu = cpu_used(kernels_before, cpu_seconds(service.children()))
         result.bench_cpu = _cpu(me) - bench_before
@@ -103,6 +102,61 @@ async def throughput(service: Service, clients: int, duration: float) -> Through
             await connection.close()
         result.errors += await delete_sessions(service, sessions)
     return result
+
+
+async def raw_throughput(floor: Floor, duration: float) -> Throughput:
+    """The raw limit: a bare jupyter_client per kernel of `floor` (kernels started as the
+    service starts them, on one Runtime), `1+1` back to back, no service between. Its
+    kernels' CPU is that of every process this one started (the floor's kernels, sandboxes
+    and zygote: the service, if any, must be gone by now)."""
+    result = Throughput(len(floor.kernels))
+    calls = [_on_kernel(kernel) for kernel in floor.kernels]
+    for call in calls:
+        await call()
+    me = psutil.Process()
+    kernels_before = cpu_seconds(tree(me))
+    bench_before = _cpu(me)
+    await _back_to_back(result, calls, duration)
+    result.kernels_cpu = cpu_used(kernels_before, cpu_seconds(tree(me)))
+    result.bench_cpu = _cpu(me) - bench_before
+    return result
+
+
+def _over_http(connection: RawHttp, session: str) -> Call:
+    async def call() -> bool:
+        answer = await connection.execute("1+1", session)
+        return bool(answer["result"] == "2")
+
+    return call
+
+
+def _on_kernel(kernel: BareKernel) -> Call:
+    async def call() -> bool:
+        await kernel.run("1+1")  # the floor reads no result: any answer in time is right
+        return True
+
+    return call
+
+
+async def _back_to_back(result: Throughput, calls: list[Call], duration: float) -> None:
+    """Each call in a loop of its own, the next as soon as one is answered, until `duration`
+    has passed; latencies and wrong answers go to `result` (a call that raises is an error
+    and ends its loop)."""
+    started = time.perf_counter()
+    deadline = started + duration
+
+    async def client(call: Call) -> None:
+        while time.perf_counter() < deadline:
+            sent = time.perf_counter()
+            try:
+                result.errors += not await call()
+            except Exception:
+                result.errors += 1
+                return
+            result.latencies.append((time.perf_counter() - sent) * 1000)
+
+    await asyncio.gather(*(client(call) for call in calls))
+    result.seconds = time.perf_counter() - started
 
 
 def _cpu(process: psutil.Process) -> float:

@@ -31,6 +31,7 @@ class Column:
     timeouts: TimeoutTrips | None = None
     memory: IdleMemory | None = None
     throughput: Throughput | None = None
+    raw_limit: Throughput | None = None  # bare jupyter_client clients, no service
     scale: Scale | None = None
     load: MixedLoad | None = None
     problems: list[str] = field(default_factory=list)
@@ -91,6 +92,29 @@ def _httpx(column: Column) -> Cell | None:
     if not (column.warm and column.warm.httpx):
         return None
     return Cell(_p(column.warm.httpx) + _ratio_to_floor(column.warm.httpx, column))
+
+
+def _ours(column: Column) -> Cell | None:
+    if not (column.warm and column.warm.ours):
+        return None
+    text = _p(column.warm.ours) + _ratio_to_floor(column.warm.ours, column)
+    if not column.floor:
+        return Cell(text)
+    ratio = Summary.of(column.warm.ours).p50 / Summary.of(column.floor).p50
+    return Cell(text, ratio <= OURS_LIMIT)
+
+
+def _client_cpu(column: Column) -> Cell | None:
+    """Median CPU of the benchmark's thread per call, for each way of calling."""
+    if not (column.warm and column.warm.cpu):
+        return None
+    cpu = column.warm.cpu
+    return Cell(
+        " / ".join(
+            ms(statistics.median(cpu[name])) if cpu.get(name) else "–"
+            for name in ("floor", "raw", "httpx", "ours")
+        )
+    )
 
 
 def _inside(column: Column) -> Cell | None:
@@ -171,6 +195,48 @@ def _load_cpu(column: Column) -> Cell | None:
         return None
     shares = (load.service_cpu, load.kernels_cpu, load.bench_cpu)
     return Cell(" / ".join(f"{100 * s / load.seconds:.0f}%" for s in shares))
+
+
+def _service_cpu(column: Column) -> Cell | None:
+    load = column.throughput
+    if not load or not load.latencies:
+        return None
+    each = load.per_execution(load.service_cpu)
+    return Cell(f"{each:.2f}", each <= SERVICE_CPU_LIMIT)
+
+
+def _others_cpu(column: Column) -> Cell | None:
+    load = column.throughput
+    if not load or not load.latencies:
+        return None
+    return Cell(
+        f"{load.per_execution(load.kernels_cpu):.2f} / {load.per_execution(load.bench_cpu):.2f}"
+    )
+
+
+def _raw_execs(column: Column) -> Cell | None:
+    raw = column.raw_limit
+    if not raw or not raw.seconds or not raw.latencies:
+        return None
+    errors = f", {raw.errors} errors" if raw.errors else ""
+    return Cell(f"{len(raw.latencies) / raw.seconds:.0f}; {_p(raw.latencies)}{errors}")
+
+
+def _raw_ratio(column: Column) -> Cell | None:
+    load, raw = column.throughput, column.raw_limit
+    if not (load and raw and load.seconds and raw.seconds and raw.latencies):
+        return None
+    ratio = (len(load.latencies) / load.seconds) / (len(raw.latencies) / raw.seconds)
+    return Cell(f"×{ratio:.2f}", ratio >= RAW_RATIO_LIMIT)
+
+
+def _raw_cpu(column: Column) -> Cell | None:
+    raw = column.raw_limit
+    if not raw or not raw.latencies:
+        return None
+    return Cell(
+        f"{raw.per_execution(raw.bench_cpu):.2f} / {raw.per_execution(raw.kernels_cpu):.2f}"
+    )
 
 
 def _scale_live(column: Column) -> Cell | None:
@@ -334,6 +400,9 @@ def _peer_memory(kind: str) -> Callable[[PeerResult, Column | None], Cell | None
 
 TIMEOUT = 2.0  # seconds, the limit asked with the uninterruptible cell
 STALL_LIMIT = 0.020  # seconds: the longest a callback may hold the service's event loop
+OURS_LIMIT = 1.3  # our Python client's warm `1+1`, p50 ÷ the floor's
+SERVICE_CPU_LIMIT = 1.0  # ms of the service process's CPU per execution under throughput
+RAW_RATIO_LIMIT = 0.8  # the service's executions/s ÷ the raw limit's
 
 # Headings are formatted with the run's sizes; a row shows only when something filled it.
 ROWS: list[Row | str] = [
@@ -343,6 +412,11 @@ ROWS: list[Row | str] = [
     Row("… ÷ floor (peers: p50 ÷ the plain floor)", _ratio, _peer_ratio, "≤ 1.25 / ≤ 2",
         "warm `1+1` over HTTP ÷ floor: p50 ≤ 1.25, p99 ≤ 2"),
     Row("`1+1`, POST /execute, httpx client (p50 ÷ floor)", _httpx),
+    Row("`1+1`, our Python client: `kernel_service_client.Client`, sync (p50 ÷ floor)", _ours,
+        target=f"p50 ≤ {OURS_LIMIT:g}× floor",
+        goal=f"warm `1+1` with our Python client ÷ floor: p50 ≤ {OURS_LIMIT:g}"),
+    Row("client CPU per call, ms (median, thread CPU time): floor / bare HTTP / httpx / ours",
+        _client_cpu),
     Row("`1+1`, inside the service: `duration_ms` (p50 ÷ floor)", _inside),
     Row("plot, p50: floor → HTTP (×)", _cell("plot"), _peer_cell("plot")),
     Row("pandas `df.describe()`, p50: floor → HTTP (×)", _cell("pandas"), _peer_cell("pandas")),
@@ -365,6 +439,15 @@ ROWS: list[Row | str] = [
     Row("executions/s", _execs),
     Row("latency, ms p50 / p99", _load_latency),
     Row("CPU: service process / kernels / clients (% of one core)", _load_cpu),
+    Row("service process CPU per execution, ms", _service_cpu,
+        target=f"≤ {SERVICE_CPU_LIMIT:g} ms",
+        goal=f"throughput: service CPU per execution ≤ {SERVICE_CPU_LIMIT:g} ms"),
+    Row("kernels / clients CPU per execution, ms", _others_cpu),
+    Row("raw limit: as many kernels, each driven by a bare jupyter_client, no service: "
+        "executions/s; latency, ms p50 / p99", _raw_execs),
+    Row("service ÷ raw limit, executions/s", _raw_ratio, target=f"≥ {RAW_RATIO_LIMIT:g}×",
+        goal=f"throughput: service ≥ {RAW_RATIO_LIMIT:g}× the raw limit's executions/s"),
+    Row("raw limit CPU per execution, ms: its process (clients) / kernels", _raw_cpu),
     "**Scale** (up to {sessions} idle sessions at once)",
     Row("sessions live / asked", _scale_live, target="all, no errors",
         goal="{sessions} idle sessions, no errors"),
@@ -444,11 +527,18 @@ How each figure is measured (bench/):
 - Floor: a kernel started by the service's own Runtime and launcher (same sandbox, preloads
   and kernel options), driven by a bare jupyter_client AsyncKernelClient in the benchmark's
   process: `execute_request` until the execute_reply and iopub idle. Warm round trips
-  interleave floor, bare HTTP client and httpx call by call (order rotating), after 30 of
-  each to warm up. The bare HTTP client is a keep-alive HTTP/1.1 connection written and
-  parsed by hand, the counterpart of the bare jupyter_client: the target is judged on it.
-  httpx shows what a Python httpx caller sees (the difference is the client's own CPU).
-  `duration_ms` is the service's own time for the execution, HTTP excluded.
+  interleave floor, bare HTTP client, httpx and our own Python client call by call (order
+  rotating), after 30 of each to warm up and once the warm pool has refilled after the
+  sessions took its kernels. The bare HTTP client is a keep-alive HTTP/1.1 connection
+  written and parsed by hand, the counterpart of the bare jupyter_client: the target is
+  judged on it. httpx shows what a Python httpx caller sees (the difference is the client's
+  own CPU). Our client is `kernel_service_client.Client` (sync) on a session of its own,
+  `session.execute("1+1")` checked for `result == "2"`; it is called straight from the
+  benchmark's event loop (it blocks it while it waits; nothing else runs then, and a thread
+  would add its hand-offs to the figure). Client CPU per call is the median of the event
+  loop thread's CPU time (`time.thread_time()`) around each call: the caller's side of it
+  (the floor's zmq I/O thread is not in it). `duration_ms` is the service's own time for the
+  execution, HTTP excluded.
 - New session: POST /execute without session_id, until its answer (the session is deleted
   afterwards, untimed); with the pool, each one after /healthz shows the pool full again.
   "inside" is the first execution's `duration_ms`.
@@ -460,8 +550,17 @@ How each figure is measured (bench/):
   across the sessions), divided by N. PSS splits shared pages among their users, so the
   sum counts nothing twice. Peers: their one kernel process after the warm calls.
 - Throughput: a client per session, each on its own bare HTTP connection, `1+1` back to back
-  for the duration; CPU is user+system time of the service process, of all its child
-  processes, and of the benchmark (the clients), over wall time.
+  for the duration, measured once the warm pool has refilled after the sessions took its
+  kernels (no kernel start in the figures); CPU is user+system time of the service process,
+  of all its child processes (kernels, sandboxes, the fork-server's zygote), and of the
+  benchmark (the clients), over wall time, and divided by the executions answered (CPU per
+  execution). The raw limit follows, once that service has stopped: as many kernels as
+  clients, started as the service starts them (one Runtime of the column's settings: same
+  launcher, sandbox and fork-server), each driven by a bare jupyter_client AsyncKernelClient
+  in the benchmark's process, `1+1` back to back for as long, no service between; its
+  executions/s, the service's executions/s ÷ it, and its CPU per execution (the benchmark's
+  process, then every process it started: the kernels, their sandboxes, the zygote). Both
+  run on this noisy machine one after the other, not interleaved.
 - Scale: sessions made two at a time until the count, the time limit, or until available
   memory would fall under the floor (3 GiB); then `1+1` in each; then all deleted, and the
   service's child processes counted against those before the first session.

@@ -5,16 +5,18 @@
 
 For each launcher configuration (a column; a configuration is only Settings overrides, see
 LAUNCHERS): the floor (a bare jupyter_client round trip to a kernel started as the service
-starts one) interleaved call by call with the service over HTTP; a plot and a pandas cell;
-new sessions with and without the warm pool; a timeout on code deaf to interrupts; idle
-memory per session; 32-client throughput with the service's CPU share. Then, in one
-configuration, as many idle sessions as asked (bounded by memory and time); in one (the
-defaults), a load of 10 000 mixed cells (plots and errors among them) from 32 clients over
-100 live sessions, every answer checked, the service's RSS and open files before and after,
-and nothing left once they are deleted (bounded by a deadline); then the peers (Qwen-Agent,
-Lagent, from PyPI into bench/.venv-peers). The service always runs as
-`kernel-service serve` in a process of its own on a free loopback port. Every process the
-benchmark starts is ended, also on Ctrl-C. The table goes to stdout and bench/results.md.
+starts one) interleaved call by call with the service over HTTP and with our own Python
+client; a plot and a pandas cell; new sessions with and without the warm pool; a timeout on
+code deaf to interrupts; idle memory per session; 32-client throughput with the service's
+CPU per execution, then the raw limit (32 such kernels driven by bare jupyter_client
+clients, no service). Then, in one configuration, as many idle sessions as asked (bounded
+by memory and time); in one (the defaults), a load of 10 000 mixed cells (plots and errors
+among them) from 32 clients over 100 live sessions, every answer checked, the service's RSS
+and open files before and after, and nothing left once they are deleted (bounded by a
+deadline); then the peers (Qwen-Agent, Lagent, from PyPI into bench/.venv-peers). The
+service always runs as `kernel-service serve` in a process of its own on a free loopback
+port. Every process the benchmark starts is ended, also on Ctrl-C. The table goes to stdout
+and bench/results.md.
 
 The machine is noisy (its CPU swings between a fast and a slow phase): compare ratios
 within a run, and read the noise rows before comparing runs.
@@ -64,6 +66,9 @@ LAUNCHERS: dict[str, dict[str, Any]] = {
 DEFAULT_LAUNCHERS = ["plain", "bubblewrap", "fork-server"]
 # The longest stalls of the load's event loop named in the problems, when over the target.
 _STALLS_SHOWN = 5
+# Seconds the raw limit may take beyond its duration (its kernels' start and warm-up): it
+# stops by itself after that.
+_RAW_LIMIT_START = 120
 # Kernel uids for the sandboxes the benchmark starts: a block per service, far from the
 # service's default (210000) and from another service on this machine.
 _UID_BASE = 700_000
@@ -99,6 +104,7 @@ class Bench:
         column.calibration.append(calibrate())
         try:
             await self._pooled_service(column, overrides)
+            await self._raw_limit(column, overrides)
             await self._unpooled_service(column, overrides)
         except Exception as exc:
             column.problems.append(_briefly(exc))
@@ -158,6 +164,28 @@ class Bench:
         finally:
             if floor is not None:
                 await floor.__aexit__(None, None, None)
+
+    async def _raw_limit(self, column: Column, overrides: dict[str, Any]) -> None:
+        """What the service's throughput is held against: as many kernels as it had
+        clients, on one Runtime of the column's settings, each driven by a bare
+        jupyter_client, for as long. Right after the service's throughput, its service
+        stopped by then, so no kernel but these runs."""
+        if "throughput" not in self.sections:
+            return
+        clients, duration = self.args.clients, self.args.duration
+        place, values = self._place()
+        settings = Settings(**values, **overrides, pool_size=0, max_sessions=clients + 8)
+        bound = _RAW_LIMIT_START + duration
+        _say(f"[{column.name}] raw limit: {clients} bare clients on {clients} kernels")
+        kernels = Floor(settings, place / "raw", count=clients)
+        try:
+            async with asyncio.timeout(bound):
+                await kernels.start()
+                column.raw_limit = await load.raw_throughput(kernels, duration)
+        except TimeoutError:
+            raise RuntimeError(f"raw limit: not done within {bound:.0f} s") from None
+        finally:
+            await kernels.close()
 
     async def _unpooled_service(self, column: Column, overrides: dict[str, Any]) -> None:
         if not self.sections & {"sessions", "memory"}:
