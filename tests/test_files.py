@@ -145,6 +145,32 @@ def test_files_a_cell_writes_are_in_its_result(server: Server, session: str) -> 
     assert [f["path"] for f in changed["files"]] == ["out.csv"]
 
 
+def test_only_what_changed_since_the_last_result_is_reported(server: Server, session: str) -> None:
+    """The snapshot after one execution is the next one's before: what the API writes
+    between them is not the code's; what code left running writes is reported next."""
+    files, work = f"/sessions/{session}/files", server.settings.work_dir / session
+    assert server.client.put(f"{files}/up.txt", content=b"up").status_code == 201
+    assert server.execute("1", session)["files"] == []  # uploaded before it: not its change
+    started = server.execute(
+        "import os, threading, time\n"
+        "def later():\n"
+        "    while not os.path.exists('go'):\n"
+        "        time.sleep(0.01)  # the kernel's own thread, polling for the test's signal\n"
+        "    open('late.txt', 'w').write('late')\n"
+        "threading.Thread(target=later).start()",
+        session,
+    )
+    assert started["status"] == "ok" and started["files"] == []
+    (work / "go").write_text("")  # outside the API, after the result: the next one's news
+    assert wait_for((work / "late.txt").exists, 30)
+    assert [f["path"] for f in server.execute("2", session)["files"]] == ["go", "late.txt"]
+    assert server.client.put(f"{files}/up.txt", content=b"again").status_code == 200
+    assert server.client.delete(f"{files}/late.txt").status_code == 204
+    assert server.execute("3", session)["files"] == []
+    changed = server.execute("open('up.txt', 'a').write('!')", session)
+    assert [f["path"] for f in changed["files"]] == ["up.txt"]
+
+
 TRAVERSALS = [
     "../{name}",
     "../../{name}",

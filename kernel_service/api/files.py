@@ -112,20 +112,21 @@ async def put_file(
         room_for_upload, session.work_dir, settings.session_files_mb * MIB
     )
     upload = Upload(session.work_dir, file_path, max_bytes, room)
-    try:
-        await upload.open()
-        if multipart:
-            await _receive_form(request, options.get(b"boundary"), upload)
-        else:
-            async for chunk in request.stream():
-                await upload.write(chunk)
-        stored = await upload.commit()
-    except ClientDisconnect:
-        await upload.abort()
-        return Response(status_code=499)  # nobody reads it
-    except BaseException:
-        await upload.abort()
-        raise
+    with session.files.writing():  # not one of the next execution's changes
+        try:
+            await upload.open()
+            if multipart:
+                await _receive_form(request, options.get(b"boundary"), upload)
+            else:
+                async for chunk in request.stream():
+                    await upload.write(chunk)
+            stored = await upload.commit()
+        except ClientDisconnect:
+            await upload.abort()
+            return Response(status_code=499)  # nobody reads it
+        except BaseException:
+            await upload.abort()
+            raise
     return Response(
         file_ref(session_id, stored).model_dump_json(),
         status_code=status.HTTP_200_OK if upload.replaces else status.HTTP_201_CREATED,
@@ -326,5 +327,6 @@ async def delete_file(
     """Remove a file, or a directory with everything in it (a symbolic link is removed
     itself, never what it points to)."""
     session = registry.get(session_id, owner)
-    await asyncio.to_thread(remove, session.work_dir, file_path)
+    with session.files.writing():
+        await asyncio.to_thread(remove, session.work_dir, file_path)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -21,7 +21,7 @@ from kernel_service.sessions.journal import ExecutionJournal
 from kernel_service.sessions.kernel_slot import KernelSlot
 from kernel_service.sessions.services import SessionServices
 from kernel_service.store.records import ExecutionRecord, SessionRecord, SessionTotals
-from kernel_service.workdir.snapshots import changed_files, snapshot
+from kernel_service.workdir.snapshots import FileChanges
 from kernel_service_client.models import ExecutionResult, SessionInfo, SessionStatus
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class Session:
         self.owner = owner  # who may see it: a digest of the API key that made it
         self.key = session_key(session_id, owner)
         self.work_dir = work_dir
+        self.files = FileChanges(work_dir, session_id)  # what each execution changed there
         record = restored.record if restored else None
         self.created_at = record.created_at if record else datetime.now(UTC)
         self.last_activity = record.last_activity if record else self.created_at
@@ -178,7 +179,7 @@ class Session:
         """Run the code on a ready kernel and make its result."""
         effective = self._settings.effective_timeout(timeout)
         kernel, lost_before = await self._slot.ready()
-        before = await snapshot(self.work_dir)
+        before = await self.files.before()
         outcome = await kernel.execute(
             code,
             timeout=effective,
@@ -187,7 +188,7 @@ class Session:
             listener=spill.listener(on_output),
             interrupted=self._interrupt_asked,  # asked for while we got ready
         )
-        files = changed_files(before, await snapshot(self.work_dir), self.session_id)
+        files = await self.files.after(before)
         if outcome.kernel_lost:
             self._slot.replace(kernel)
         if outcome.collector.execution_count is not None:

@@ -2,8 +2,10 @@
 files the execution created or changed."""
 
 import asyncio
+import contextlib
 import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from kernel_service.workdir.listing import FileStat, file_ref, walk
@@ -55,3 +57,44 @@ def changed_files(before: Snapshot, after: Snapshot, session_id: str) -> list[Fi
         if before.get(path) != (size, mtime_ns)
     )
     return [file_ref(session_id, f) for f in itertools.islice(changed, REPORTED_FILES)]
+
+
+class FileChanges:
+    """Which files each execution in a work directory creates or changes.
+
+    The snapshot taken after one execution is the one before the next (a walk of the
+    directory saved per execution), unless something else wrote there meanwhile or is
+    writing now (an upload or a removal through the API, inside `writing()`): then a new
+    one is taken. Files written between two results (by code left running in the kernel, or
+    by an execution cut short) are reported with the next result."""
+
+    def __init__(self, work_dir: Path, session_id: str) -> None:
+        self._work_dir = work_dir
+        self._session_id = session_id
+        self._last: Snapshot | None = None
+        self._writers = 0
+
+    async def before(self) -> Snapshot:
+        """The snapshot before an execution."""
+        if self._last is not None and self._writers == 0:
+            return self._last
+        return await snapshot(self._work_dir)
+
+    async def after(self, before: Snapshot) -> list[FileRef]:
+        """What the execution changed since `before`; its snapshot is kept for the next."""
+        self._last = None
+        taken = await snapshot(self._work_dir)
+        if self._writers == 0:
+            self._last = taken
+        return changed_files(before, taken, self._session_id)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Around a write into the directory made outside the kernel."""
+        self._writers += 1
+        self._last = None
+        try:
+            yield
+        finally:
+            self._writers -= 1
+            self._last = None
