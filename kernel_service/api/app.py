@@ -21,6 +21,8 @@ from kernel_service.config import Settings
 from kernel_service.kernel import KernelLauncher
 from kernel_service.runtime import Runtime
 
+# Allocations between two collections of the youngest generation (CPython's default: 700).
+_YOUNG_GENERATION = 10_000
 # Room for JSON escaping around the code (a "\u0000" is six bytes for one).
 _BODY_OVERHEAD = 64 * 1024
 
@@ -41,6 +43,9 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
         async with runtime.running(), mcp.serving_http():
             if getattr(app.state, "freeze_heap", False):
                 gc.freeze()  # see server.serve
+                # Most of a request's objects die young: with a larger youngest generation
+                # far fewer are scanned, and the collector's share of the hot path falls.
+                gc.set_threshold(_YOUNG_GENERATION, *gc.get_threshold()[1:])
             yield
 
     app = FastAPI(

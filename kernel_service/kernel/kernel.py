@@ -410,8 +410,8 @@ class Kernel:
             log.exception("kernel %s: message not understood", self.kernel_id)
             return
         self._interrupts.fed(active)
-        if msg_type in ("execute_reply", "kernel_info_reply", "status"):
-            self._changed.set()
+        if msg_type in ("execute_reply", "kernel_info_reply") or active.idle:
+            self._changed.set()  # what `_follow` waits for (a busy status changes nothing)
 
     def _on_refused(self, channel: Channel, reason: str) -> None:
         refused = self._channels.refused
