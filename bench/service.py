@@ -66,10 +66,19 @@ class Service:
     """One kernel-service process and an httpx client for it; `stop()` leaves nothing behind."""
 
     def __init__(
-        self, name: str, root: Path, settings: dict[str, Any], watch_stalls: bool = False
+        self,
+        name: str,
+        root: Path,
+        settings: dict[str, Any],
+        watch_stalls: bool = False,
+        code: Path | None = None,
     ) -> None:
         """`watch_stalls`: run it on asyncio's loop, reporting slow callbacks (see
-        `bench.watched`) for `stalls()` to read."""
+        `bench.watched`) for `stalls()` to read. `code`: the checkout whose kernel_service
+        it runs (this one's by default)."""
+        self.code = str(code) if code is not None else _ROOT
+        client = os.path.join(self.code, "client")  # the light client, in its checkout
+        self._paths = [self.code, *([client] if os.path.isdir(client) else [])]
         self.name = name
         self.watch_stalls = watch_stalls
         self.root = root
@@ -88,11 +97,12 @@ class Service:
             text = str(value).lower() if isinstance(value, bool) else str(value)
             env[f"KERNEL_SERVICE_{key.upper()}"] = text
         program = "bench.watched" if self.watch_stalls else "kernel_service"
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (_ROOT, env.get("PYTHONPATH"))))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (*self._paths, env.get("PYTHONPATH"))))
         with self.log.open("wb") as log:
             self._popen = subprocess.Popen(  # noqa: ASYNC220 (a fork+exec)
                 [sys.executable, "-m", program, "serve", "--port", str(self.port)],
                 env=env,
+                cwd=self.root,  # `-m` imports from the working directory first: not a checkout
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
