@@ -368,3 +368,18 @@ def test_an_output_with_invalid_image_data_does_not_take_a_real_images_place(
     fake, real = result["text"].splitlines()
     assert fake == "fake"
     assert real == f"[image: image/png {image['width']}x{image['height']}, {image['url']}]"
+
+
+def test_output_with_an_undecodable_file_name_is_kept(server: Server, session: str) -> None:
+    printed = server.execute("print('caf' + b'\\xe9'.decode('utf-8', 'surrogateescape'))", session)
+    assert printed["status"] == "ok"
+    assert "caf" in str(printed["outputs"]), printed
+
+
+def test_an_error_naming_an_undecodable_file_is_that_error(server: Server, session: str) -> None:
+    failed = server.execute(
+        "raise FileNotFoundError('caf' + b'\\xe9'.decode('utf-8', 'surrogateescape'))", session
+    )
+    assert failed["status"] == "error"
+    assert "FileNotFoundError" in str(failed), failed
+    assert "KeyboardInterrupt" not in str(failed), failed

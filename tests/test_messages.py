@@ -79,3 +79,41 @@ def test_a_key_and_a_known_scheme_are_required() -> None:
     for scheme in ("sha256", "hmac-nonesuch"):
         with pytest.raises(ValueError, match="scheme"):
             MessageCodec(KEY, scheme)
+
+
+def test_reads_a_message_with_bytes_a_kernel_escaped() -> None:
+    """ipykernel packs with `.encode("utf8", errors="surrogateescape")`: a string holding an
+    undecodable file name (os.listdir gives '\\udcff' for a byte 0xff) goes out as a raw,
+    invalid-UTF-8 byte. Session decoded it with errors="replace"; orjson refuses it."""
+    kernel = Session(key=KEY)
+    msg = kernel.msg(
+        "stream",
+        {"name": "stdout", "text": "caf\udce9.txt\n"},
+        parent=kernel.msg_header("execute_request"),
+    )
+    frames = kernel.serialize(msg)
+    assert b"\xe9" in frames[-1]  # not valid UTF-8
+    read = MessageCodec(KEY).read(frames)
+    assert read["content"]["text"] == "caf\ufffd.txt\n"
+
+
+def test_an_integer_past_64_bits_stays_exact() -> None:
+    """IPython.display.JSON({"id": 2**70}) (json.dumps writes every int exactly): Session read
+    it back exact; orjson turns it into a float and the result shows 1.1805916207174113e+21."""
+    kernel = Session(key=KEY)
+    msg = kernel.msg(
+        "display_data",
+        {"data": {"application/json": {"id": 2**70}}, "metadata": {}},
+        parent=kernel.msg_header("execute_request"),
+    )
+    read = MessageCodec(KEY).read(kernel.serialize(msg))
+    assert read["content"]["data"]["application/json"]["id"] == 2**70
+    assert isinstance(read["content"]["data"]["application/json"]["id"], int)
+
+
+def test_deep_nesting_is_a_bad_message_not_a_crash() -> None:
+    codec = MessageCodec(KEY)
+    content = b"[" * 100_000 + b"1234567890123456789" + b"]" * 100_000  # the slow path
+    parts = [b'{"msg_type": "stream"}', b"{}", b"{}", content]
+    with pytest.raises(BadMessage, match="JSON"):
+        codec.read([b"<IDS|MSG>", codec._sign(parts), *parts])

@@ -12,6 +12,7 @@ import zmq.asyncio
 from kernel_service.kernel.wire import KernelSocket, SocketType
 
 LIMIT = 4 * 1024 * 1024
+SMALL_LIMIT = 64 * 1024
 
 
 async def until(condition: "asyncio.Event", seconds: float = 30) -> None:
@@ -113,6 +114,45 @@ async def over_the_limit(tmp_path: Path) -> None:
         await until(arrived)
         assert received == [[b"after"]]
         assert "more than" in refusals[0]
+    finally:
+        ours.close()
+        peer.close(linger=0)
+        context.term()
+
+
+# A send made while a refusal is being told (as a kernel's `_on_refused` may cause) goes to
+# the next connection, not the one aborted right after (its answer would go nowhere).
+def test_a_send_made_as_the_refusal_is_told_goes_to_the_next_connection(tmp_path: Path) -> None:
+    asyncio.run(send_on_refusal(tmp_path))
+
+
+async def send_on_refusal(tmp_path: Path) -> None:
+    context = zmq.asyncio.Context()
+    peer = context.socket(zmq.ROUTER)
+    path = tmp_path / "kernel-3"
+    peer.bind(f"ipc://{path}")
+    ours: KernelSocket
+    answered = asyncio.Event()
+    received: list[list[bytes]] = []
+
+    def on_message(frames: list[bytes]) -> None:
+        received.append(frames)
+        answered.set()
+
+    def on_refused(reason: str) -> None:
+        ours.send([b"again"])
+
+    ours = KernelSocket(str(path), "DEALER", SMALL_LIMIT, on_message, on_refused)
+    ours.start()
+    try:
+        ours.send([b"hello"])
+        identity, _ = await asyncio.wait_for(peer.recv_multipart(), 30)
+        await peer.send_multipart([identity, b"a" * (SMALL_LIMIT + 1)])
+        identity, frame = await asyncio.wait_for(peer.recv_multipart(), 30)
+        assert frame == b"again"
+        await peer.send_multipart([identity, b"answer"])  # as a kernel answers a request
+        await asyncio.wait_for(answered.wait(), 10)
+        assert received == [[b"answer"]]
     finally:
         ours.close()
         peer.close(linger=0)

@@ -5,15 +5,18 @@ jupyter_client's `Session` does the same, and more than the service needs: for e
 it parses the dates of the header and the parent header (with dateutil), adapts older
 protocol versions and copies an HMAC object per part. In the 32-client throughput benchmark
 that was a tenth of the service's CPU; here a message costs an HMAC over its four JSON parts
-(one call into OpenSSL) and four JSON parses (orjson). Dates stay the strings they arrived as:
-nothing in the service reads them. What is checked is what `Session` checks: the signature
-(a message unsigned or signed with another key is refused), at least the four parts, and
-that a signature is not a replay of a recent one.
+(one call into OpenSSL) and four JSON parses (orjson; the standard library's for what
+orjson cannot read exactly: bytes that are not UTF-8, integers past 64 bits). Dates stay
+the strings they arrived as: nothing in the service reads them. What is checked is what
+`Session` checks: the signature (a message unsigned or signed with another key is
+refused), at least the four parts, and that a signature is not a replay of a recent one.
 """
 
 import hashlib
 import hmac
+import json
 import os
+import re
 import uuid
 from collections import deque
 from datetime import UTC, datetime
@@ -23,9 +26,23 @@ import orjson
 
 DELIMITER = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.3"
+# A number of 19 digits or more may not fit orjson's 64-bit integers (it makes a float of it).
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")
 # Signatures remembered to refuse a replayed message (jupyter_client keeps 65 536, culled at
 # random; a replay can only come from whoever holds the key, the kernel itself).
 _REMEMBERED = 4096
+
+
+def _loads(part: bytes) -> Any:
+    """One JSON part, read as jupyter_client reads it. ipykernel writes strings with the
+    bytes of undecodable names as they were (`surrogateescape`), which is not UTF-8: those
+    are read with U+FFFD in their place. An integer past 64 bits stays exact."""
+    if not _LONG_NUMBER.search(part):
+        try:
+            return orjson.loads(part)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(part.decode("utf-8", "replace"))
 
 
 class BadMessage(ValueError):
@@ -80,8 +97,8 @@ class MessageCodec:
             raise BadMessage("a replayed signature")
         self._remember(signature)
         try:
-            header, parent, metadata, content = map(orjson.loads, parts)
-        except orjson.JSONDecodeError as exc:
+            header, parent, metadata, content = map(_loads, parts)
+        except (ValueError, RecursionError) as exc:  # orjson's, json's (deep nesting too)
             raise BadMessage(f"not JSON: {exc}") from None
         if not isinstance(header, dict) or not isinstance(parent, dict):
             raise BadMessage("a header that is not an object")

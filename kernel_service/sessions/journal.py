@@ -83,7 +83,12 @@ class ExecutionJournal:
             except StateFull as exc:
                 log.error("session %s: execution %d not recorded: %s", self._session_id, seq, exc)
 
-        await self._store.hand_over(write, small=output_bytes * _JSON_GROWTH <= SMALL_WRITE)
+        kept = self._result_bytes
+        try:
+            await self._store.hand_over(write, small=output_bytes * _JSON_GROWTH <= SMALL_WRITE)
+        except StateFull as exc:  # made in place, it first met the disk at its commit
+            self._result_bytes = kept
+            log.error("session %s: execution %d not recorded: %s", self._session_id, seq, exc)
 
     async def history(self, since: int, limit: int | None) -> list[ExecutionRecord]:
         return await self._store.executions(self._key, since, limit)

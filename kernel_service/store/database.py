@@ -6,17 +6,17 @@ and awaits its outcome (or does not wait at all), so a result of 32 MiB is writt
 without stopping it. A job handed over always runs, even when whoever awaits it is
 cancelled: a write is never half called off.
 
-Handing over is batched: the thread takes every job waiting when it wakes, runs them in
-turn, and gives the event loop their outcomes in one call. A hand-over per job (a thread
-pool's) cost ~60 µs of CPU in wake-ups, more than the statements themselves; under load,
-when many sessions end executions at once, a batch shares one.
+Outcomes reach the event loop as soon as their job has run, but the loop is woken once for
+all those that wait for it when it next runs, not once each: a hand-over per job (a thread
+pool's) cost ~60 µs of CPU in wake-ups, more than the statements themselves.
 
 Small writes on the hot path (an execution's start and its small result) need no thread at
 all when they cannot wait: `run_small` runs one on the event loop, through a second
 connection, when nothing handed over is pending (so it overtakes nothing) and the write lock
 is free at once (`BEGIN IMMEDIATE`, no waiting); otherwise it is handed over like any job.
-That connection never checkpoints the log (the thread's does), so the event loop does no
-fsync: a write there appends a few pages to the log, ~20 µs.
+That connection never checkpoints the log, nor starts it over after a checkpoint (the
+thread's does both, see `_checkpoint`), so the event loop makes no fsync: a write there
+appends a few pages to the log, ~20 µs.
 
 The database runs in WAL mode with `synchronous=NORMAL`: a commit is an append to the log,
 with no fsync. A write that cannot be made (disk full, I/O error) raises `StateFull`; SQLite
@@ -29,6 +29,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -88,8 +89,6 @@ CREATE TABLE IF NOT EXISTS images (
 # there, in a batch), one of another thread's, or nowhere.
 _Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any] | Future[Any] | None"]
 _STOP = None
-# Jobs run before their outcomes are given: a bound on how long the first one waits for them.
-_BATCH = 64
 # Writes made in place between two checkpoints the thread is asked for (a few pages each:
 # SQLite's own would come after 1000 pages).
 _CHECKPOINT_EVERY = 256
@@ -101,19 +100,27 @@ class Database:
 
     def __init__(self, path: Path) -> None:
         """Open (or make) the database at `path`, 0600, with its schema."""
+        self._path = path
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="state-store", daemon=True)
         self._thread.start()
         self.closed = False
+        self._putting = threading.Lock()  # hand-overs from any thread, and the close
         self._handed = self._finished = 0  # jobs handed over, and finished by the thread
+        self._given: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+        self._giving = threading.Lock()  # outcomes on their way to their loops
         self._in_place_commits = 0
         self._inline = threading.local()  # .db: the connection of a job run in place
         try:
             self._db = self.wait(_open, path)
-            self._small_db = _open_for_small_writes(path)
         except BaseException:
             self._jobs.put(_STOP)
             self._thread.join()
+            raise
+        try:
+            self._small_db = _open_for_small_writes(path)
+        except BaseException:
+            self.close_thread()
             raise
 
     # ------------------------------------------------------------ handing jobs over
@@ -151,18 +158,18 @@ class Database:
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise _Busy from exc
             raise StateFull(str(exc)) from exc
+        except sqlite3.ProgrammingError as exc:  # closed: it could not be made anew
+            raise _Busy from exc
         self._inline.db = db
         try:
             result = job(*args)
             if db.in_transaction:  # SQLite may have rolled it back after an error
                 db.execute("COMMIT")
         except BaseException as exc:
-            if db.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
+            self._roll_back()
             if isinstance(exc, sqlite3.OperationalError):
                 raise StateFull(str(exc)) from exc
             raise
@@ -175,6 +182,18 @@ class Database:
             self.queue(_checkpoint, self)
         return result
 
+    def _roll_back(self) -> None:
+        """End the event loop's transaction; a connection that cannot (it would hold the
+        write lock for good) is made anew."""
+        db = self._small_db
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+            self._small_db = _open_for_small_writes(self._path)
+
     def wait(self, job: Callable[..., T], *args: Any) -> T:
         """Hand `job` over and wait for its outcome: for the start and the stop, and for
         threads other than the event loop's."""
@@ -185,51 +204,61 @@ class Database:
     def close(self) -> None:
         """Run every job handed over, then close the database."""
         if not self.closed:
+            self.close_thread()
+            self._small_db.close()
+
+    def close_thread(self) -> None:
+        """Run every job handed over, then close the thread's connection and end it."""
+        with self._putting:
+            if self.closed:
+                return
             self.closed = True
             self._jobs.put((self._db.close, (), None))
             self._jobs.put(_STOP)
-            self._thread.join()
-            self._small_db.close()
+        self._thread.join()
 
     def _put(self, job: _Job) -> None:
-        if self.closed:
-            raise RuntimeError("the state store is closed")
-        self._handed += 1
-        self._jobs.put(job)
+        with self._putting:
+            if self.closed:
+                raise RuntimeError("the state store is closed")
+            self._handed += 1
+            self._jobs.put(job)
 
     def _serve(self) -> None:
-        """The thread: every job waiting, in turn; their outcomes, a batch per event loop."""
-        while True:
-            batch = [self._jobs.get()]
-            with contextlib.suppress(queue.Empty):
-                while batch[-1] is not _STOP and len(batch) < _BATCH:
-                    batch.append(self._jobs.get_nowait())
-            settled: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
-            for item in batch:
-                if item is _STOP:
-                    break
-                job, args, outcome = item
-                try:
-                    result: Any = job(*args)
-                except BaseException as exc:  # an outcome like any other; the thread goes on
-                    result, failed = exc, True
+        """The thread: each job in turn, its outcome given at once."""
+        while (item := self._jobs.get()) is not _STOP:
+            job, args, outcome = item
+            try:
+                result: Any = job(*args)
+            except BaseException as exc:  # an outcome like any other; the thread goes on
+                result, failed = exc, True
+            else:
+                failed = False
+            self._finished += 1
+            if isinstance(outcome, Future):
+                if failed:
+                    outcome.set_exception(result)
                 else:
-                    failed = False
-                self._finished += 1
-                if isinstance(outcome, Future):
-                    if failed:
-                        outcome.set_exception(result)
-                    else:
-                        outcome.set_result(result)
-                elif outcome is not None:
-                    settled.setdefault(outcome.get_loop(), []).append(
-                        (outcome, _Failed(result) if failed else result)
-                    )
-            for loop, outcomes in settled.items():
-                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                    loop.call_soon_threadsafe(_settle, outcomes)
-            if batch[-1] is _STOP:
-                return
+                    outcome.set_result(result)
+            elif outcome is not None:
+                self._give(outcome, _Failed(result) if failed else result)
+
+    def _give(self, outcome: "asyncio.Future[Any]", result: Any) -> None:
+        """Hand an outcome to its loop: the loop is told once for all the outcomes that
+        wait for it when it next runs, not once each."""
+        loop = outcome.get_loop()
+        with self._giving:
+            waiting = self._given.setdefault(loop, [])
+            waiting.append((outcome, result))
+            if len(waiting) > 1:
+                return  # the loop has been told, and has not taken them yet
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(self._take, loop)
+
+    def _take(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._giving:
+            outcomes = self._given.pop(loop, [])
+        _settle(outcomes)
 
     # ------------------------------------------------------------ in a job only
 
@@ -266,8 +295,14 @@ def _open(path: Path) -> sqlite3.Connection:
 
 
 def _checkpoint(database: "Database") -> None:
+    """On the thread: the log copied into the database, then a write of nothing, so that
+    this connection (not the event loop's) starts the log over, and makes the fsync that
+    SQLite makes then."""
     with contextlib.suppress(sqlite3.Error):
         database._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        database._db.execute(  # a change: SQLite writes nothing for a row left the same
+            "INSERT OR REPLACE INTO meta VALUES ('checkpointed', ?)", (str(time.time()),)
+        )
 
 
 def _open_for_small_writes(path: Path) -> sqlite3.Connection:
@@ -298,9 +333,11 @@ class _Failed:
 
 def _settle(outcomes: list[tuple["asyncio.Future[Any]", Any]]) -> None:
     for outcome, result in outcomes:
-        if outcome.cancelled():
+        if outcome.done():  # cancelled: nobody waits
             continue
-        if isinstance(result, _Failed):
-            outcome.set_exception(result.exc)
-        else:
+        if not isinstance(result, _Failed):
             outcome.set_result(result)
+        elif isinstance(result.exc, StopIteration):  # a future cannot carry it
+            outcome.set_exception(RuntimeError(f"a state store job raised {result.exc!r}"))
+        else:
+            outcome.set_exception(result.exc)

@@ -73,6 +73,7 @@ class FileChanges:
         self._session_id = session_id
         self._last: Snapshot | None = None
         self._writers = 0
+        self._writes = 0  # writes begun or ended: a walk they overlapped is not kept
 
     async def before(self) -> Snapshot:
         """The snapshot before an execution."""
@@ -83,8 +84,9 @@ class FileChanges:
     async def after(self, before: Snapshot) -> list[FileRef]:
         """What the execution changed since `before`; its snapshot is kept for the next."""
         self._last = None
+        writes = self._writes
         taken = await snapshot(self._work_dir)
-        if self._writers == 0:
+        if self._writers == 0 and self._writes == writes:
             self._last = taken
         return changed_files(before, taken, self._session_id)
 
@@ -92,9 +94,11 @@ class FileChanges:
     def writing(self) -> Iterator[None]:
         """Around a write into the directory made outside the kernel."""
         self._writers += 1
+        self._writes += 1
         self._last = None
         try:
             yield
         finally:
             self._writers -= 1
+            self._writes += 1
             self._last = None
