@@ -135,10 +135,10 @@ class Metrics:
             registry=registry,
         )
         # Every series from the start, at 0: a rate needs the zero before the first event.
-        for status in get_args(Status):
-            self._executions.labels(status)
-        for kind in ("text", "rich"):
-            self._output_bytes.labels(kind)
+        # Each execution's series, looked up once (labels() checks its values at each call).
+        self._by_status = {status: self._executions.labels(status) for status in get_args(Status)}
+        self._text_bytes = self._output_bytes.labels("text")
+        self._rich_bytes = self._output_bytes.labels("rich")
         for launch in get_args(Launch):
             for outcome in get_args(StartOutcome):
                 self._starts.labels(launch, outcome)
@@ -163,10 +163,10 @@ class Metrics:
     # ------------------------------------------------------------ events
 
     def execution(self, result: ExecutionResult, size: OutputSize) -> None:
-        self._executions.labels(result.status).inc()
+        self._by_status[result.status].inc()
         self._duration.observe(result.duration_ms / 1000)
-        self._output_bytes.labels("text").inc(size.text)
-        self._output_bytes.labels("rich").inc(size.rich)
+        self._text_bytes.inc(size.text)
+        self._rich_bytes.inc(size.rich)
         if result.state_lost:
             self._state_lost.inc()
 

@@ -2,8 +2,10 @@
 (GET /sessions/{id}/notebook), from real executions in a real kernel."""
 
 import base64
+import contextlib
 import os
 import signal
+import sqlite3
 import threading
 from collections.abc import Iterator
 from datetime import datetime
@@ -91,6 +93,20 @@ def test_history_lists_every_execution_in_order(server: Server, ran: str) -> Non
     assert kinds == ["stream", "display_data"]
     assert plot[0]["text"] == "plotted\n"
     assert base64.b64decode(plot[1]["data"]["image/png"]).startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_the_answer_is_the_result_as_stored(server: Server, session: str) -> None:
+    """The result's JSON is made once: what the state store keeps is what the client got."""
+    for code in ("print('hi'); 6 * 7", "1 / 0"):
+        answer = server.client.post("/execute", json={"code": code, "session_id": session})
+        assert answer.status_code == 200
+        seq = answer.json()["execution_count"]
+        database = server.settings.state_dir / "sessions.sqlite3"
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            [(stored,)] = db.execute(
+                "SELECT result FROM executions WHERE session_key = ? AND seq = ?", (session, seq)
+            ).fetchall()
+        assert stored == answer.text
 
 
 def test_history_pages_with_since_and_limit(server: Server, ran: str) -> None:

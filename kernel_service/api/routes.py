@@ -17,6 +17,7 @@ from kernel_service.errors import CodeTooLarge, SessionNotFound
 from kernel_service.execution.collector import OutputListener
 from kernel_service.metrics import Metrics
 from kernel_service.sessions.registry import SessionRegistry
+from kernel_service.sessions.session import Session
 from kernel_service.tool_spec import tool_spec
 from kernel_service_client.models import (
     IMAGE_MIMES,
@@ -85,9 +86,15 @@ Owner = Annotated[str | None, Depends(owner_of)]
 SessionId = Annotated[str, Path(description="The session's id.")]
 
 
-def _json(model: ExecutionResult | SessionInfo) -> Response:
+def _json(model: SessionInfo) -> Response:
     # Serialised once, straight from the model: results can carry megabytes of images.
     return Response(model.model_dump_json(), media_type="application/json")
+
+
+def _answer(session: Session | None, result: ExecutionResult) -> Response:
+    """The result, as JSON made once: the session's journal made it when it stored it."""
+    assert session is not None  # made by run() if it was not given
+    return Response(session.json_of(result), media_type="application/json")
 
 
 async def _cancel_on_disconnect(receive: Receive, task: "asyncio.Task[Any]") -> bool:
@@ -158,7 +165,8 @@ async def execute(body: ExecuteRequest, request: Request) -> Response:
         return await session.execute(body.code, body.timeout)
 
     if not settings.interrupt_on_disconnect:
-        return _json(await run())  # if the client has left, the result goes nowhere
+        answered = await run()  # if the client has left, the result goes nowhere
+        return _answer(session, answered)
     result = await _unless_client_leaves(request.receive, run())
     if result is None:
         log.info(
@@ -170,7 +178,7 @@ async def execute(body: ExecuteRequest, request: Request) -> Response:
             with contextlib.suppress(SessionNotFound):
                 await registry.close(session.session_id, owner)
         return Response(status_code=499)  # nobody reads it ("client closed request")
-    return _json(result)
+    return _answer(session, result)
 
 
 @router.post(

@@ -57,14 +57,15 @@ class ExecutionJournal:
         last_activity: datetime,
         execution_count: int,
         output_bytes: int,
-    ) -> None:
-        """Its result, and the session's last use. A failure to write is logged, not
+    ) -> str | None:
+        """Its result, and the session's last use; the result's JSON as stored (made once,
+        for the answer too), None when the write failed. A failure to write is logged, not
         raised: the code has run and its caller gets the result (a later service process
         reports this execution as lost). Cancelling the wait leaves the write to happen.
         `output_bytes`: what its outputs hold; a result of little output is written on
         the event loop when that need not wait (its JSON is made there too)."""
 
-        def write() -> None:
+        def write() -> str:
             stored = result.model_dump_json()
             try:
                 self._store.execution_ended_now(
@@ -82,13 +83,17 @@ class ExecutionJournal:
                     self._result_bytes -= self._store.drop_oldest_results_now(self._key, over)
             except StateFull as exc:
                 log.error("session %s: execution %d not recorded: %s", self._session_id, seq, exc)
+            return stored
 
         kept = self._result_bytes
         try:
-            await self._store.hand_over(write, small=output_bytes * _JSON_GROWTH <= SMALL_WRITE)
+            return await self._store.hand_over(
+                write, small=output_bytes * _JSON_GROWTH <= SMALL_WRITE
+            )
         except StateFull as exc:  # made in place, it first met the disk at its commit
             self._result_bytes = kept
             log.error("session %s: execution %d not recorded: %s", self._session_id, seq, exc)
+            return None
 
     async def history(self, since: int, limit: int | None) -> list[ExecutionRecord]:
         return await self._store.executions(self._key, since, limit)

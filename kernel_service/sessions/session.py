@@ -81,6 +81,7 @@ class Session:
         self._lock = asyncio.Lock()
         self._executing = False  # an execution holds the lock (a restart may hold it too)
         self._interrupt_asked = False  # by interrupt(), for that execution
+        self._last_json: tuple[ExecutionResult | None, str | None] = (None, None)
         self._closed = False
 
     # ------------------------------------------------------------ views
@@ -144,9 +145,15 @@ class Session:
                 self._touch()
             size = output_size(result.outputs)
             # Past the try: a wait cancelled here leaves the write to happen, and alone.
-            await self._journal.end(seq, result, began, self.execution_count, size.total)
+            stored = await self._journal.end(seq, result, began, self.execution_count, size.total)
+            self._last_json = (result, stored)
         self._report(result, size)
         return result
+
+    def json_of(self, result: ExecutionResult) -> str:
+        """`result` as JSON: made once, when the journal stored it, for its answer too."""
+        last, stored = self._last_json
+        return stored if last is result and stored is not None else result.model_dump_json()
 
     async def _run_recorded(
         self,
