@@ -17,7 +17,7 @@ from kernel_service.errors import CodeTooLarge, SessionNotFound
 from kernel_service.execution.collector import OutputListener
 from kernel_service.metrics import Metrics
 from kernel_service.sessions.registry import SessionRegistry
-from kernel_service.sessions.session import Session
+from kernel_service.sessions.session import Answer
 from kernel_service.tool_spec import tool_spec
 from kernel_service_client.models import (
     IMAGE_MIMES,
@@ -91,12 +91,6 @@ def _json(model: SessionInfo) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
-def _answer(session: Session | None, result: ExecutionResult) -> Response:
-    """The result, as JSON made once: the session's journal made it when it stored it."""
-    assert session is not None  # made by run() if it was not given
-    return Response(session.json_of(result), media_type="application/json")
-
-
 async def _cancel_on_disconnect(receive: Receive, task: "asyncio.Task[Any]") -> bool:
     """Cancel `task` when the client disconnects; True if it did.
 
@@ -158,17 +152,18 @@ async def execute(body: ExecuteRequest, request: Request) -> Response:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def run() -> ExecutionResult:
+    async def run() -> Answer:
         nonlocal session
         if session is None:
             session = await registry.create(owner=owner)
-        return await session.execute(body.code, body.timeout)
+        return await session.execute_answer(body.code, body.timeout)
 
+    answer: Answer | None
     if not settings.interrupt_on_disconnect:
-        answered = await run()  # if the client has left, the result goes nowhere
-        return _answer(session, answered)
-    result = await _unless_client_leaves(request.receive, run())
-    if result is None:
+        answer = await run()  # if the client has left, the result goes nowhere
+    else:
+        answer = await _unless_client_leaves(request.receive, run())
+    if answer is None:
         log.info(
             "session %s: the client disconnected; its execution was cancelled",
             session.session_id if session is not None else "(not made)",
@@ -178,7 +173,8 @@ async def execute(body: ExecuteRequest, request: Request) -> Response:
             with contextlib.suppress(SessionNotFound):
                 await registry.close(session.session_id, owner)
         return Response(status_code=499)  # nobody reads it ("client closed request")
-    return _answer(session, result)
+    # the result's JSON as the state store keeps it: made once (results can be 32 MiB)
+    return Response(answer.json, media_type="application/json")
 
 
 @router.post(

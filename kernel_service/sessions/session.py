@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 from kernel_service.config import MIB
 from kernel_service.errors import SessionNotFound
@@ -35,6 +36,13 @@ class Restored:
     record: SessionRecord
     totals: SessionTotals
     lost: str | None
+
+
+class Answer(NamedTuple):
+    """An execution's result, and the same as JSON."""
+
+    result: ExecutionResult
+    json: str
 
 
 class Session:
@@ -81,7 +89,6 @@ class Session:
         self._lock = asyncio.Lock()
         self._executing = False  # an execution holds the lock (a restart may hold it too)
         self._interrupt_asked = False  # by interrupt(), for that execution
-        self._last_json: tuple[ExecutionResult | None, str | None] = (None, None)
         self._closed = False
 
     # ------------------------------------------------------------ views
@@ -130,6 +137,12 @@ class Session:
     ) -> ExecutionResult:
         """Run `code` after any executions queued before it; never raises for user errors.
         `on_output` is told of each output as it arrives (for streaming)."""
+        return (await self.execute_answer(code, timeout, on_output)).result
+
+    async def execute_answer(
+        self, code: str, timeout: float | None, on_output: OutputListener | None = None
+    ) -> Answer:
+        """`execute`, with the result as JSON too (made once: as the state store keeps it)."""
         async with self._lock:
             self._touch()
             began, started = self.last_activity, time.perf_counter()
@@ -146,14 +159,8 @@ class Session:
             size = output_size(result.outputs)
             # Past the try: a wait cancelled here leaves the write to happen, and alone.
             stored = await self._journal.end(seq, result, began, self.execution_count, size.total)
-            self._last_json = (result, stored)
         self._report(result, size)
-        return result
-
-    def json_of(self, result: ExecutionResult) -> str:
-        """`result` as JSON: made once, when the journal stored it, for its answer too."""
-        last, stored = self._last_json
-        return stored if last is result and stored is not None else result.model_dump_json()
+        return Answer(result, stored if stored is not None else result.model_dump_json())
 
     async def _run_recorded(
         self,

@@ -85,8 +85,8 @@ CREATE TABLE IF NOT EXISTS images (
 """
 
 
-# A job, its arguments, and where its outcome goes: a future of the event loop's (settled
-# there, in a batch), one of another thread's, or nowhere.
+# A job, its arguments, and where its outcome goes: a future of an event loop's (settled
+# there), one of another thread's, or nowhere.
 _Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any] | Future[Any] | None"]
 _STOP = None
 # Writes made in place between two checkpoints the thread is asked for (a few pages each:
@@ -295,9 +295,9 @@ def _open(path: Path) -> sqlite3.Connection:
 
 
 def _checkpoint(database: "Database") -> None:
-    """On the thread: the log copied into the database, then a write of nothing, so that
-    this connection (not the event loop's) starts the log over, and makes the fsync that
-    SQLite makes then."""
+    """On the thread: the log copied into the database, then a one-row write, so that this
+    connection (not the event loop's) starts the log over, and makes the fsync that SQLite
+    makes then."""
     with contextlib.suppress(sqlite3.Error):
         database._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         database._db.execute(  # a change: SQLite writes nothing for a row left the same
