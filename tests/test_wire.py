@@ -3,6 +3,8 @@ every size arrive whole and in order, however the reads split them, and one over
 is refused without losing the connection for the next."""
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,16 +21,34 @@ async def until(condition: "asyncio.Event", seconds: float = 30) -> None:
     await asyncio.wait_for(condition.wait(), seconds)
 
 
+@contextlib.contextmanager
+def kernel_end(tmp_path: Path, kind: int) -> Iterator[tuple[zmq.asyncio.Socket, Path]]:
+    """A socket bound as a kernel binds its own (libzmq's, through pyzmq), and its path."""
+    context = zmq.asyncio.Context()
+    peer = context.socket(kind)
+    path = tmp_path / "kernel"
+    peer.bind(f"ipc://{path}")
+    try:
+        yield peer, path
+    finally:
+        peer.close(linger=0)
+        context.term()
+
+
 @pytest.mark.parametrize("socket_type", ["DEALER", "SUB"])
 def test_messages_arrive_whole_whatever_their_size(tmp_path: Path, socket_type: str) -> None:
     asyncio.run(messages_arrive_whole(tmp_path, socket_type))
 
 
 async def messages_arrive_whole(tmp_path: Path, socket_type: str) -> None:
-    context = zmq.asyncio.Context()
-    peer = context.socket(zmq.ROUTER if socket_type == "DEALER" else zmq.PUB)
-    path = tmp_path / "kernel-1"
-    peer.bind(f"ipc://{path}")
+    with kernel_end(tmp_path, zmq.ROUTER if socket_type == "DEALER" else zmq.PUB) as (
+        peer,
+        path,
+    ):
+        await arrive_whole(peer, path, socket_type)
+
+
+async def arrive_whole(peer: zmq.asyncio.Socket, path: Path, socket_type: str) -> None:
     received: list[list[bytes]] = []
     refusals: list[str] = []
     arrived = asyncio.Event()
@@ -72,8 +92,6 @@ async def messages_arrive_whole(tmp_path: Path, socket_type: str) -> None:
         assert refusals == []
     finally:
         ours.close()
-        peer.close(linger=0)
-        context.term()
 
 
 def test_a_message_over_the_limit_is_refused_and_the_next_arrives(tmp_path: Path) -> None:
@@ -81,10 +99,11 @@ def test_a_message_over_the_limit_is_refused_and_the_next_arrives(tmp_path: Path
 
 
 async def over_the_limit(tmp_path: Path) -> None:
-    context = zmq.asyncio.Context()
-    peer = context.socket(zmq.ROUTER)
-    path = tmp_path / "kernel-2"
-    peer.bind(f"ipc://{path}")
+    with kernel_end(tmp_path, zmq.ROUTER) as (peer, path):
+        await refused_then_next(peer, path)
+
+
+async def refused_then_next(peer: zmq.asyncio.Socket, path: Path) -> None:
     received: list[list[bytes]] = []
     refusals: list[str] = []
     arrived = asyncio.Event()
@@ -116,8 +135,6 @@ async def over_the_limit(tmp_path: Path) -> None:
         assert "more than" in refusals[0]
     finally:
         ours.close()
-        peer.close(linger=0)
-        context.term()
 
 
 # A send made while a refusal is being told (as a kernel's `_on_refused` may cause) goes to
@@ -127,10 +144,11 @@ def test_a_send_made_as_the_refusal_is_told_goes_to_the_next_connection(tmp_path
 
 
 async def send_on_refusal(tmp_path: Path) -> None:
-    context = zmq.asyncio.Context()
-    peer = context.socket(zmq.ROUTER)
-    path = tmp_path / "kernel-3"
-    peer.bind(f"ipc://{path}")
+    with kernel_end(tmp_path, zmq.ROUTER) as (peer, path):
+        await sent_on_refusal(peer, path)
+
+
+async def sent_on_refusal(peer: zmq.asyncio.Socket, path: Path) -> None:
     ours: KernelSocket
     answered = asyncio.Event()
     received: list[list[bytes]] = []
@@ -155,5 +173,3 @@ async def send_on_refusal(tmp_path: Path) -> None:
         assert received == [[b"answer"]]
     finally:
         ours.close()
-        peer.close(linger=0)
-        context.term()
