@@ -4,7 +4,7 @@
 import pytest
 from jupyter_client.session import Session
 
-from kernel_service.kernel.messages import BadMessage, MessageCodec
+from kernel_service.kernel.messages import _REMEMBERED, BadMessage, MessageCodec
 
 KEY = b"a-kernel-key-0123456789abcdef"
 
@@ -112,3 +112,18 @@ def test_deep_nesting_is_a_bad_message_not_a_crash() -> None:
     parts = [b'{"msg_type": "stream"}', b"{}", b"{}", content]
     with pytest.raises(BadMessage, match="JSON"):
         codec.read([b"<IDS|MSG>", codec._sign(parts), *parts])
+
+
+def test_the_replay_window_is_bounded() -> None:
+    """Signatures are remembered to refuse replays, the newest _REMEMBERED only: a kernel
+    that sends for days does not grow the service's memory."""
+    codec, kernel = MessageCodec(KEY), Session(key=KEY)
+    first = kernel_message(kernel, "status", {"execution_state": "busy"})
+    codec.read(first)
+    for _ in range(_REMEMBERED - 1):
+        codec.read(kernel_message(kernel, "status", {"execution_state": "busy"}))
+    with pytest.raises(BadMessage, match="replayed"):
+        codec.read(first)  # still within the window
+    codec.read(kernel_message(kernel, "status", {"execution_state": "idle"}))
+    codec.read(first)  # out of it now
+    assert len(codec._seen) == len(codec._seen_order) == _REMEMBERED

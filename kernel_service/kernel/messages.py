@@ -6,10 +6,10 @@ it parses the dates of the header and the parent header (with dateutil), adapts 
 protocol versions and copies an HMAC object per part. In the 32-client throughput benchmark
 that was a tenth of the service's CPU; here a message costs an HMAC over its four JSON parts
 (a copy of one keyed HMAC) and four JSON parses (orjson, as jupyter_client; the standard
-library's for bytes that are not UTF-8, as jupyter_client too). Dates stay
-the strings they arrived as: nothing in the service reads them. What is checked is what
-`Session` checks: the signature (a message unsigned or signed with another key is
-refused), at least the four parts, and that a signature is not a replay of a recent one.
+library's for bytes that are not UTF-8, as jupyter_client too). Dates stay the strings
+they arrived as: nothing in the service reads them. What is checked is what `Session`
+checks: the signature (a message unsigned or signed with another key is refused), at
+least the four parts, and that a signature is not a replay of a recent one.
 """
 
 import hashlib
