@@ -18,12 +18,11 @@ import asyncio
 import contextlib
 import statistics
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.load import delete_sessions, make_sessions
+from bench.load import Throughput, back_to_back, delete_sessions, make_sessions, over_http
 from bench.service import RawHttp, Service
 from bench.stats import cpu_seconds, cpu_used
 
@@ -75,27 +74,18 @@ async def _running(code: Path, root: Path, uid_base: int, clients: int) -> Async
 async def _window(running: _Running, seconds: float, record: bool) -> None:
     """Every connection sends `1+1` on its session back to back for `seconds`."""
     service, windows = running.service, running.windows
-    executions = 0
     kernels = service.children()
     kernels_before, service_before = cpu_seconds(kernels), service.cpu_seconds()
-    started = time.perf_counter()
-    deadline = started + seconds
-
-    async def client(connection: RawHttp, session: str) -> None:
-        nonlocal executions
-        while time.perf_counter() < deadline:
-            answer = await connection.execute("1+1", session)
-            if answer.get("result") != "2":
-                windows.errors += 1
-            executions += 1
-
-    await asyncio.gather(*map(client, running.connections, running.sessions))
-    elapsed = time.perf_counter() - started
+    result = Throughput(len(running.connections))
+    calls = [over_http(c, s) for c, s in zip(running.connections, running.sessions, strict=True)]
+    await back_to_back(result, calls, seconds)
+    windows.errors += result.errors
+    executions = len(result.latencies)
     if record and executions:
         windows.service_us.append((service.cpu_seconds() - service_before) / executions * 1e6)
         kernels_used = cpu_used(kernels_before, cpu_seconds(kernels))
         windows.kernels_us.append(kernels_used / executions * 1e6)
-        windows.rates.append(executions / elapsed)
+        windows.rates.append(executions / result.seconds)
 
 
 async def compare(codes: list[Path], rounds: int, seconds: float, clients: int) -> list[Windows]:

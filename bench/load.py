@@ -85,7 +85,7 @@ async def throughput(service: Service, clients: int, duration: float) -> Through
     sessions = await make_sessions(service, clients)
     connections = [await RawHttp.connect(service.port) for _ in sessions]
     try:
-        calls = [_over_http(c, s) for c, s in zip(connections, sessions, strict=True)]
+        calls = [over_http(c, s) for c, s in zip(connections, sessions, strict=True)]
         for call in calls:
             await call()
         if not await service.wait_pool_full():
@@ -93,7 +93,7 @@ async def throughput(service: Service, clients: int, duration: float) -> Through
         me = psutil.Process()
         kernels_before = cpu_seconds(service.children())
         service_before, bench_before = service.cpu_seconds(), _cpu(me)
-        await _back_to_back(result, calls, duration)
+        await back_to_back(result, calls, duration)
         result.service_cpu = service.cpu_seconds() - service_before
         result.kernels_cpu = cpu_used(kernels_before, cpu_seconds(service.children()))
         result.bench_cpu = _cpu(me) - bench_before
@@ -116,13 +116,13 @@ async def raw_throughput(floor: Floor, duration: float) -> Throughput:
     me = psutil.Process()
     kernels_before = cpu_seconds(tree(me))
     bench_before = _cpu(me)
-    await _back_to_back(result, calls, duration)
+    await back_to_back(result, calls, duration)
     result.kernels_cpu = cpu_used(kernels_before, cpu_seconds(tree(me)))
     result.bench_cpu = _cpu(me) - bench_before
     return result
 
 
-def _over_http(connection: RawHttp, session: str) -> Call:
+def over_http(connection: RawHttp, session: str) -> Call:
     async def call() -> bool:
         answer = await connection.execute("1+1", session)
         return bool(answer["result"] == "2")
@@ -138,7 +138,7 @@ def _on_kernel(kernel: BareKernel) -> Call:
     return call
 
 
-async def _back_to_back(result: Throughput, calls: list[Call], duration: float) -> None:
+async def back_to_back(result: Throughput, calls: list[Call], duration: float) -> None:
     """Each call in a loop of its own, the next as soon as one is answered, until `duration`
     has passed; latencies and wrong answers go to `result` (a call that raises is an error
     and ends its loop)."""

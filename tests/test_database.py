@@ -224,8 +224,8 @@ def insert(i):
 async def main():
     for i in range(_CHECKPOINT_EVERY * 3):
         await db.run_small(insert, i)
-        while db._handed != db._finished:  # as an execution between two writes does,
-            await asyncio.sleep(0.001)      # let the thread's checkpoint end first
+        await db.run(int)  # as an execution between two writes does, let the thread's
+                           # checkpoint (handed over before this) end first
 
 print(threading.get_native_id(), flush=True)
 asyncio.run(main())
