@@ -15,6 +15,9 @@ from kernel_service.api.files import is_upload
 from kernel_service.api.files import router as files_router
 from kernel_service.api.history import router as history_router
 from kernel_service.api.inspector import router as inspector_router
+from kernel_service.api.jupyter.bridge import Connections
+from kernel_service.api.jupyter.channels import router as jupyter_channels_router
+from kernel_service.api.jupyter.rest import router as jupyter_router
 from kernel_service.api.mcp import McpServer
 from kernel_service.api.routes import router
 from kernel_service.config import Settings
@@ -36,6 +39,7 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
     runtime = Runtime(settings, launcher)
     mcp = McpServer(settings, runtime.registry)
     mcp_app = mcp.http_app(settings.host)
+    jupyter_connections = Connections()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -46,7 +50,10 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
                 # Most of a request's objects die young: with a larger youngest generation
                 # far fewer are scanned, and the collector's share of the hot path falls.
                 gc.set_threshold(_YOUNG_GENERATION, *gc.get_threshold()[1:])
-            yield
+            try:
+                yield
+            finally:  # what Jupyter clients left running, before the sessions end
+                await jupyter_connections.stop()
 
     app = FastAPI(
         title="kernel-service",
@@ -60,11 +67,15 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
     app.state.metrics = runtime.metrics
     app.state.sandbox = runtime.launcher.isolation
     app.state.isolation = runtime.isolation
+    app.state.jupyter_connections = jupyter_connections  # the kernels' WebSockets
+    app.state.jupyter_notebooks = {}  # session key → the notebook path of its Jupyter session
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(history_router)
     app.include_router(inspector_router)
     app.include_router(files_router)
+    app.include_router(jupyter_router)  # Jupyter's kernel API: docs/jupyter.md
+    app.include_router(jupyter_channels_router)
     # MCP (streamable HTTP): inside the API key check like every route but /healthz
     app.router.routes.append(Route("/mcp", mcp_app, include_in_schema=False))
     app.add_middleware(

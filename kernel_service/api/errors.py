@@ -1,9 +1,11 @@
 """Every error the API answers with, mapped to its HTTP status in this one place, as JSON
 `{"detail": ..., "code": ...}`; a service error's detail is its message with what to do
-next in HTTP's words."""
+next in HTTP's words. On Jupyter's paths (`/api/...`, `/kernelspecs/...`) the same body
+also has Jupyter's `{"reason": ..., "message": ...}`, which Jupyter clients show."""
 
 import logging
 from collections.abc import Callable, Mapping
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -46,6 +48,38 @@ class InvalidUpload(ServiceError):
         self.reason = reason
 
 
+class InvalidJupyterRequest(ServiceError):
+    """A request on Jupyter's REST API whose body is not what it takes."""
+
+    code = "invalid_request"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Invalid request: {reason}.")
+        self.reason = reason
+
+
+class NoSuchKernelSpec(ServiceError):
+    code = "no_such_kernel"
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(
+            f"No kernel spec {name!r}: this service has {', '.join(map(repr, known))} "
+            "(GET /api/kernelspecs lists them)."
+        )
+        self.name = name
+
+
+class RefusedOrigin(ServiceError):
+    code = "origin_refused"
+
+    def __init__(self, origin: str) -> None:
+        super().__init__(
+            f"Refused a request from a web page of another origin ({origin[:100]!r}): without "
+            "API keys, only pages served from the service's own address may use its Jupyter "
+            "API. Set KERNEL_SERVICE_API_KEY and send the key (header or ?token=)."
+        )
+
+
 # A subclass answers with its base's status unless it is given its own here.
 STATUS_OF: dict[type[ServiceError], int] = {
     Unauthorized: 401,
@@ -64,6 +98,9 @@ STATUS_OF: dict[type[ServiceError], int] = {
     FileTooLarge: 413,
     InvalidUpload: 422,
     WorkspaceFull: 507,
+    InvalidJupyterRequest: 400,
+    NoSuchKernelSpec: 404,
+    RefusedOrigin: 403,
 }
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 _METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
@@ -77,6 +114,34 @@ def error_response(
     )
 
 
+def is_jupyter_path(path: str) -> bool:
+    """A path of Jupyter's API (`jupyter/rest.py`, `jupyter/channels.py`)."""
+    return path == "/api" or path.startswith(("/api/", "/kernelspecs/"))
+
+
+def jupyter_error_response(
+    status: int, detail: object, code: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """An error on Jupyter's paths: the service's body, with Jupyter's `reason` (the
+    status's phrase) and `message` (what went wrong, as text) too."""
+    detail = jsonable_encoder(detail)
+    message = detail if isinstance(detail, str) else str(detail)
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Error"
+    body = {"reason": reason, "message": message, "detail": detail, "code": code}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_response_for(
+    path: str, status: int, detail: object, code: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """An error in the shape the path's clients read."""
+    make = jupyter_error_response if is_jupyter_path(path) else error_response
+    return make(status, detail, code, headers)
+
+
 def status_of(exc: ServiceError) -> int:
     """The status of the nearest class in `exc`'s hierarchy that has one (500 if none has)."""
     for cls in type(exc).__mro__:
@@ -85,10 +150,25 @@ def status_of(exc: ServiceError) -> int:
     return 500
 
 
-def detail_of(exc: ServiceError) -> str:
-    """What the error says, and what to do next in HTTP's words where that helps."""
-    advice = _advice(exc)
+def detail_of(exc: ServiceError, jupyter: bool = False) -> str:
+    """What the error says, and what to do next in HTTP's words where that helps (in the
+    words of Jupyter's API for its clients)."""
+    advice = _jupyter_advice(exc) if jupyter else _advice(exc)
     return f"{exc} {advice}" if advice else str(exc)
+
+
+def _jupyter_advice(exc: ServiceError) -> str | None:
+    match exc:
+        case SessionNotFound():
+            return "Start a new kernel: POST /api/kernels."
+        case TooManySessions():
+            return "Shut down a kernel you no longer need (DELETE /api/kernels/{id})."
+        case Unauthorized():
+            return (
+                "Send the header `Authorization: token <key>` (or `Bearer <key>`), or "
+                "`?token=<key>` in the URL."
+            )
+    return _advice(exc)
 
 
 def _advice(exc: ServiceError) -> str | None:
@@ -112,9 +192,11 @@ def _advice(exc: ServiceError) -> str | None:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def service_error(_: Request, exc: Exception) -> JSONResponse:
+    async def service_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        return error_response(status_of(exc), detail_of(exc), exc.code)
+        jupyter = is_jupyter_path(request.url.path)
+        make = jupyter_error_response if jupyter else error_response
+        return make(status_of(exc), detail_of(exc, jupyter), exc.code)
 
     async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -124,27 +206,29 @@ def install_error_handlers(app: FastAPI) -> None:
                 f"The body was sent as {wrong_type!r}: send it as JSON, with the header "
                 "`Content-Type: application/json`."
             )
-            return error_response(422, detail, "invalid_request")
+            return error_response_for(request.url.path, 422, detail, "invalid_request")
         errors = [
             {"loc": e.get("loc"), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()
         ]
-        return error_response(422, errors, "invalid_request")
+        return error_response_for(request.url.path, 422, errors, "invalid_request")
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        path = request.url.path
         if exc.status_code == 400:  # FastAPI's word for a body it could not parse
-            return error_response(422, _unparsable(exc), "invalid_request")
+            return error_response_for(path, 422, _unparsable(exc), "invalid_request")
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         headers = exc.headers
         if exc.status_code == 405:
             headers = {"Allow": ", ".join(_allowed_methods(request))}
-        return error_response(exc.status_code, exc.detail, code, headers)
+        return error_response_for(path, exc.status_code, exc.detail, code, headers)
 
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return error_response(
-            500, "Internal error in kernel-service; see its log.", "internal_error"
-        )
+        return error_response_for(
+            request.url.path, 500, "Internal error in kernel-service; see its log.",
+            "internal_error",
+        )  # fmt: skip
 
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
@@ -242,6 +326,6 @@ class BodySizeLimit:
 
     async def _refuse(self, size: int, scope: Scope, receive: Receive, send: Send) -> None:
         refusal = CodeTooLarge(size, self._limit, what="request")
-        await error_response(status_of(refusal), detail_of(refusal), refusal.code)(
-            scope, receive, send
-        )
+        await error_response_for(
+            scope["path"], status_of(refusal), detail_of(refusal), refusal.code
+        )(scope, receive, send)

@@ -244,6 +244,9 @@ def uvicorn_config(app: Any, settings: Settings, **extra: Any) -> uvicorn.Config
         # a line per HTTP request costs the hot path ~0.2 ms; executions log their own line
         access_log=settings.log_level.lower() == "debug",
         timeout_graceful_shutdown=5,
+        # a Jupyter client's message carries code as a request body does: the same room
+        # (larger messages close the socket with 1009, "message too big")
+        ws_max_size=settings.max_code_bytes * 6 + 64 * 1024,
         **extra,
     )
 

@@ -19,8 +19,9 @@ from kernel_service_client.models import (
     TruncatedOutput,
 )
 
-# An execution's status, its error, and what its text must say of how it ended.
-_Ending = tuple[Status, ExecutionError | None, list[str]]
+# An execution's status, its error, what its text must say of how it ended, and the ending
+# the service saw itself (a timeout, the kernel's death, lost output), if it saw one.
+_Ending = tuple[Status, ExecutionError | None, list[str], ExecutionError | None]
 
 STATE_LOST = (
     "The kernel was restarted: all variables, imports and definitions from earlier calls "
@@ -39,6 +40,10 @@ class ResultDraft:
     uncut: str
     text_limit: int
     truncated: TruncatedOutput | None
+    # What the service saw end the execution (not the code's own error): a timeout, the
+    # kernel's death, lost output. A front door that relays the kernel's own messages says
+    # it in its own (the code's error is already among them).
+    service_error: ExecutionError | None = None
 
     @property
     def needs_full_output(self) -> bool:
@@ -73,7 +78,7 @@ def build_result(
     limit_words = f"{timeout:g} s time limit" + (
         " (the most this service allows)" if timeout_capped else ""
     )
-    status, error, said = _ending(outcome, outputs, limit_words)
+    status, error, said, service_error = _ending(outcome, outputs, limit_words)
     notices += said
 
     return ResultDraft(
@@ -91,6 +96,7 @@ def build_result(
         uncut=uncut_text(outputs, images, "\n".join(notices) or None, files),
         text_limit=text_limit,
         truncated=next((o for o in outputs if isinstance(o, TruncatedOutput)), None),
+        service_error=service_error,
     )
 
 
@@ -116,7 +122,8 @@ def _ending(outcome: RunOutcome, outputs: Sequence[Output], limit_words: str) ->
 
 def _said(status: Status, ename: str, message: str) -> _Ending:
     """An ending the service saw (not the code's error), said first in the text too."""
-    return status, ExecutionError(ename=ename, evalue=message), [f"{ename}: {message}"]
+    error = ExecutionError(ename=ename, evalue=message)
+    return status, error, [f"{ename}: {message}"], error
 
 
 def _code_ending(outcome: RunOutcome, outputs: Sequence[Output]) -> _Ending:
@@ -145,8 +152,8 @@ def _code_ending(outcome: RunOutcome, outputs: Sequence[Output]) -> _Ending:
             "value included, is missing here. Print or display less at once.",
         )
         notices.append(f"OutputLost: {lost.evalue}")
-        return "error", error or lost, notices
-    return ("error" if error is not None else "ok"), error, notices
+        return "error", error or lost, notices, lost
+    return ("error" if error is not None else "ok"), error, notices, None
 
 
 def _user_error(outputs: Sequence[Output]) -> ExecutionError | None:

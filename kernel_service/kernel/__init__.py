@@ -1,17 +1,25 @@
-"""The only package that speaks the kernel protocol (jupyter_client's Session over our own
-bounded ZMTP sockets): launch, execute, interrupt."""
+"""The only package that talks to kernels (Jupyter messages over our own bounded ZMTP
+sockets): launch, execute, interrupt, and relay a client's other requests."""
 
 from kernel_service.kernel.endings import ExitCause
-from kernel_service.kernel.kernel import Kernel, KernelFactory, KernelStartError
+from kernel_service.kernel.kernel import (
+    ExecuteOptions,
+    Kernel,
+    KernelFactory,
+    KernelStartError,
+    Relay,
+)
 from kernel_service.kernel.launcher import KernelLauncher, SubprocessLauncher
 from kernel_service.kernel.options import KernelOptions
 
 __all__ = [
+    "ExecuteOptions",
     "ExitCause",
     "Kernel",
     "KernelFactory",
     "KernelLauncher",
     "KernelOptions",
     "KernelStartError",
+    "Relay",
     "SubprocessLauncher",
 ]

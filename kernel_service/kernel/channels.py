@@ -3,7 +3,7 @@ signed and checked (`messages.py`), over our own bounded ZMTP sockets (`wire.py`
 not libzmq's)."""
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from kernel_service.kernel.messages import BadMessage, MessageCodec
@@ -63,9 +63,16 @@ class KernelChannels:
         """Messages refused so far, on every channel."""
         return sum(socket.refused for socket in self._sockets.values())
 
-    def send(self, channel: Channel, msg_type: str, content: dict[str, Any]) -> str:
+    def send(
+        self,
+        channel: Channel,
+        msg_type: str,
+        content: dict[str, Any],
+        metadata: dict[str, Any] | None = None,
+        buffers: Sequence[bytes] = (),
+    ) -> str:
         """Send a request; its msg_id (replies and outputs name it as their parent)."""
-        msg_id, frames = self._codec.request(msg_type, content)
+        msg_id, frames = self._codec.request(msg_type, content, metadata, buffers)
         self._sockets[channel].send(frames)
         return msg_id
 

@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +52,25 @@ _RECONNECTED_WITHIN = 5.0
 # How long a kernel being adopted has to answer kernel_info.
 _ADOPT_TIMEOUT = 5.0
 _PROBE_LIMITS = OutputLimits(text=1000, rich=1000)
+# Requests whose answers are relayed to a client at most (`Kernel.relay`): past it the
+# oldest is forgotten (a request the kernel never answered, a client that never stopped).
+_RELAYED = 1024
+
+# Told of each message the kernel sends in answer to a relayed request (its reply, and its
+# iopub messages: status, outputs, comms), as it arrives; it returns False to hear no more.
+Relay = Callable[[dict[str, Any]], bool]
+
+
+@dataclass(frozen=True)
+class ExecuteOptions:
+    """The fields of an `execute_request` a client may choose (the Jupyter protocol's); the
+    code never waits for input (`allow_stdin` is always false: nobody could answer)."""
+
+    silent: bool = False
+    store_history: bool = True
+    user_expressions: dict[str, Any] = field(default_factory=dict)
+    stop_on_error: bool = True
+
 
 # Told to every start: record this kernel, now that its process exists.
 OnLaunch = Callable[["Kernel"], None]
@@ -92,6 +113,7 @@ class Kernel:
         self._reply_probe: str | None = None  # msg_id of a request sent after a missing reply
         self._reply_dropped = False  # its answer came, and still no reply: none will
         self._refusals_seen = 0  # messages refused when the last execution began
+        self._relays: OrderedDict[str, Relay] = OrderedDict()  # msg_id → whom to tell
         self._changed = asyncio.Event()
         self._end = KernelEnd(process)
         self._closed = False
@@ -233,10 +255,14 @@ class Kernel:
         limits: OutputLimits,
         listener: OutputListener | None = None,
         interrupted: bool = False,
+        options: ExecuteOptions | None = None,
+        relay: Relay | None = None,
     ) -> RunOutcome:
         """Run `code`, gather its outputs (telling `listener` of each as it arrives), and
         enforce `timeout` from outside the kernel. `interrupted`: an interrupt was asked for
-        before the code was sent; it ends the code as soon as it begins."""
+        before the code was sent; it ends the code as soon as it begins. `relay` is told of
+        every message the kernel sends for it, as it arrives (and after: a thread's late
+        output), until it says no more."""
         loop = asyncio.get_running_loop()
         if self._settling is not None:
             # the kernel would abort this code (stop_on_error) were it sent before the
@@ -248,18 +274,21 @@ class Kernel:
             self._refusals_seen = self._channels.refused
             with contextlib.suppress(KernelStartError):
                 await self._wait_ready(_RECONNECTED_WITHIN)
+        options = options or ExecuteOptions()
         msg_id = self._channels.send(
             "shell",
             "execute_request",
             {
                 "code": code,
-                "silent": False,
-                "store_history": True,
-                "user_expressions": {},
+                "silent": options.silent,
+                "store_history": options.store_history,
+                "user_expressions": options.user_expressions,
                 "allow_stdin": False,
-                "stop_on_error": True,
+                "stop_on_error": options.stop_on_error,
             },
         )
+        if relay is not None:
+            self._watch(msg_id, relay)
         collector = ExecutionCollector(msg_id, limits, listener)
         self._interrupts.begin(collector, interrupted)
         self._lost = None
@@ -311,6 +340,28 @@ class Kernel:
             self._active = None
             self._interrupts.end()
             self._settling = None
+
+    def relay(
+        self,
+        channel: Literal["shell", "control"],
+        msg_type: str,
+        content: dict[str, Any],
+        to: Relay,
+        *,
+        metadata: dict[str, Any] | None = None,
+        buffers: Sequence[bytes] = (),
+    ) -> str:
+        """Send a client's request (kernel_info, complete, a comm message...) as it is, and
+        tell `to` of each message the kernel sends in answer; its msg_id. Executions go
+        through `execute`: its deadline and bookkeeping hold for them."""
+        msg_id = self._channels.send(channel, msg_type, content, metadata, buffers)
+        self._watch(msg_id, to)
+        return msg_id
+
+    def _watch(self, msg_id: str, to: Relay) -> None:
+        self._relays[msg_id] = to
+        if len(self._relays) > _RELAYED:
+            self._relays.popitem(last=False)
 
     def interrupt(self) -> None:
         """Make the running code raise KeyboardInterrupt (see interrupts.py)."""
@@ -388,7 +439,22 @@ class Kernel:
         self._channels.close()
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
-        """Hand a message from the kernel to the request in flight; drop the rest."""
+        """Hand a message from the kernel to the request in flight, and to whoever a request
+        it answers is relayed for; drop the rest."""
+        self._feed(msg)
+        parent = msg.get("parent_header")
+        parent_id = parent.get("msg_id") if isinstance(parent, dict) else None
+        if isinstance(parent_id, str) and (relay := self._relays.get(parent_id)) is not None:
+            try:
+                keep = relay(msg)
+            except Exception:
+                log.exception("kernel %s: a relay failed", self.kernel_id)
+                keep = False
+            if not keep:
+                self._relays.pop(parent_id, None)
+
+    def _feed(self, msg: dict[str, Any]) -> None:
+        """Hand a message from the kernel to the request in flight (or to a probe's wait)."""
         header = msg.get("header")
         msg_type = header.get("msg_type") if isinstance(header, dict) else None
         if self._probe is not None and msg_type == "status":

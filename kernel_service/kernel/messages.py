@@ -18,6 +18,7 @@ import json
 import os
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -61,7 +62,13 @@ class MessageCodec:
         self._seen: set[bytes] = set()
         self._seen_order: deque[bytes] = deque()
 
-    def request(self, msg_type: str, content: dict[str, Any]) -> tuple[str, list[bytes]]:
+    def request(
+        self,
+        msg_type: str,
+        content: dict[str, Any],
+        metadata: dict[str, Any] | None = None,
+        buffers: Sequence[bytes] = (),
+    ) -> tuple[str, list[bytes]]:
         """A request's msg_id (replies and outputs name it as their parent) and its frames."""
         self._sent += 1
         msg_id = f"{self._prefix}{self._sent}"
@@ -73,8 +80,9 @@ class MessageCodec:
             "date": datetime.now(UTC).isoformat(),
             "version": PROTOCOL_VERSION,
         }
-        parts = [orjson.dumps(header), b"{}", b"{}", orjson.dumps(content)]
-        return msg_id, [DELIMITER, self._sign(parts), *parts]
+        meta = orjson.dumps(metadata) if metadata else b"{}"
+        parts = [orjson.dumps(header), b"{}", meta, orjson.dumps(content)]
+        return msg_id, [DELIMITER, self._sign(parts), *parts, *buffers]
 
     def read(self, frames: list[bytes]) -> dict[str, Any]:
         """The message in `frames` (routing identities, the delimiter, the signature, the

@@ -66,6 +66,10 @@ class SessionRegistry:
         except KeyError:
             raise SessionNotFound(session_id) from None
 
+    def holds(self, key: str) -> bool:
+        """Whether a live session is filed under `key` (`Session.key`)."""
+        return key in self._sessions
+
     def sessions(self, owner: str | None = None) -> list[Session]:
         return [s for s in self._sessions.values() if s.owner == owner]
 

@@ -5,17 +5,18 @@ the state store (`journal`)."""
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from kernel_service.config import MIB
 from kernel_service.errors import SessionNotFound
 from kernel_service.execution.collector import OutputLimits, OutputListener
 from kernel_service.execution.full_output import FullOutputSpill
 from kernel_service.execution.results import build_result
-from kernel_service.kernel import Kernel
+from kernel_service.kernel import ExecuteOptions, Kernel, Relay
 from kernel_service.metrics import OutputSize, output_size
 from kernel_service.sessions.image_store import ImageStore, StoredImage
 from kernel_service.sessions.journal import ExecutionJournal
@@ -23,7 +24,12 @@ from kernel_service.sessions.kernel_slot import KernelSlot
 from kernel_service.sessions.services import SessionServices
 from kernel_service.store.records import ExecutionRecord, SessionRecord, SessionTotals
 from kernel_service.workdir.snapshots import FileChanges
-from kernel_service_client.models import ExecutionResult, SessionInfo, SessionStatus
+from kernel_service_client.models import (
+    ExecutionError,
+    ExecutionResult,
+    SessionInfo,
+    SessionStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +45,12 @@ class Restored:
 
 
 class Answer(NamedTuple):
-    """An execution's result, and the same as JSON."""
+    """An execution's result, the same as JSON, and the ending the service saw itself (a
+    timeout, the kernel's death, lost output: not the code's own error), if it saw one."""
 
     result: ExecutionResult
     json: str
+    service_error: ExecutionError | None = None
 
 
 class Session:
@@ -90,6 +98,9 @@ class Session:
         self._executing = False  # an execution holds the lock (a restart may hold it too)
         self._interrupt_asked = False  # by interrupt(), for that execution
         self._closed = False
+        # Set once the session is closed or left for the next service process: whoever
+        # holds a connection to it (a Jupyter client's WebSocket) lets go.
+        self.gone = asyncio.Event()
 
     # ------------------------------------------------------------ views
 
@@ -140,9 +151,17 @@ class Session:
         return (await self.execute_answer(code, timeout, on_output)).result
 
     async def execute_answer(
-        self, code: str, timeout: float | None, on_output: OutputListener | None = None
+        self,
+        code: str,
+        timeout: float | None,
+        on_output: OutputListener | None = None,
+        *,
+        options: ExecuteOptions | None = None,
+        relay: Relay | None = None,
     ) -> Answer:
-        """`execute`, with the result as JSON too (made once: as the state store keeps it)."""
+        """`execute`, with the result as JSON too (made once: as the state store keeps it).
+        `options`: the execute_request's fields a Jupyter client chose; `relay` is told of
+        each message the kernel sends for it (see `Kernel.execute`)."""
         async with self._lock:
             self._touch()
             began, started = self.last_activity, time.perf_counter()
@@ -152,7 +171,9 @@ class Session:
             self._executing, self._interrupt_asked = True, False
             try:
                 seq = await self._journal.begin(code)  # StateFull: nothing ran
-                result = await self._run_recorded(seq, code, timeout, started, on_output)
+                result, seen = await self._run_recorded(
+                    seq, code, timeout, started, on_output=on_output, options=options, relay=relay
+                )
             finally:
                 self._executing = False
                 self._touch()
@@ -160,7 +181,7 @@ class Session:
             # Past the try: a wait cancelled here leaves the write to happen, and alone.
             stored = await self._journal.end(seq, result, began, self.execution_count, size.total)
         self._report(result, size)
-        return Answer(result, stored if stored is not None else result.model_dump_json())
+        return Answer(result, stored if stored is not None else result.model_dump_json(), seen)
 
     async def _run_recorded(
         self,
@@ -168,14 +189,19 @@ class Session:
         code: str,
         timeout: float | None,
         started: float,
+        *,
         on_output: OutputListener | None,
-    ) -> ExecutionResult:
+        options: ExecuteOptions | None,
+        relay: Relay | None,
+    ) -> tuple[ExecutionResult, ExecutionError | None]:
         """Run execution `seq`, its full output spilled; an ending other than a result
         (cancelled: client gone, service stopping; or failed) is recorded as cut short."""
         full_bytes = self._settings.full_output_mb * MIB
         spill = FullOutputSpill(self.work_dir, self.session_id, seq, full_bytes)
         try:
-            return await self._run(code, timeout, started, spill, on_output)
+            return await self._run(
+                code, timeout, started, spill, on_output=on_output, options=options, relay=relay
+            )
         except BaseException as exc:
             self._journal.cut_short(seq, cancelled=isinstance(exc, asyncio.CancelledError))
             raise
@@ -188,9 +214,13 @@ class Session:
         timeout: float | None,
         started: float,
         spill: FullOutputSpill,
+        *,
         on_output: OutputListener | None,
-    ) -> ExecutionResult:
-        """Run the code on a ready kernel and make its result."""
+        options: ExecuteOptions | None,
+        relay: Relay | None,
+    ) -> tuple[ExecutionResult, ExecutionError | None]:
+        """Run the code on a ready kernel and make its result (with the ending the service
+        saw itself, if it saw one)."""
         effective = self._settings.effective_timeout(timeout)
         kernel, lost_before = await self._slot.ready()
         before = await self.files.before()
@@ -201,6 +231,8 @@ class Session:
             limits=self._limits,
             listener=spill.listener(on_output),
             interrupted=self._interrupt_asked,  # asked for while we got ready
+            options=options,
+            relay=relay,
         )
         files = await self.files.after(before)
         if outcome.kernel_lost:
@@ -226,7 +258,24 @@ class Session:
         result = draft.finish(await spill.keep() if draft.needs_full_output else None)
         # said once, in this result: cleared only now that no await can cut it off
         self.notice, self._notice_lost_state = None, False
-        return result
+        return result, draft.service_error
+
+    async def relay(
+        self,
+        channel: Literal["shell", "control"],
+        msg_type: str,
+        content: dict[str, Any],
+        to: Relay,
+        *,
+        metadata: dict[str, Any] | None = None,
+        buffers: Sequence[bytes] = (),
+    ) -> None:
+        """Send a client's request other than an execution (kernel_info, complete, a comm
+        message...) to the kernel as soon as it is ready, not waiting for the running
+        execution (the kernel answers in its own order); `to` hears the kernel's answer."""
+        kernel, _ = await self._slot.ready()
+        self._touch()
+        kernel.relay(channel, msg_type, content, to, metadata=metadata, buffers=buffers)
 
     def interrupt(self) -> bool:
         """Interrupt the running execution, if any. True when one was running (or about to:
@@ -249,6 +298,7 @@ class Session:
     async def close(self) -> None:
         """End the kernel (and any kernel starting), then remove the work directory."""
         self._closed = True
+        self.gone.set()
         await self._slot.close()
         await self._store.remove_session(self.key)
         await self._workspaces.remove(self.work_dir)
@@ -257,6 +307,7 @@ class Session:
         """Leave the kernel running and the session recorded, for the next service process
         (any kernel starting is called off: the session gets one at its next execution)."""
         self._closed = True
+        self.gone.set()
         await self._slot.detach()
 
     # ------------------------------------------------------------ helpers

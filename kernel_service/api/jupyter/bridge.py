@@ -1,0 +1,624 @@
+"""A Jupyter client's WebSocket on a session's kernel: its requests in, the kernel's
+messages out, as a Jupyter kernel's own channels would carry them.
+
+- An `execute_request` runs through the session's execution path (`Session.execute_answer`):
+  one at a time with every other execution, the service's timeout, output limits, history
+  and metrics. The kernel's messages for it are relayed as they arrive, their parent header
+  the client's request; its `execute_reply` and closing `idle` are held back until the
+  session has made the result, so that what the service saw itself (a timeout, the
+  kernel's death, lost output) comes first, as an iopub `error`.
+- `interrupt_request` interrupts the session's running execution; `shutdown_request`
+  restarts the session's kernel, or deletes the session.
+- Every other request on shell or control (kernel_info, complete, inspect, is_complete,
+  history, comm messages...) is relayed to the kernel as it is (`Session.relay`).
+- Input is never asked for: code runs with `allow_stdin` false (`input()` says why).
+
+iopub messages go to every client of the session, as Jupyter does; replies go to the client
+that asked. What waits for a slow client is bounded (`Outbox`), and so is what one request
+may relay (`Budget`): past either, outputs are dropped, and a note says so.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from kernel_service.api.errors import detail_of
+from kernel_service.api.jupyter.frames import (
+    BadFrame,
+    ClientMessage,
+    Frame,
+    Framing,
+    dumps,
+    write,
+)
+from kernel_service.config import Settings
+from kernel_service.errors import CodeTooLarge, ServiceError
+from kernel_service.execution.collector import is_rich_mime
+from kernel_service.kernel import ExecuteOptions
+from kernel_service.sessions.registry import SessionRegistry
+from kernel_service.sessions.session import Answer, Session
+from kernel_service_client.models import ExecutionError, truncation_note
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = "5.3"
+# Bytes of messages held for a client that reads slowly; past it outputs are dropped.
+OUTBOX_LIMIT = 8 * 1024 * 1024
+# Executions one connection may have waiting; more are answered with an error.
+MAX_QUEUED = 64
+# Requests of one connection relayed to the kernel and not yet answered, at most.
+MAX_RELAYED = 256
+# The kernel's messages that are outputs (counted against a request's budget).
+_OUTPUTS = {"stream", "display_data", "execute_result", "error", "update_display_data"}
+
+Send = Callable[[Frame], Awaitable[None]]
+
+
+def _header(msg_type: str, session: str) -> dict[str, Any]:
+    """A header for a message the service writes itself."""
+    return {
+        "msg_id": uuid.uuid4().hex,
+        "msg_type": msg_type,
+        "username": "kernel-service",
+        "session": session,
+        "date": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "version": PROTOCOL_VERSION,
+    }
+
+
+def _size(msg_type: str, content: dict[str, Any]) -> tuple[int, int]:
+    """(text, rich) characters an output message carries."""
+    if msg_type == "stream":
+        text = content.get("text")
+        return (len(text) if isinstance(text, str) else 0), 0
+    if msg_type == "error":
+        traceback = content.get("traceback")
+        lines = traceback if isinstance(traceback, list) else []
+        return sum(len(str(line)) for line in lines) + len(str(content.get("evalue", ""))), 0
+    data = content.get("data")
+    text = rich = 0
+    for mime, value in data.items() if isinstance(data, dict) else ():
+        size = len(value) if isinstance(value, str) else len(dumps(value))
+        if is_rich_mime(str(mime)):
+            rich += size
+        else:
+            text += size
+    return text, rich
+
+
+class Budget:
+    """What one request may relay: the service's output limits, whole (the result keeps a
+    head and a tail; a client sees the head, then a note)."""
+
+    def __init__(self, text: int, rich: int) -> None:
+        self._text, self._rich = text, rich
+        self.dropped_chars = self.dropped_outputs = 0
+
+    def admits(self, msg_type: str, content: dict[str, Any]) -> bool:
+        text, rich = _size(msg_type, content)
+        if text <= self._text and rich <= self._rich:
+            self._text -= text
+            self._rich -= rich
+            return True
+        self._text = self._rich = 0  # once cut, cut: no later output out of order
+        self.dropped_chars += text + rich
+        self.dropped_outputs += msg_type != "stream"
+        return False
+
+
+class Outbox:
+    """The frames waiting for one client, and the task that sends them. Outputs past
+    OUTBOX_LIMIT bytes are dropped (the next output that fits says how many); the service's
+    own messages (replies, the closing idle, notes) are always kept."""
+
+    def __init__(self, send: Send, limit: int = OUTBOX_LIMIT) -> None:
+        self._send = send
+        self._limit = limit
+        self._queue: deque[Frame] = deque()
+        self._pending = 0
+        self._ready = asyncio.Event()
+        self.dropped = 0
+        self.closed = False
+
+    def put(self, frame: Frame, droppable: bool) -> bool:
+        if self.closed:
+            return False
+        if droppable and self._pending + len(frame) > self._limit:
+            self.dropped += 1
+            return False
+        self._queue.append(frame)
+        self._pending += len(frame)
+        self._ready.set()
+        return True
+
+    async def run(self) -> None:
+        """Send until closed (the client's socket failing ends it too)."""
+        while True:
+            while self._queue:
+                frame = self._queue.popleft()
+                self._pending -= len(frame)
+                await self._send(frame)
+            if self.closed:
+                return
+            self._ready.clear()
+            await self._ready.wait()
+
+    def close(self) -> None:
+        """Send what waits, then stop."""
+        self.closed = True
+        self._ready.set()
+
+
+class Connections:
+    """Every open WebSocket, by session (for iopub to reach all of a session's clients, and
+    the kernel model's `connections`), and the work that outlives its socket (executions a
+    client sent before it went, shutdowns): ended when the service stops."""
+
+    def __init__(self) -> None:
+        self._by_session: dict[str, set[KernelConnection]] = {}
+        self._work: set[asyncio.Task[Any]] = set()
+
+    def count(self, session: Session) -> int:
+        return len(self._by_session.get(session.key, ()))
+
+    def of(self, session: Session) -> set["KernelConnection"]:
+        return self._by_session.get(session.key, set())
+
+    @contextlib.contextmanager
+    def attached(self, connection: "KernelConnection") -> Iterator[None]:
+        """`connection` is open for as long as this lasts."""
+        key = connection.session.key
+        self._by_session.setdefault(key, set()).add(connection)
+        try:
+            yield
+        finally:
+            connections = self._by_session.get(key)
+            if connections is not None:
+                connections.discard(connection)
+                if not connections:
+                    del self._by_session[key]
+
+    def keep(self, work: Awaitable[None], name: str) -> "asyncio.Task[None]":
+        """Run `work` to its end whatever becomes of the socket (until the service stops)."""
+        task = asyncio.ensure_future(work)
+        task.set_name(name)
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+        return task
+
+    async def stop(self) -> None:
+        """The service is stopping: end the work still under way."""
+        work = list(self._work)
+        for task in work:
+            task.cancel()
+        if work:
+            await asyncio.wait(work)
+
+
+class KernelConnection:
+    """One client's WebSocket on one session."""
+
+    def __init__(
+        self,
+        session: Session,
+        registry: SessionRegistry,
+        settings: Settings,
+        connections: Connections,
+        *,
+        framing: Framing,
+        send: Send,
+    ) -> None:
+        self.session = session
+        self._registry = registry
+        self._settings = settings
+        self._connections = connections
+        self.framing = framing
+        self.outbox = Outbox(send)
+        self._bridge_session = uuid.uuid4().hex  # the `session` of headers written here
+        self._executions: deque[ClientMessage] = deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # relays waiting for a kernel
+        self._relayed = 0  # relayed requests not yet answered
+        self._dropped_note_parent: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------ the client's frames
+
+    def receive(self, message: ClientMessage) -> None:
+        """Act on one message from the client (never blocks: work runs in tasks)."""
+        msg_type = message.msg_type
+        if message.channel in ("stdin", "iopub"):
+            return  # no input is ever asked for; iopub is the kernel's to send
+        if msg_type == "execute_request":
+            self._queue_execution(message)
+        elif msg_type == "interrupt_request":
+            interrupted = self.session.interrupt()
+            log.info("session %s: interrupt asked (running: %s)", self.session.session_id,
+                     interrupted)  # fmt: skip
+            self._reply(message, {"status": "ok"})
+        elif msg_type == "shutdown_request":
+            self._connections.keep(self._shut_down(message), "jupyter-shutdown")
+        elif message.channel in ("shell", "control"):
+            self._relay(message)
+
+    def refuse(self, error: BadFrame) -> bool:
+        """Answer a frame that is not a valid request with an error reply, when its header
+        could be read; False when it could not (the caller then closes the socket)."""
+        header = error.header
+        if header is None:
+            return False
+        message = ClientMessage(channel="shell", header=header)
+        self._fail(message, "InvalidMessage", f"{error}. Send Jupyter messages (protocol 5).")
+        return True
+
+    # ------------------------------------------------------------ executions
+
+    def _queue_execution(self, message: ClientMessage) -> None:
+        code = message.content.get("code")
+        if not isinstance(code, str):
+            self._fail(message, "InvalidMessage", "execute_request needs `code`, a string.")
+            return
+        size = len(code.encode(errors="surrogatepass"))
+        if size > self._settings.max_code_bytes:
+            self._fail(
+                message, "CodeTooLarge", str(CodeTooLarge(size, self._settings.max_code_bytes))
+            )
+            return
+        if len(self._executions) >= MAX_QUEUED:
+            self._fail(
+                message,
+                "TooManyRequests",
+                f"{MAX_QUEUED} executions already wait on this connection; wait for their "
+                "replies before sending more.",
+            )
+            return
+        self._executions.append(message)
+        if self._worker is None:
+            self._worker = self._connections.keep(
+                self._run_executions(), f"jupyter-executions-{self.session.session_id}"
+            )
+
+    async def _run_executions(self) -> None:
+        """The connection's executions, in the order they came (the kernel outlives the
+        socket: those sent before it closed still run, as in Jupyter)."""
+        try:
+            while self._executions:
+                message = self._executions.popleft()
+                ok = await self._execute(message)
+                if not ok and message.content.get("stop_on_error", True) is not False:
+                    # as a kernel does: what was queued behind a failed execution is aborted
+                    while self._executions:
+                        self._abort(self._executions.popleft())
+        finally:
+            self._worker = None
+
+    async def _execute(self, message: ClientMessage) -> bool:
+        """Run one execute_request through the session; whether it ended without error."""
+        content, metadata = message.content, message.metadata
+        expressions = content.get("user_expressions")
+        options = ExecuteOptions(
+            silent=content.get("silent") is True,
+            store_history=content.get("store_history", True) is not False,
+            user_expressions=expressions if isinstance(expressions, dict) else {},
+            stop_on_error=content.get("stop_on_error", True) is not False,
+        )
+        asked = metadata.get("timeout")
+        timeout = float(asked) if isinstance(asked, int | float) and asked > 0 else None
+        relay = ExecutionRelay(self, message)
+        try:
+            answer = await self.session.execute_answer(
+                content["code"], timeout, options=options, relay=relay
+            )
+        except ServiceError as exc:
+            relay.stop()
+            self._fail(message, type(exc).__name__, detail_of(exc))
+            return False
+        relay.finish(answer)
+        return answer.result.status == "ok"
+
+    def _abort(self, message: ClientMessage) -> None:
+        self._reply(message, {"status": "aborted", "execution_count": None})
+        self._status(message, "idle")
+
+    # ------------------------------------------------------------ other requests
+
+    def _relay(self, message: ClientMessage) -> None:
+        if self._relayed >= MAX_RELAYED:
+            self._fail(
+                message,
+                "TooManyRequests",
+                f"{MAX_RELAYED} requests on this connection await the kernel's answer; wait "
+                "for their replies before sending more.",
+            )
+            return
+        self._relayed += 1
+        relay = RequestRelay(self, message)
+        channel: Literal["shell", "control"] = (
+            "control" if message.channel == "control" else "shell"
+        )
+
+        async def send() -> None:
+            try:
+                await self.session.relay(
+                    channel,
+                    message.msg_type,
+                    message.content,
+                    relay,
+                    metadata=message.metadata,
+                    buffers=message.buffers,
+                )
+            except ServiceError as exc:
+                relay.stop()
+                self._fail(message, type(exc).__name__, detail_of(exc))
+
+        self._spawn(send())
+
+    def relay_ended(self) -> None:
+        self._relayed -= 1
+
+    async def _shut_down(self, message: ClientMessage) -> None:
+        """shutdown_request: restart the kernel (its state is lost), or delete the session."""
+        restart = message.content.get("restart") is True
+        try:
+            if restart:
+                await self.session.restart()
+            else:  # said first: the session's end closes this socket
+                self._reply(message, {"status": "ok", "restart": False})
+                await self._registry.close(self.session.session_id, self.session.owner)
+                return
+        except ServiceError as exc:
+            self._fail(message, type(exc).__name__, detail_of(exc))
+            return
+        self._reply(message, {"status": "ok", "restart": True})
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        """Run `work` while the socket is open (cancelled when it closes)."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ to the client
+
+    def deliver(
+        self, msg: dict[str, Any], parent: dict[str, Any], channel: str, droppable: bool
+    ) -> bool:
+        """Queue one message for this client, its parent header `parent`."""
+        metadata = msg.get("metadata")
+        content = msg.get("content")
+        header = msg.get("header")
+        out = {
+            "header": header,
+            "msg_id": header.get("msg_id") if isinstance(header, dict) else None,
+            "msg_type": header.get("msg_type") if isinstance(header, dict) else None,
+            "parent_header": parent,
+            "metadata": metadata if isinstance(metadata, dict) else {},
+            "content": content if isinstance(content, dict) else {},
+            "buffers": msg.get("buffers", []),
+            "channel": channel,
+        }
+        if droppable and self.outbox.dropped and self._dropped_note_parent is not None:
+            self._note_dropped()
+        sent = self.outbox.put(write(out, self.framing), droppable)
+        if not sent and droppable:
+            self._dropped_note_parent = parent
+        return sent
+
+    def _note_dropped(self) -> None:
+        """Say, before the next output that gets through, how many did not."""
+        count, self.outbox.dropped = self.outbox.dropped, 0
+        parent, self._dropped_note_parent = self._dropped_note_parent, None
+        text = (
+            f"[{count} message(s) of output not sent: this client read too slowly. The "
+            "session's history has the whole result.]\n"
+        )
+        self.publish(parent or {}, "stream", {"name": "stderr", "text": text}, droppable=False)
+
+    def publish(
+        self,
+        parent: dict[str, Any],
+        msg_type: str,
+        content: dict[str, Any],
+        channel: str = "iopub",
+        droppable: bool = False,
+    ) -> None:
+        """A message of the service's own, to this client alone."""
+        self.deliver({"header": self.header(msg_type), "content": content}, parent, channel,
+                     droppable)  # fmt: skip
+
+    def header(self, msg_type: str) -> dict[str, Any]:
+        """A header for a message the service writes itself."""
+        return _header(msg_type, self._bridge_session)
+
+    def _reply(self, message: ClientMessage, content: dict[str, Any]) -> None:
+        reply_type = message.msg_type.removesuffix("_request") + "_reply"
+        channel = "control" if message.channel == "control" else "shell"
+        self.publish(message.header, reply_type, content, channel)
+
+    def _status(self, message: ClientMessage, state: str) -> None:
+        self.publish(message.header, "status", {"execution_state": state})
+
+    def _fail(self, message: ClientMessage, ename: str, evalue: str) -> None:
+        """Answer a request the service could not carry out: an error reply, and for an
+        execution an iopub error and idle (what clients wait for)."""
+        error = {"ename": ename, "evalue": evalue, "traceback": [f"{ename}: {evalue}"]}
+        if message.msg_type == "execute_request":
+            self.publish(message.header, "error", error)
+        self._reply(message, {"status": "error", **error})
+        if message.msg_type == "execute_request":
+            self._status(message, "idle")
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def close(self) -> None:
+        """The client has gone: stop sending. Its executions still run (the kernel outlives
+        the socket); requests relayed for it are answered to nobody."""
+        self.outbox.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+
+def broadcast(
+    connections: Connections,
+    origin: KernelConnection,
+    msg: dict[str, Any],
+    parent: dict[str, Any],
+    droppable: bool,
+) -> None:
+    """An iopub message to every client of the origin's session (the origin first)."""
+    origin.deliver(msg, parent, "iopub", droppable)
+    for connection in connections.of(origin.session):
+        if connection is not origin:
+            connection.deliver(msg, parent, "iopub", droppable)
+
+
+class RequestRelay:
+    """The kernel's answer to one relayed request: its reply to the client that asked, its
+    iopub messages to every client, its outputs within the budget; done at reply and idle
+    (or idle alone for comm messages, which have no reply)."""
+
+    def __init__(self, connection: KernelConnection, request: ClientMessage) -> None:
+        self._connection = connection
+        self._request = request
+        settings = connection._settings
+        self._budget = Budget(settings.output_limit, settings.rich_output_limit)
+        self._replied = request.msg_type.startswith("comm_")
+        self._idle = False
+        self._ended = False
+
+    def __call__(self, msg: dict[str, Any]) -> bool:
+        if self._ended:
+            return False
+        msg_type = msg.get("msg_type")
+        content = msg.get("content")
+        content = content if isinstance(content, dict) else {}
+        parent = self._request.header
+        if isinstance(msg_type, str) and msg_type.endswith("_reply"):
+            self._replied = True
+            channel = "control" if self._request.channel == "control" else "shell"
+            self._connection.deliver(msg, parent, channel, droppable=False)
+        elif msg_type in _OUTPUTS and not self._budget.admits(msg_type, content):
+            pass
+        else:
+            if msg_type == "status" and content.get("execution_state") == "idle":
+                self._idle = True
+            broadcast(self._connection._connections, self._connection, msg, parent, True)
+        if self._replied and self._idle:
+            self.stop()
+            return False
+        return True
+
+    def stop(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._connection.relay_ended()
+
+
+class ExecutionRelay:
+    """The kernel's messages for one client's execute_request. Relayed as they come but
+    the reply and the closing idle, held until `finish` says how the execution ended; the
+    thread output that may come after is relayed too, within the same budget."""
+
+    def __init__(self, connection: KernelConnection, request: ClientMessage) -> None:
+        self._connection = connection
+        self._request = request
+        settings = connection._settings
+        self._budget = Budget(settings.output_limit, settings.rich_output_limit)
+        self._reply: dict[str, Any] | None = None
+        self._idle: dict[str, Any] | None = None
+        self._finished = False
+        self._stopped = False
+        self._started = time.monotonic()
+
+    def __call__(self, msg: dict[str, Any]) -> bool:
+        if self._stopped:
+            return False
+        msg_type = msg.get("msg_type")
+        content = msg.get("content")
+        content = content if isinstance(content, dict) else {}
+        if not self._finished:
+            if msg_type == "execute_reply":
+                self._reply = msg
+                return True
+            if msg_type == "status" and content.get("execution_state") == "idle":
+                self._idle = msg
+                return True
+        if msg_type in _OUTPUTS and not self._budget.admits(msg_type, content):
+            return True
+        connection = self._connection
+        broadcast(connection._connections, connection, msg, self._request.header, True)
+        return True
+
+    def finish(self, answer: Answer) -> None:
+        """Say how the execution ended: what the service saw (an iopub error), what was cut
+        (a note), then the reply and idle (the kernel's, or written here when the kernel
+        sent none: it was killed or died)."""
+        self._finished = True
+        connection, parent = self._connection, self._request.header
+        result, seen = answer.result, answer.service_error
+        if seen is not None:
+            traceback = [f"{seen.ename}: {seen.evalue}"]
+            error = {"ename": seen.ename, "evalue": seen.evalue, "traceback": traceback}
+            connection.publish(parent, "error", error)
+        if self._budget.dropped_chars or self._budget.dropped_outputs:
+            note = truncation_note(self._budget.dropped_chars, self._budget.dropped_outputs)
+            where = (
+                f" The whole output: {result.full_output.url}"
+                if result.full_output is not None
+                else ""
+            )
+            text = f"\n[{note}: over the service's output limit.{where}]\n"
+            connection.publish(parent, "stream", {"name": "stderr", "text": text})
+        content = _reply_content(self._reply, answer, seen)
+        service = {
+            "status": result.status,
+            "duration_ms": result.duration_ms,
+            "state_lost": result.state_lost,
+            "files": [file.model_dump(mode="json") for file in result.files],
+        }
+        reply = {
+            "header": (self._reply or {}).get("header") or connection.header("execute_reply"),
+            "metadata": {**_dict((self._reply or {}).get("metadata")), "kernel_service": service},
+            "content": content,
+        }
+        connection.deliver(reply, parent, "shell", droppable=False)
+        idle = self._idle or {
+            "header": connection.header("status"),
+            "content": {"execution_state": "idle"},
+        }
+        broadcast(connection._connections, connection, idle, parent, droppable=False)
+
+    def stop(self) -> None:
+        """Relay nothing more (the execution never ran)."""
+        self._stopped = True
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _reply_content(
+    reply: dict[str, Any] | None, answer: Answer, seen: ExecutionError | None
+) -> dict[str, Any]:
+    """The execute_reply's content: the kernel's, with the service's ending in place of its
+    error when the service saw one."""
+    content = dict(_dict((reply or {}).get("content")))
+    content.setdefault("status", "ok")
+    content.setdefault("execution_count", answer.result.execution_count)
+    content.setdefault("user_expressions", {})
+    content.setdefault("payload", [])
+    if seen is not None:
+        content.update(
+            status="error",
+            ename=seen.ename,
+            evalue=seen.evalue,
+            traceback=[f"{seen.ename}: {seen.evalue}"],
+        )
+    return content

@@ -1,0 +1,139 @@
+"""`WS /api/kernels/{id}/channels`: a Jupyter client's WebSocket on a session's kernel.
+
+The API key is checked before the socket is accepted (`api/auth.py`: a header, or
+`?token=` for browsers); an unknown or foreign kernel is refused with 404 before it is
+accepted too. The socket then carries Jupyter messages both ways (`frames.py`), through
+a `KernelConnection` (`bridge.py`), until the client goes or the session ends.
+"""
+
+import asyncio
+import contextlib
+import logging
+
+from fastapi import APIRouter, WebSocket
+from starlette.responses import Response
+
+from kernel_service.api.errors import (
+    RefusedOrigin,
+    detail_of,
+    jupyter_error_response,
+    status_of,
+)
+from kernel_service.api.jupyter.bridge import Connections, KernelConnection
+from kernel_service.api.jupyter.frames import V1_PROTOCOL, BadFrame, Frame, Framing, read
+from kernel_service.api.jupyter.rest import foreign_origin
+from kernel_service.config import Settings
+from kernel_service.errors import ServiceError, SessionNotFound
+from kernel_service.sessions.registry import SessionRegistry
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+# WebSockets open on one kernel at most (Jupyter Server's gateway client can leave one
+# behind when its browser leaves mid-handshake; a few dozen is more than any use needs).
+MAX_PER_KERNEL = 32
+# Close codes: the kernel ended (deleted, culled, the service stopping) and a frame that is
+# not a Jupyter message (RFC 6455's "policy violation" and "going away").
+_KERNEL_ENDED = 1001
+_NOT_A_MESSAGE = 1008
+
+
+class TooManyConnections(ServiceError):
+    code = "too_many_connections"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"This kernel already has {limit} WebSockets open; close one before opening more."
+        )
+
+
+async def _deny(websocket: WebSocket, error: ServiceError, status: int | None = None) -> None:
+    """Refuse the handshake with an HTTP error (the server permitting), else close."""
+    status = status or status_of(error)
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        response: Response = jupyter_error_response(status, detail_of(error, jupyter=True),
+                                                    error.code)  # fmt: skip
+        await websocket.send_denial_response(response)
+    else:
+        await websocket.close(code=_NOT_A_MESSAGE, reason=str(error)[:120])
+
+
+@router.websocket("/api/kernels/{kernel_id}/channels")
+async def kernel_channels(websocket: WebSocket, kernel_id: str) -> None:
+    app_state = websocket.app.state
+    registry: SessionRegistry = app_state.registry
+    settings: Settings = app_state.settings
+    connections: Connections = app_state.jupyter_connections
+    owner: str | None = websocket.scope.get("state", {}).get("owner")
+    if not settings.api_keys() and foreign_origin(websocket.headers):
+        await _deny(websocket, RefusedOrigin(websocket.headers.get("origin", "")))
+        return
+    try:
+        session = registry.get(kernel_id, owner)
+    except SessionNotFound as exc:
+        await _deny(websocket, exc)
+        return
+    if connections.count(session) >= MAX_PER_KERNEL:
+        await _deny(websocket, TooManyConnections(MAX_PER_KERNEL), 429)
+        return
+    framing: Framing = "v1" if V1_PROTOCOL in websocket.scope.get("subprotocols", ()) else "legacy"
+    await websocket.accept(subprotocol=V1_PROTOCOL if framing == "v1" else None)
+
+    async def send(frame: Frame) -> None:
+        if isinstance(frame, str):
+            await websocket.send_text(frame)
+        else:
+            await websocket.send_bytes(frame)
+
+    connection = KernelConnection(
+        session, registry, settings, connections, framing=framing, send=send
+    )
+    writer = asyncio.create_task(connection.outbox.run(), name="jupyter-writer")
+    ender = asyncio.create_task(_close_when_gone(websocket, connection, writer))
+    with connections.attached(connection):
+        try:
+            await _read(websocket, connection)
+        finally:
+            ender.cancel()
+            await connection.close()
+            writer.cancel()
+            await asyncio.wait([writer, ender])
+            if not writer.cancelled() and writer.exception() is not None:
+                log.debug("a Jupyter client's socket failed: %s", writer.exception())
+
+
+async def _read(websocket: WebSocket, connection: KernelConnection) -> None:
+    """Hand the client's messages to the connection until it goes (or is closed)."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        data: Frame | None = message.get("text")
+        if data is None:
+            data = message.get("bytes")
+        if data is None:
+            continue
+        try:
+            request = read(data, connection.framing)
+        except BadFrame as error:
+            if not connection.refuse(error):
+                with contextlib.suppress(RuntimeError, OSError):  # closed meanwhile
+                    await websocket.close(_NOT_A_MESSAGE, f"Not a Jupyter message: {error}"[:120])
+                return
+            continue
+        connection.receive(request)
+
+
+async def _close_when_gone(
+    websocket: WebSocket, connection: KernelConnection, writer: "asyncio.Task[None]"
+) -> None:
+    """When the session ends (deleted, culled, the service stopping), send what waits and
+    close the socket: its kernel is gone."""
+    await connection.session.gone.wait()
+    connection.outbox.close()
+    await asyncio.wait([writer])
+    with contextlib.suppress(RuntimeError, OSError):  # the client closed it first
+        await websocket.close(
+            _KERNEL_ENDED, "The kernel was deleted or culled, or the service stopped."
+        )

@@ -1,0 +1,386 @@
+"""Jupyter's REST API for kernels, as Jupyter Server and Kernel Gateway answer it: kernel
+specs, kernels and the sessions API, over the session registry. A kernel *is* a session:
+its id is the session's, and what is made here is a session everywhere else (GET
+/sessions, the inspector, the history), and the other way round.
+
+Shapes and statuses are Jupyter's (POST /api/kernels → 201 with the kernel model;
+errors `{"reason", "message"}` besides the service's `{"detail", "code"}`), checked
+against what Jupyter Server's gateway client, JupyterLab, AutoGen, AG2, Open WebUI and
+smolagents read (docs/jupyter.md).
+"""
+
+import importlib.util
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request, Response, status
+from fastapi import Path as PathParam
+
+from kernel_service import __version__
+from kernel_service.api.errors import InvalidJupyterRequest, NoSuchKernelSpec, RefusedOrigin
+from kernel_service.api.jupyter.bridge import Connections
+from kernel_service.api.routes import Config, Owner, Registry
+from kernel_service.config import Settings
+from kernel_service.errors import SessionNotFound
+from kernel_service.sessions.session import Session
+
+router = APIRouter(tags=["jupyter"])
+
+KERNEL_NAME = "python3"
+_LOGOS = {
+    "logo-32x32": "logo-32x32.png",
+    "logo-64x64": "logo-64x64.png",
+    "logo-svg": "logo-svg.svg",
+}
+_LOGO_TYPES = {".png": "image/png", ".svg": "image/svg+xml"}
+_STATES = {"starting": "starting", "idle": "idle", "busy": "busy", "dead": "dead"}
+
+
+def _logo_dir() -> Path | None:
+    """ipykernel's logos (found, not imported: importing ipykernel costs the service)."""
+    spec = importlib.util.find_spec("ipykernel")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "resources"
+
+
+LOGO_DIR = _logo_dir()
+
+
+def kernelspec(settings: Settings) -> dict[str, Any]:
+    """The one kernel spec: Python in the service's sandbox."""
+    return {
+        "name": KERNEL_NAME,
+        "spec": {
+            "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "env": {},
+            "display_name": "Python 3 (kernel-service)",
+            "language": "python",
+            "interrupt_mode": "message",
+            "metadata": {
+                "kernel_service": {
+                    "version": __version__,
+                    "default_timeout": settings.default_timeout,
+                    "max_timeout": settings.max_timeout,
+                }
+            },
+        },
+        "resources": {name: f"/kernelspecs/{KERNEL_NAME}/{file}" for name, file in _LOGOS.items()},
+    }
+
+
+def _timestamp(moment: datetime) -> str:
+    """Jupyter's form, which Jupyter Server's gateway client parses strictly: microseconds
+    and a Z, always."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def kernel_model(session: Session, connections: Connections) -> dict[str, Any]:
+    return {
+        "id": session.session_id,
+        "name": KERNEL_NAME,
+        "last_activity": _timestamp(session.last_activity),
+        "execution_state": _STATES[session.status],
+        "connections": connections.count(session),
+    }
+
+
+def _connections(request: Request) -> Connections:
+    connections: Connections = request.app.state.jupyter_connections
+    return connections
+
+
+async def same_origin(request: Request, settings: Config) -> None:
+    """Without API keys, refuse what a web page of another origin sends (its browser would
+    send it with no key to stop it): a page may not start kernels or reach one."""
+    if not settings.api_keys() and foreign_origin(request.headers):
+        raise RefusedOrigin(request.headers.get("origin", ""))
+
+
+def foreign_origin(headers: Any) -> bool:
+    """The request names an Origin whose host is not the one it was sent to."""
+    origin = headers.get("origin")
+    if not origin:
+        return False
+    host = headers.get("host", "")
+    _, _, origin_host = origin.partition("://")
+    return bool(origin_host.rstrip("/").lower() != host.lower())
+
+
+Guarded = Depends(same_origin)
+KernelId = Annotated[str, PathParam(description="The kernel's id: its session's id.")]
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"description": "`{reason, message, detail, code}`"} for code in (401, 403, 404)
+}
+
+
+def _json(value: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(value), status_code=status_code, media_type="application/json",
+        headers=headers,
+    )  # fmt: skip
+
+
+@router.get("/api", responses=_ERRORS)
+async def api_version() -> Response:
+    """The version, as Jupyter Server answers (here the service's)."""
+    return _json({"version": __version__})
+
+
+@router.get("/api/kernelspecs", responses=_ERRORS)
+async def list_kernelspecs(settings: Config) -> Response:
+    return _json({"default": KERNEL_NAME, "kernelspecs": {KERNEL_NAME: kernelspec(settings)}})
+
+
+@router.get("/api/kernelspecs/{name}", responses=_ERRORS)
+async def get_kernelspec(name: str, settings: Config) -> Response:
+    if name != KERNEL_NAME:
+        raise NoSuchKernelSpec(name, [KERNEL_NAME])
+    return _json(kernelspec(settings))
+
+
+@router.get("/kernelspecs/{name}/{resource}", responses=_ERRORS)
+async def get_kernelspec_resource(name: str, resource: str) -> Response:
+    """A kernel spec's logo."""
+    if name != KERNEL_NAME:
+        raise NoSuchKernelSpec(name, [KERNEL_NAME])
+    path = LOGO_DIR / resource if LOGO_DIR is not None else None
+    if resource not in _LOGOS.values() or path is None or not path.is_file():
+        raise NoSuchKernelSpec(
+            f"{name}/{resource}", [f"{KERNEL_NAME}/{f}" for f in _LOGOS.values()]
+        )
+    content = path.read_bytes()
+    return Response(content, media_type=_LOGO_TYPES[path.suffix])
+
+
+@router.get("/api/kernels", responses=_ERRORS)
+async def list_kernels(request: Request, registry: Registry, owner: Owner) -> Response:
+    """The caller's kernels: every session of its API key."""
+    connections = _connections(request)
+    return _json([kernel_model(s, connections) for s in registry.sessions(owner)])
+
+
+async def _kernel_name(request: Request) -> str:
+    """The kernel name a start asks for: a JSON body `{"name": ...}` (Jupyter Server sends
+    `env` too, which is not used: kernels get the sandbox's environment), or none at all
+    (Open WebUI and smolagents send no body)."""
+    body = await request.body()
+    if not body.strip():
+        return KERNEL_NAME
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidJupyterRequest(
+            'the body is not JSON: send {"name": "python3"}, or no body at all'
+        ) from None
+    if not isinstance(value, dict):
+        raise InvalidJupyterRequest('the body must be a JSON object such as {"name": "python3"}')
+    name = value.get("name")
+    if name is None or name == "":
+        return KERNEL_NAME
+    if name != KERNEL_NAME:
+        raise NoSuchKernelSpec(str(name), [KERNEL_NAME])
+    return KERNEL_NAME
+
+
+@router.post(
+    "/api/kernels",
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[Guarded],
+    responses={**_ERRORS, 400: {}, 429: {}, 503: {}},
+)
+async def start_kernel(request: Request, registry: Registry, owner: Owner) -> Response:
+    """Start a kernel: a new session (its id a UUID, as Jupyter clients expect)."""
+    await _kernel_name(request)
+    session = await registry.create(str(uuid.uuid4()), owner)
+    model = kernel_model(session, _connections(request))
+    return _json(model, 201, {"Location": f"/api/kernels/{session.session_id}"})
+
+
+@router.get("/api/kernels/{kernel_id}", responses=_ERRORS)
+async def get_kernel(
+    kernel_id: KernelId, request: Request, registry: Registry, owner: Owner
+) -> Response:
+    return _json(kernel_model(registry.get(kernel_id, owner), _connections(request)))
+
+
+@router.delete(
+    "/api/kernels/{kernel_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[Guarded],
+    responses=_ERRORS,
+)
+async def delete_kernel(kernel_id: KernelId, registry: Registry, owner: Owner) -> Response:
+    """End the kernel: its session is deleted, with its work directory."""
+    await registry.close(kernel_id, owner)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/api/kernels/{kernel_id}/interrupt",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[Guarded],
+    responses=_ERRORS,
+)
+async def interrupt_kernel(kernel_id: KernelId, registry: Registry, owner: Owner) -> Response:
+    registry.get(kernel_id, owner).interrupt()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/api/kernels/{kernel_id}/restart",
+    dependencies=[Guarded],
+    responses={**_ERRORS, 503: {}},
+)
+async def restart_kernel(
+    kernel_id: KernelId, request: Request, registry: Registry, owner: Owner
+) -> Response:
+    """A fresh kernel in the session (its variables are gone; its files stay)."""
+    session = registry.get(kernel_id, owner)
+    await session.restart()
+    return _json(kernel_model(session, _connections(request)))
+
+
+# ---------------------------------------------------------------- sessions
+
+
+@dataclass
+class _Notebook:
+    path: str
+    name: str
+    type: str
+
+
+def _notebooks(request: Request) -> dict[str, _Notebook]:
+    notebooks: dict[str, _Notebook] = request.app.state.jupyter_notebooks
+    return notebooks
+
+
+def _session_model(session: Session, notebook: _Notebook, request: Request) -> dict[str, Any]:
+    return {
+        "id": session.session_id,
+        "path": notebook.path,
+        "name": notebook.name,
+        "type": notebook.type,
+        "kernel": kernel_model(session, _connections(request)),
+        "notebook": {"path": notebook.path, "name": notebook.name},
+    }
+
+
+async def _session_body(request: Request) -> dict[str, Any]:
+    try:
+        value = orjson.loads(await request.body() or b"{}")
+    except orjson.JSONDecodeError:
+        raise InvalidJupyterRequest("the body is not JSON") from None
+    if not isinstance(value, dict):
+        raise InvalidJupyterRequest("the body must be a JSON object")
+    return value
+
+
+def _text(body: dict[str, Any], name: str, default: str) -> str:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, str) or len(value) > 4096:
+        raise InvalidJupyterRequest(f"`{name}` must be a string of at most 4096 characters")
+    return value
+
+
+def _listed(registry: Any, owner: str | None, notebooks: dict[str, _Notebook]) -> list[Session]:
+    """The caller's sessions that have a Jupyter session (a notebook path)."""
+    return [s for s in registry.sessions(owner) if s.key in notebooks]
+
+
+@router.get("/api/sessions", responses=_ERRORS)
+async def list_jupyter_sessions(request: Request, registry: Registry, owner: Owner) -> Response:
+    """Jupyter sessions: the caller's kernels started through POST /api/sessions, each
+    with the notebook path it was given. Kept in memory: a restart of the service keeps
+    the kernels (GET /api/kernels), not their paths."""
+    notebooks = _notebooks(request)
+    return _json(
+        [_session_model(s, notebooks[s.key], request) for s in _listed(registry, owner, notebooks)]
+    )
+
+
+@router.post(
+    "/api/sessions",
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[Guarded],
+    responses={**_ERRORS, 400: {}, 429: {}, 503: {}},
+)
+async def create_jupyter_session(request: Request, registry: Registry, owner: Owner) -> Response:
+    """A Jupyter session: a notebook path bound to a kernel, a new one unless `kernel.id`
+    names one of the caller's. Its id is its kernel's."""
+    body = await _session_body(request)
+    path = _text(body, "path", "")
+    notebook = _Notebook(path=path, name=_text(body, "name", ""), type=_text(body, "type", ""))
+    kernel = body.get("kernel") or {}
+    if not isinstance(kernel, dict):
+        raise InvalidJupyterRequest(
+            '`kernel` must be an object: {"name": "python3"} or {"id": ...}'
+        )
+    kernel_id = kernel.get("id")
+    if kernel_id is not None:
+        session = registry.get(str(kernel_id), owner)
+    else:
+        name = kernel.get("name")
+        if name not in (None, "", KERNEL_NAME):
+            raise NoSuchKernelSpec(str(name), [KERNEL_NAME])
+        session = await registry.create(str(uuid.uuid4()), owner)
+    notebooks = _notebooks(request)
+    for key in [k for k in notebooks if not registry.holds(k)]:  # their kernels ended
+        del notebooks[key]
+    notebooks[session.key] = notebook
+    model = _session_model(session, notebook, request)
+    return _json(model, 201, {"Location": f"/api/sessions/{session.session_id}"})
+
+
+def _jupyter_session(
+    request: Request, registry: Any, owner: str | None, session_id: str
+) -> Session:
+    session = registry.get(session_id, owner)
+    if session.key not in _notebooks(request):
+        raise SessionNotFound(session_id)
+    assert isinstance(session, Session)
+    return session
+
+
+@router.get("/api/sessions/{session_id}", responses=_ERRORS)
+async def get_jupyter_session(
+    session_id: str, request: Request, registry: Registry, owner: Owner
+) -> Response:
+    session = _jupyter_session(request, registry, owner, session_id)
+    return _json(_session_model(session, _notebooks(request)[session.key], request))
+
+
+@router.patch("/api/sessions/{session_id}", dependencies=[Guarded], responses={**_ERRORS, 400: {}})
+async def rename_jupyter_session(
+    session_id: str, request: Request, registry: Registry, owner: Owner
+) -> Response:
+    """A new path, name or type (a notebook renamed)."""
+    session = _jupyter_session(request, registry, owner, session_id)
+    body = await _session_body(request)
+    notebook = _notebooks(request)[session.key]
+    notebook.path = _text(body, "path", notebook.path)
+    notebook.name = _text(body, "name", notebook.name)
+    notebook.type = _text(body, "type", notebook.type)
+    return _json(_session_model(session, notebook, request))
+
+
+@router.delete(
+    "/api/sessions/{session_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[Guarded],
+    responses=_ERRORS,
+)
+async def delete_jupyter_session(
+    session_id: str, request: Request, registry: Registry, owner: Owner
+) -> Response:
+    """End the Jupyter session and its kernel."""
+    session = _jupyter_session(request, registry, owner, session_id)
+    await registry.close(session.session_id, owner)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
