@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from bench.floor import Floor
-from bench.service import RawHttp, Service
+from bench.service import JupyterSocket, RawHttp, Service
 from kernel_service_client import Client
 
 ONE_PLUS_ONE = "1+1"
@@ -29,6 +29,7 @@ class WarmTrips:
     httpx: list[float] = field(default_factory=list)
     raw: list[float] = field(default_factory=list)
     ours: list[float] = field(default_factory=list)  # kernel_service_client's sync Client
+    jupyter: list[float] = field(default_factory=list)  # the kernel's Jupyter WebSocket
     inside: list[float] = field(default_factory=list)  # the service's own duration_ms
     # ms of the event loop thread's CPU time per call, by the names above
     cpu: dict[str, list[float]] = field(default_factory=dict)
@@ -36,12 +37,14 @@ class WarmTrips:
 
 
 async def warm_round_trips(floor: Floor | None, service: Service, rounds: int) -> WarmTrips:
-    """`1+1` on the floor, over httpx, over a bare connection and with our own client,
-    interleaved call by call (the order rotating), so all of them see the same machine.
+    """`1+1` on the floor, over httpx, over a bare connection, with our own client and over
+    the session's Jupyter WebSocket, interleaved call by call (the order rotating), so all
+    of them see the same machine.
     Each call's CPU time on this thread is taken too: what the caller's side costs."""
     trips = WarmTrips()
     session = await service.new_session()
     raw = await RawHttp.connect(service.port)
+    socket = await JupyterSocket.connect(service.port, session)
     client = Client(service.base_url)
     ours = client.session()  # a session of its own, made by its first call
 
@@ -58,6 +61,13 @@ async def warm_round_trips(floor: Floor | None, service: Service, rounds: int) -
         result = await raw.execute(ONE_PLUS_ONE, session)
         elapsed = (time.perf_counter() - started) * 1000
         trips.errors += result["result"] != "2"
+        return elapsed
+
+    async def over_jupyter() -> float:
+        started = time.perf_counter()
+        value = await socket.execute(ONE_PLUS_ONE)
+        elapsed = (time.perf_counter() - started) * 1000
+        trips.errors += value.get("data", {}).get("text/plain") != "2"
         return elapsed
 
     async def with_ours() -> float:
@@ -77,6 +87,7 @@ async def warm_round_trips(floor: Floor | None, service: Service, rounds: int) -
         "httpx": (trips.httpx, over_httpx),
         "raw": (trips.raw, over_raw),
         "ours": (trips.ours, with_ours),
+        "jupyter": (trips.jupyter, over_jupyter),
     }
     if floor is not None:
         targets["floor"] = (trips.floor, on_floor)
@@ -97,6 +108,7 @@ async def warm_round_trips(floor: Floor | None, service: Service, rounds: int) -
                 trips.cpu.setdefault(name, []).append((time.thread_time() - cpu) * 1000)
     finally:
         await raw.close()
+        await socket.close()
         await service.delete(session)
         with client:  # closed whatever ending the session does
             ours.close()

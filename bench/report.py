@@ -104,6 +104,16 @@ def _ours(column: Column) -> Cell | None:
     return Cell(text, ratio <= OURS_LIMIT)
 
 
+def _jupyter(column: Column) -> Cell | None:
+    if not (column.warm and column.warm.jupyter):
+        return None
+    text = _p(column.warm.jupyter) + _ratio_to_floor(column.warm.jupyter, column)
+    if not column.floor:
+        return Cell(text)
+    ratio = Summary.of(column.warm.jupyter).p50 / Summary.of(column.floor).p50
+    return Cell(text, ratio <= JUPYTER_LIMIT)
+
+
 def _client_cpu(column: Column) -> Cell | None:
     """Median CPU of the benchmark's thread per call, for each way of calling."""
     if not (column.warm and column.warm.cpu):
@@ -112,7 +122,7 @@ def _client_cpu(column: Column) -> Cell | None:
     return Cell(
         " / ".join(
             ms(statistics.median(cpu[name])) if cpu.get(name) else "–"
-            for name in ("floor", "raw", "httpx", "ours")
+            for name in ("floor", "raw", "httpx", "ours", "jupyter")
         )
     )
 
@@ -401,6 +411,7 @@ def _peer_memory(kind: str) -> Callable[[PeerResult, Column | None], Cell | None
 TIMEOUT = 2.0  # seconds, the limit asked with the uninterruptible cell
 STALL_LIMIT = 0.020  # seconds: the longest a callback may hold the service's event loop
 OURS_LIMIT = 1.3  # our Python client's warm `1+1`, p50 ÷ the floor's
+JUPYTER_LIMIT = 1.25  # the Jupyter WebSocket's warm `1+1`, p50 ÷ the floor's (as bare HTTP's)
 SERVICE_CPU_LIMIT = 1.0  # ms of the service process's CPU per execution under throughput
 RAW_RATIO_LIMIT = 0.8  # the service's executions/s ÷ the raw limit's
 
@@ -415,8 +426,11 @@ ROWS: list[Row | str] = [
     Row("`1+1`, our Python client: `kernel_service_client.Client`, sync (p50 ÷ floor)", _ours,
         target=f"p50 ≤ {OURS_LIMIT:g}× floor",
         goal=f"warm `1+1` with our Python client ÷ floor: p50 ≤ {OURS_LIMIT:g}"),
-    Row("client CPU per call, ms (median, thread CPU time): floor / bare HTTP / httpx / ours",
-        _client_cpu),
+    Row("`1+1`, the kernel's Jupyter WebSocket: execute_request → idle (p50 ÷ floor)", _jupyter,
+        target=f"p50 ≤ {JUPYTER_LIMIT:g}× floor",
+        goal=f"warm `1+1` over the Jupyter WebSocket ÷ floor: p50 ≤ {JUPYTER_LIMIT:g}"),
+    Row("client CPU per call, ms (median, thread CPU time): floor / bare HTTP / httpx / ours / "
+        "WebSocket", _client_cpu),
     Row("`1+1`, inside the service: `duration_ms` (p50 ÷ floor)", _inside),
     Row("plot, p50: floor → HTTP (×)", _cell("plot"), _peer_cell("plot")),
     Row("pandas `df.describe()`, p50: floor → HTTP (×)", _cell("pandas"), _peer_cell("pandas")),
