@@ -273,7 +273,10 @@ class Session:
         """Send a client's request other than an execution (kernel_info, complete, a comm
         message...) to the kernel as soon as it is ready, not waiting for the running
         execution (the kernel answers in its own order); `to` hears the kernel's answer."""
-        kernel, _ = await self._slot.ready()
+        kernel, lost_before = await self._slot.ready()
+        if lost_before is not None:  # the next execution says so, as if it had found out
+            self.notice = "\n".join(filter(None, (lost_before, self.notice)))
+            self._notice_lost_state = True
         self._touch()
         kernel.relay(channel, msg_type, content, to, metadata=metadata, buffers=buffers)
 

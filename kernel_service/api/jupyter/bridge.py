@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = "5.3"
 # Bytes of messages held for a client that reads slowly; past it outputs are dropped.
 OUTBOX_LIMIT = 8 * 1024 * 1024
+# ... and of every message (replies too): past it the client is taken as not reading.
+OUTBOX_HARD_LIMIT = 128 * 1024 * 1024
 # Executions one connection may have waiting; more are answered with an error.
 MAX_QUEUED = 64
 # Requests of one connection relayed to the kernel and not yet answered, at most.
@@ -115,7 +117,8 @@ class Budget:
 class Outbox:
     """The frames waiting for one client, and the task that sends them. Outputs past
     OUTBOX_LIMIT bytes are dropped (the next output that fits says how many); the service's
-    own messages (replies, the closing idle, notes) are always kept."""
+    own messages and the kernel's replies are kept, up to OUTBOX_HARD_LIMIT: past it the
+    client is not reading at all, and `broken` is set (the socket is then closed)."""
 
     def __init__(self, send: Send, limit: int = OUTBOX_LIMIT) -> None:
         self._send = send
@@ -123,14 +126,19 @@ class Outbox:
         self._queue: deque[Frame] = deque()
         self._pending = 0
         self._ready = asyncio.Event()
+        self.broken = asyncio.Event()
         self.dropped = 0
         self.closed = False
 
     def put(self, frame: Frame, droppable: bool) -> bool:
         if self.closed:
             return False
-        if droppable and self._pending + len(frame) > self._limit:
-            self.dropped += 1
+        if self._pending + len(frame) > (self._limit if droppable else OUTBOX_HARD_LIMIT):
+            if droppable:
+                self.dropped += 1
+            else:
+                self.broken.set()
+                self.close()
             return False
         self._queue.append(frame)
         self._pending += len(frame)
@@ -538,8 +546,8 @@ class ExecutionRelay:
         self._started = time.monotonic()
 
     def __call__(self, msg: dict[str, Any]) -> bool:
-        if self._stopped:
-            return False
+        if self._stopped or (self._finished and self._connection.outbox.closed):
+            return False  # after its end, late output goes on only while its client is there
         msg_type = msg.get("msg_type")
         content = msg.get("content")
         content = content if isinstance(content, dict) else {}

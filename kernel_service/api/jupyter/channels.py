@@ -99,8 +99,9 @@ async def kernel_channels(websocket: WebSocket, kernel_id: str) -> None:
             await connection.close()
             writer.cancel()
             await asyncio.wait([writer, ender])
-            if not writer.cancelled() and writer.exception() is not None:
-                log.debug("a Jupyter client's socket failed: %s", writer.exception())
+            for task in (writer, ender):
+                if not task.cancelled() and task.exception() is not None:
+                    log.debug("a Jupyter client's socket failed: %s", task.exception())
 
 
 async def _read(websocket: WebSocket, connection: KernelConnection) -> None:
@@ -129,11 +130,20 @@ async def _close_when_gone(
     websocket: WebSocket, connection: KernelConnection, writer: "asyncio.Task[None]"
 ) -> None:
     """When the session ends (deleted, culled, the service stopping), send what waits and
-    close the socket: its kernel is gone."""
-    await connection.session.gone.wait()
-    connection.outbox.close()
-    await asyncio.wait([writer])
+    close the socket: its kernel is gone. When the client reads nothing while its messages
+    pile up, close the socket: it is not listening."""
+    gone = asyncio.ensure_future(connection.session.gone.wait())
+    broken = asyncio.ensure_future(connection.outbox.broken.wait())
+    try:
+        await asyncio.wait([gone, broken], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        broken.cancel()
+    if connection.outbox.broken.is_set():
+        code, reason = _NOT_A_MESSAGE, "The client read none of its messages; closed."
+    else:
+        connection.outbox.close()
+        await asyncio.wait([writer])
+        code, reason = _KERNEL_ENDED, "The kernel was deleted or culled, or the service stopped."
     with contextlib.suppress(RuntimeError, OSError):  # the client closed it first
-        await websocket.close(
-            _KERNEL_ENDED, "The kernel was deleted or culled, or the service stopped."
-        )
+        await websocket.close(code, reason)
