@@ -19,13 +19,15 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from kernel_service.api.files import router as files_router
 from kernel_service.api.history import router as history_router
+from kernel_service.api.jupyter.rest import router as jupyter_router
 from kernel_service.api.routes import router
 from tests.conftest import Server, running_server
 
 # Every operation of the API, from its routes: one more route is one more fuzzed operation.
+ROUTES = [*router.routes, *history_router.routes, *files_router.routes, *jupyter_router.routes]
 OPERATIONS = [
     f"{method} {route.path_format}"  # `{file_path}`, not `{file_path:path}`, as the schema
-    for route in [*router.routes, *history_router.routes, *files_router.routes]
+    for route in ROUTES
     if isinstance(route, APIRoute) and route.include_in_schema
     for method in sorted(route.methods or ())
 ]
@@ -198,6 +200,42 @@ def walk_through_the_api(server: Server) -> None:
     assert call("GET /healthz") == 200
     assert call("DELETE /sessions/{session_id}", path_parameters=walk) == 204
     assert call("DELETE /sessions/{session_id}", path_parameters=walk) == 404
+    walk_through_jupyter(call, server)
+
+
+def walk_through_jupyter(call: Callable[..., int], server: Server) -> None:
+    """Jupyter's kernel API: kernels, their specs and logos, Jupyter sessions."""
+    assert call("GET /api") == 200
+    assert call("GET /api/kernelspecs") == 200
+    for name, expected in (("python3", 200), ("nope", 404)):
+        assert call("GET /api/kernelspecs/{name}", path_parameters={"name": name}) == expected
+    for resource in ("logo-64x64.png", "logo-svg.svg", "other.png"):
+        path = {"name": "python3", "resource": resource}
+        expected = 404 if resource == "other.png" else 200
+        assert call("GET /kernelspecs/{name}/{resource}", path_parameters=path) == expected
+    assert call("POST /api/kernels", body={"name": "python3"}) == 201
+    kernel = {"kernel_id": server.client.get("/api/kernels").json()[0]["id"]}
+    assert call("GET /api/kernels") == 200
+    assert call("GET /api/kernels/{kernel_id}", path_parameters=kernel) == 200
+    assert call("POST /api/kernels/{kernel_id}/interrupt", path_parameters=kernel) == 204
+    assert call("POST /api/kernels/{kernel_id}/restart", path_parameters=kernel) == 200
+    notebook = {
+        "path": "a.ipynb",
+        "name": "a",
+        "type": "notebook",
+        "kernel": {"id": kernel["kernel_id"]},
+    }
+    assert call("POST /api/sessions", body=notebook) == 201
+    jupyter_session = {"session_id": kernel["kernel_id"]}
+    assert call("GET /api/sessions") == 200
+    assert call("GET /api/sessions/{session_id}", path_parameters=jupyter_session) == 200
+    renamed = {"path": "b.ipynb"}
+    assert (
+        call("PATCH /api/sessions/{session_id}", path_parameters=jupyter_session, body=renamed)
+        == 200
+    )
+    assert call("DELETE /api/sessions/{session_id}", path_parameters=jupyter_session) == 204
+    assert call("DELETE /api/kernels/{kernel_id}", path_parameters=kernel) == 404
 
 
 def walk_through_the_files(call: Callable[..., int], walk: dict[str, str]) -> None:
@@ -247,7 +285,14 @@ def test_refusals_are_as_the_schema_says(tmp_path_factory: pytest.TempPathFactor
         schema = schemathesis.openapi.from_url(
             f"{keyed.base_url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}
         )
-        path = {"session_id": "s", "image_id": "1.png", "file_path": "a.txt"}
+        path = {
+            "session_id": "s",
+            "image_id": "1.png",
+            "file_path": "a.txt",
+            "kernel_id": "k",
+            "name": "python3",
+            "resource": "logo-64x64.png",
+        }
         for label in OPERATIONS:
             parameters = {name: value for name, value in path.items() if f"{{{name}}}" in label}
             body = {"code": "1"} if label == "POST /execute" else None
@@ -257,7 +302,11 @@ def test_refusals_are_as_the_schema_says(tmp_path_factory: pytest.TempPathFactor
             ), label
         # with the key: no kernel starts, and 503 is the right answer (a server error)
         key = {"Authorization": f"Bearer {KEY}"}
-        for label, body in (("POST /sessions", None), ("POST /execute", {"code": "1"})):
+        for label, body in (
+            ("POST /sessions", None),
+            ("POST /execute", {"code": "1"}),
+            ("POST /api/kernels", None),
+        ):
             status = validated_call(
                 schema, keyed, label, headers=key, body=body, excluded_checks=[not_a_server_error]
             )

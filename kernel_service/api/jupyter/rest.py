@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Request, Response, status
 from fastapi import Path as PathParam
+from pydantic import BaseModel, Field
 
 from kernel_service import __version__
 from kernel_service.api.errors import InvalidJupyterRequest, NoSuchKernelSpec, RefusedOrigin
@@ -113,9 +114,92 @@ def foreign_origin(headers: Any) -> bool:
 
 Guarded = Depends(same_origin)
 KernelId = Annotated[str, PathParam(description="The kernel's id: its session's id.")]
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"description": "`{reason, message, detail, code}`"} for code in (401, 403, 404)
-}
+
+
+# ---------------------------------------------------------------- the shapes, for the schema
+
+
+class JupyterErrorBody(BaseModel):
+    """An error on Jupyter's paths: the service's body and Jupyter's fields."""
+
+    reason: str = Field(description="The status's phrase, e.g. `Not Found`.")
+    message: str = Field(description="What went wrong, and what to do.")
+    detail: Any
+    code: str
+
+
+class KernelModel(BaseModel):
+    id: str = Field(description="The kernel's id: its session's.")
+    name: str = Field(description="Its kernel spec's name.")
+    last_activity: str = Field(description="UTC, with microseconds: `%Y-%m-%dT%H:%M:%S.%fZ`.")
+    execution_state: str = Field(description="`starting`, `idle`, `busy` or `dead`.")
+    connections: int = Field(description="Its open WebSockets.")
+
+
+class KernelSpecs(BaseModel):
+    default: str
+    kernelspecs: dict[str, dict[str, Any]]
+
+
+class JupyterSessionModel(BaseModel):
+    id: str
+    path: str
+    name: str
+    type: str
+    kernel: KernelModel
+    notebook: dict[str, str]
+
+
+class ApiVersion(BaseModel):
+    version: str
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers a route can give (401 with API keys, 403 for another origin's
+    page, 404, 422 for a path or query it cannot take), and `codes`."""
+    return {code: {"model": JupyterErrorBody} for code in (401, 403, 404, 422, *codes)}
+
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional JSON body, for the schema (the routes read it themselves: clients send
+    none, or any content type)."""
+    return {
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": schema}},
+        }
+    }
+
+
+_START_BODY = _body(
+    {
+        "type": "object",
+        "properties": {
+            "name": {
+                "type": ["string", "null"],
+                "description": "The kernel spec: `python3` (null or absent: the default).",
+            },
+            "env": {"type": ["object", "null"], "description": "Accepted, not used."},
+        },
+    }
+)
+_SESSION_BODY = _body(
+    {
+        "type": "object",
+        "properties": {
+            "path": {"type": ["string", "null"], "maxLength": 4096},
+            "name": {"type": ["string", "null"], "maxLength": 4096},
+            "type": {"type": ["string", "null"], "maxLength": 4096},
+            "kernel": {
+                "type": ["object", "null"],
+                "properties": {
+                    "name": {"type": ["string", "null"]},
+                    "id": {"type": ["string", "null"]},
+                },
+            },
+        },
+    }
+)
 
 
 def _json(value: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -125,25 +209,38 @@ def _json(value: Any, status_code: int = 200, headers: dict[str, str] | None = N
     )  # fmt: skip
 
 
-@router.get("/api", responses=_ERRORS)
+@router.get("/api", response_model=ApiVersion, responses=_errors())
 async def api_version() -> Response:
     """The version, as Jupyter Server answers (here the service's)."""
     return _json({"version": __version__})
 
 
-@router.get("/api/kernelspecs", responses=_ERRORS)
+@router.get("/api/kernelspecs", response_model=KernelSpecs, responses=_errors())
 async def list_kernelspecs(settings: Config) -> Response:
     return _json({"default": KERNEL_NAME, "kernelspecs": {KERNEL_NAME: kernelspec(settings)}})
 
 
-@router.get("/api/kernelspecs/{name}", responses=_ERRORS)
+@router.get("/api/kernelspecs/{name}", response_model=dict[str, Any], responses=_errors())
 async def get_kernelspec(name: str, settings: Config) -> Response:
     if name != KERNEL_NAME:
         raise NoSuchKernelSpec(name, [KERNEL_NAME])
     return _json(kernelspec(settings))
 
 
-@router.get("/kernelspecs/{name}/{resource}", responses=_ERRORS)
+@router.get(
+    "/kernelspecs/{name}/{resource}",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {
+                mime: {"schema": {"type": "string", "format": "binary"}}
+                for mime in _LOGO_TYPES.values()
+            },
+            "description": "The logo.",
+        },
+        **_errors(),
+    },
+)
 async def get_kernelspec_resource(name: str, resource: str) -> Response:
     """A kernel spec's logo."""
     if name != KERNEL_NAME:
@@ -157,7 +254,7 @@ async def get_kernelspec_resource(name: str, resource: str) -> Response:
     return Response(content, media_type=_LOGO_TYPES[path.suffix])
 
 
-@router.get("/api/kernels", responses=_ERRORS)
+@router.get("/api/kernels", response_model=list[KernelModel], responses=_errors())
 async def list_kernels(request: Request, registry: Registry, owner: Owner) -> Response:
     """The caller's kernels: every session of its API key."""
     connections = _connections(request)
@@ -179,9 +276,13 @@ async def _kernel_name(request: Request) -> str:
         ) from None
     if not isinstance(value, dict):
         raise InvalidJupyterRequest('the body must be a JSON object such as {"name": "python3"}')
-    name = value.get("name")
+    name, env = value.get("name"), value.get("env")
+    if not isinstance(env, dict | None):
+        raise InvalidJupyterRequest("`env` must be an object of variables")
     if name is None or name == "":
         return KERNEL_NAME
+    if not isinstance(name, str):
+        raise InvalidJupyterRequest('`name` must be a kernel spec\'s name, such as "python3"')
     if name != KERNEL_NAME:
         raise NoSuchKernelSpec(str(name), [KERNEL_NAME])
     return KERNEL_NAME
@@ -190,8 +291,10 @@ async def _kernel_name(request: Request) -> str:
 @router.post(
     "/api/kernels",
     status_code=status.HTTP_201_CREATED,
+    response_model=KernelModel,
     dependencies=[Guarded],
-    responses={**_ERRORS, 400: {}, 429: {}, 503: {}},
+    responses=_errors(400, 413, 429, 503, 507),
+    openapi_extra=_START_BODY,
 )
 async def start_kernel(request: Request, registry: Registry, owner: Owner) -> Response:
     """Start a kernel: a new session (its id a UUID, as Jupyter clients expect)."""
@@ -201,7 +304,7 @@ async def start_kernel(request: Request, registry: Registry, owner: Owner) -> Re
     return _json(model, 201, {"Location": f"/api/kernels/{session.session_id}"})
 
 
-@router.get("/api/kernels/{kernel_id}", responses=_ERRORS)
+@router.get("/api/kernels/{kernel_id}", response_model=KernelModel, responses=_errors())
 async def get_kernel(
     kernel_id: KernelId, request: Request, registry: Registry, owner: Owner
 ) -> Response:
@@ -212,7 +315,7 @@ async def get_kernel(
     "/api/kernels/{kernel_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     dependencies=[Guarded],
-    responses=_ERRORS,
+    responses=_errors(),
 )
 async def delete_kernel(kernel_id: KernelId, registry: Registry, owner: Owner) -> Response:
     """End the kernel: its session is deleted, with its work directory."""
@@ -224,7 +327,7 @@ async def delete_kernel(kernel_id: KernelId, registry: Registry, owner: Owner) -
     "/api/kernels/{kernel_id}/interrupt",
     status_code=status.HTTP_204_NO_CONTENT,
     dependencies=[Guarded],
-    responses=_ERRORS,
+    responses=_errors(),
 )
 async def interrupt_kernel(kernel_id: KernelId, registry: Registry, owner: Owner) -> Response:
     registry.get(kernel_id, owner).interrupt()
@@ -233,8 +336,9 @@ async def interrupt_kernel(kernel_id: KernelId, registry: Registry, owner: Owner
 
 @router.post(
     "/api/kernels/{kernel_id}/restart",
+    response_model=KernelModel,
     dependencies=[Guarded],
-    responses={**_ERRORS, 503: {}},
+    responses=_errors(503),
 )
 async def restart_kernel(
     kernel_id: KernelId, request: Request, registry: Registry, owner: Owner
@@ -295,7 +399,7 @@ def _listed(registry: Any, owner: str | None, notebooks: dict[str, _Notebook]) -
     return [s for s in registry.sessions(owner) if s.key in notebooks]
 
 
-@router.get("/api/sessions", responses=_ERRORS)
+@router.get("/api/sessions", response_model=list[JupyterSessionModel], responses=_errors())
 async def list_jupyter_sessions(request: Request, registry: Registry, owner: Owner) -> Response:
     """Jupyter sessions: the caller's kernels started through POST /api/sessions, each
     with the notebook path it was given. Kept in memory: a restart of the service keeps
@@ -309,8 +413,10 @@ async def list_jupyter_sessions(request: Request, registry: Registry, owner: Own
 @router.post(
     "/api/sessions",
     status_code=status.HTTP_201_CREATED,
+    response_model=JupyterSessionModel,
     dependencies=[Guarded],
-    responses={**_ERRORS, 400: {}, 429: {}, 503: {}},
+    responses=_errors(400, 413, 429, 503, 507),
+    openapi_extra=_SESSION_BODY,
 )
 async def create_jupyter_session(request: Request, registry: Registry, owner: Owner) -> Response:
     """A Jupyter session: a notebook path bound to a kernel, a new one unless `kernel.id`
@@ -318,16 +424,18 @@ async def create_jupyter_session(request: Request, registry: Registry, owner: Ow
     body = await _session_body(request)
     path = _text(body, "path", "")
     notebook = _Notebook(path=path, name=_text(body, "name", ""), type=_text(body, "type", ""))
-    kernel = body.get("kernel") or {}
+    kernel = body.get("kernel")
+    kernel = {} if kernel is None else kernel
     if not isinstance(kernel, dict):
         raise InvalidJupyterRequest(
             '`kernel` must be an object: {"name": "python3"} or {"id": ...}'
         )
-    kernel_id = kernel.get("id")
+    kernel_id, name = kernel.get("id"), kernel.get("name")
+    if not isinstance(kernel_id, str | None) or not isinstance(name, str | None):
+        raise InvalidJupyterRequest("`kernel.id` and `kernel.name` must be strings")
     if kernel_id is not None:
-        session = registry.get(str(kernel_id), owner)
+        session = registry.get(kernel_id, owner)
     else:
-        name = kernel.get("name")
         if name not in (None, "", KERNEL_NAME):
             raise NoSuchKernelSpec(str(name), [KERNEL_NAME])
         session = await registry.create(str(uuid.uuid4()), owner)
@@ -349,7 +457,7 @@ def _jupyter_session(
     return session
 
 
-@router.get("/api/sessions/{session_id}", responses=_ERRORS)
+@router.get("/api/sessions/{session_id}", response_model=JupyterSessionModel, responses=_errors())
 async def get_jupyter_session(
     session_id: str, request: Request, registry: Registry, owner: Owner
 ) -> Response:
@@ -357,7 +465,13 @@ async def get_jupyter_session(
     return _json(_session_model(session, _notebooks(request)[session.key], request))
 
 
-@router.patch("/api/sessions/{session_id}", dependencies=[Guarded], responses={**_ERRORS, 400: {}})
+@router.patch(
+    "/api/sessions/{session_id}",
+    response_model=JupyterSessionModel,
+    dependencies=[Guarded],
+    responses=_errors(400, 413),
+    openapi_extra=_SESSION_BODY,
+)
 async def rename_jupyter_session(
     session_id: str, request: Request, registry: Registry, owner: Owner
 ) -> Response:
@@ -375,7 +489,7 @@ async def rename_jupyter_session(
     "/api/sessions/{session_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     dependencies=[Guarded],
-    responses=_ERRORS,
+    responses=_errors(),
 )
 async def delete_jupyter_session(
     session_id: str, request: Request, registry: Registry, owner: Owner
