@@ -72,12 +72,14 @@ class NoSuchKernelSpec(ServiceError):
 class RefusedOrigin(ServiceError):
     code = "origin_refused"
 
-    def __init__(self, origin: str) -> None:
+    def __init__(self, why: str) -> None:
         super().__init__(
-            f"Refused a request from a web page of another origin ({origin[:100]!r}): without "
-            "API keys, only pages served from the service's own address may use its Jupyter "
-            "API. Set KERNEL_SERVICE_API_KEY and send the key (header or ?token=)."
+            f"Refused: {why}. Without API keys, only clients on this machine (and pages served "
+            "from the service's own address) may use its Jupyter API, so that a web page in a "
+            "browser cannot drive kernels here. Set KERNEL_SERVICE_API_KEY and send the key "
+            "(a header, or ?token=)."
         )
+        self.why = why
 
 
 # A subclass answers with its base's status unless it is given its own here.

@@ -21,7 +21,7 @@ from kernel_service.api.errors import (
 )
 from kernel_service.api.jupyter.bridge import Connections, KernelConnection
 from kernel_service.api.jupyter.frames import V1_PROTOCOL, BadFrame, Frame, Framing, read
-from kernel_service.api.jupyter.rest import foreign_origin
+from kernel_service.api.jupyter.rest import refused_page
 from kernel_service.config import Settings
 from kernel_service.errors import ServiceError, SessionNotFound
 from kernel_service.sessions.registry import SessionRegistry
@@ -66,8 +66,8 @@ async def kernel_channels(websocket: WebSocket, kernel_id: str) -> None:
     settings: Settings = app_state.settings
     connections: Connections = app_state.jupyter_connections
     owner: str | None = websocket.scope.get("state", {}).get("owner")
-    if not settings.api_keys() and foreign_origin(websocket.headers):
-        await _deny(websocket, RefusedOrigin(websocket.headers.get("origin", "")))
+    if (why := refused_page(websocket.headers, settings)) is not None:
+        await _deny(websocket, RefusedOrigin(why))
         return
     try:
         session = registry.get(kernel_id, owner)

@@ -10,6 +10,7 @@ smolagents read (docs/jupyter.md).
 """
 
 import importlib.util
+import ipaddress
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,8 +29,6 @@ from kernel_service.api.routes import Config, Owner, Registry
 from kernel_service.config import Settings
 from kernel_service.errors import SessionNotFound
 from kernel_service.sessions.session import Session
-
-router = APIRouter(tags=["jupyter"])
 
 KERNEL_NAME = "python3"
 _LOGOS = {
@@ -96,23 +95,41 @@ def _connections(request: Request) -> Connections:
 
 
 async def same_origin(request: Request, settings: Config) -> None:
-    """Without API keys, refuse what a web page of another origin sends (its browser would
-    send it with no key to stop it): a page may not start kernels or reach one."""
-    if not settings.api_keys() and foreign_origin(request.headers):
-        raise RefusedOrigin(request.headers.get("origin", ""))
+    """Without API keys, refuse what a web page of another origin sends (a browser would
+    send it with no key to stop it): a page may not start, list or reach kernels."""
+    if (why := refused_page(request.headers, settings)) is not None:
+        raise RefusedOrigin(why)
 
 
-def foreign_origin(headers: Any) -> bool:
-    """The request names an Origin whose host is not the one it was sent to."""
+_LOOPBACK_NAMES = {"127.0.0.1", "localhost", "[::1]"}
+
+
+def refused_page(headers: Any, settings: Settings) -> str | None:
+    """Without API keys, why a request may come from another site's page: an Origin that
+    is not the host it was sent to, or on a loopback address a Host that is not a loopback
+    name (a page whose name was made to point at 127.0.0.1: DNS rebinding). None: not."""
+    if settings.api_keys():
+        return None
+    host = str(headers.get("host", "")).lower()
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if _on_loopback(settings.host) and name not in _LOOPBACK_NAMES:
+        return f"the request names host {host[:100]!r}, not this machine's loopback address"
     origin = headers.get("origin")
-    if not origin:
+    if origin and str(origin).partition("://")[2].rstrip("/").lower() != host:
+        return f"the request comes from a page of {str(origin)[:100]!r}"
+    return None
+
+
+def _on_loopback(address: str) -> bool:
+    try:
+        return address == "localhost" or ipaddress.ip_address(address).is_loopback
+    except ValueError:
         return False
-    host = headers.get("host", "")
-    _, _, origin_host = origin.partition("://")
-    return bool(origin_host.rstrip("/").lower() != host.lower())
 
 
-Guarded = Depends(same_origin)
+router = APIRouter(tags=["jupyter"], dependencies=[Depends(same_origin)])
+
+
 KernelId = Annotated[str, PathParam(description="The kernel's id: its session's id.")]
 
 
@@ -292,7 +309,6 @@ async def _kernel_name(request: Request) -> str:
     "/api/kernels",
     status_code=status.HTTP_201_CREATED,
     response_model=KernelModel,
-    dependencies=[Guarded],
     responses=_errors(400, 413, 429, 503, 507),
     openapi_extra=_START_BODY,
 )
@@ -314,7 +330,6 @@ async def get_kernel(
 @router.delete(
     "/api/kernels/{kernel_id}",
     status_code=status.HTTP_204_NO_CONTENT,
-    dependencies=[Guarded],
     responses=_errors(),
 )
 async def delete_kernel(kernel_id: KernelId, registry: Registry, owner: Owner) -> Response:
@@ -326,7 +341,6 @@ async def delete_kernel(kernel_id: KernelId, registry: Registry, owner: Owner) -
 @router.post(
     "/api/kernels/{kernel_id}/interrupt",
     status_code=status.HTTP_204_NO_CONTENT,
-    dependencies=[Guarded],
     responses=_errors(),
 )
 async def interrupt_kernel(kernel_id: KernelId, registry: Registry, owner: Owner) -> Response:
@@ -337,7 +351,6 @@ async def interrupt_kernel(kernel_id: KernelId, registry: Registry, owner: Owner
 @router.post(
     "/api/kernels/{kernel_id}/restart",
     response_model=KernelModel,
-    dependencies=[Guarded],
     responses=_errors(503),
 )
 async def restart_kernel(
@@ -414,7 +427,6 @@ async def list_jupyter_sessions(request: Request, registry: Registry, owner: Own
     "/api/sessions",
     status_code=status.HTTP_201_CREATED,
     response_model=JupyterSessionModel,
-    dependencies=[Guarded],
     responses=_errors(400, 413, 429, 503, 507),
     openapi_extra=_SESSION_BODY,
 )
@@ -468,7 +480,6 @@ async def get_jupyter_session(
 @router.patch(
     "/api/sessions/{session_id}",
     response_model=JupyterSessionModel,
-    dependencies=[Guarded],
     responses=_errors(400, 413),
     openapi_extra=_SESSION_BODY,
 )
@@ -488,7 +499,6 @@ async def rename_jupyter_session(
 @router.delete(
     "/api/sessions/{session_id}",
     status_code=status.HTTP_204_NO_CONTENT,
-    dependencies=[Guarded],
     responses=_errors(),
 )
 async def delete_jupyter_session(
