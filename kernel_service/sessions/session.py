@@ -45,12 +45,21 @@ class Restored:
 
 
 class Answer(NamedTuple):
-    """An execution's result, the same as JSON, and the ending the service saw itself (a
-    timeout, the kernel's death, lost output: not the code's own error), if it saw one."""
+    """An execution's result, the same as JSON, the ending the service saw itself (a
+    timeout, the kernel's death, lost output: not the code's own error), if it saw one, and
+    what the service had to say before it (state lost since the last execution, an earlier
+    execution cut short), if anything."""
 
     result: ExecutionResult
     json: str
     service_error: ExecutionError | None = None
+    notice: str | None = None
+
+
+class _Ran(NamedTuple):
+    result: ExecutionResult
+    service_error: ExecutionError | None
+    notice: str | None
 
 
 class Session:
@@ -171,17 +180,19 @@ class Session:
             self._executing, self._interrupt_asked = True, False
             try:
                 seq = await self._journal.begin(code)  # StateFull: nothing ran
-                result, seen = await self._run_recorded(
+                ran = await self._run_recorded(
                     seq, code, timeout, started, on_output=on_output, options=options, relay=relay
                 )
             finally:
                 self._executing = False
                 self._touch()
+            result = ran.result
             size = output_size(result.outputs)
             # Past the try: a wait cancelled here leaves the write to happen, and alone.
             stored = await self._journal.end(seq, result, began, self.execution_count, size.total)
         self._report(result, size)
-        return Answer(result, stored if stored is not None else result.model_dump_json(), seen)
+        json = stored if stored is not None else result.model_dump_json()
+        return Answer(result, json, ran.service_error, ran.notice)
 
     async def _run_recorded(
         self,
@@ -193,7 +204,7 @@ class Session:
         on_output: OutputListener | None,
         options: ExecuteOptions | None,
         relay: Relay | None,
-    ) -> tuple[ExecutionResult, ExecutionError | None]:
+    ) -> _Ran:
         """Run execution `seq`, its full output spilled; an ending other than a result
         (cancelled: client gone, service stopping; or failed) is recorded as cut short."""
         full_bytes = self._settings.full_output_mb * MIB
@@ -218,9 +229,9 @@ class Session:
         on_output: OutputListener | None,
         options: ExecuteOptions | None,
         relay: Relay | None,
-    ) -> tuple[ExecutionResult, ExecutionError | None]:
+    ) -> _Ran:
         """Run the code on a ready kernel and make its result (with the ending the service
-        saw itself, if it saw one)."""
+        saw itself, and what it had to say first)."""
         effective = self._settings.effective_timeout(timeout)
         kernel, lost_before = await self._slot.ready()
         before = await self.files.before()
@@ -242,6 +253,7 @@ class Session:
         outputs = outcome.collector.outputs()
         images = await self._images.keep(outputs)
         notice, notice_lost = self.notice, self._notice_lost_state
+        lost_before = lost_before or (notice if notice_lost else None)
         draft = build_result(
             session_id=self.session_id,
             outcome=outcome,
@@ -250,7 +262,7 @@ class Session:
             timeout_capped=timeout is not None and timeout > effective,
             images=images,
             duration_ms=(time.perf_counter() - started) * 1000,
-            lost_before=lost_before or (notice if notice_lost else None),
+            lost_before=lost_before,
             notice=None if notice_lost else notice,
             text_limit=self._settings.text_limit,
             files=files,
@@ -258,7 +270,8 @@ class Session:
         result = draft.finish(await spill.keep() if draft.needs_full_output else None)
         # said once, in this result: cleared only now that no await can cut it off
         self.notice, self._notice_lost_state = None, False
-        return result, draft.service_error
+        said = "\n".join(filter(None, (lost_before, None if notice_lost else notice)))
+        return _Ran(result, draft.service_error, said or None)
 
     async def relay(
         self,

@@ -565,12 +565,16 @@ class ExecutionRelay:
         return True
 
     def finish(self, answer: Answer) -> None:
-        """Say how the execution ended: what the service saw (an iopub error), what was cut
+        """Say how the execution ended: what the service had to say (on stderr: the state
+        lost since the last execution), what it saw (an iopub error), what was cut
         (a note), then the reply and idle (the kernel's, or written here when the kernel
         sent none: it was killed or died)."""
         self._finished = True
         connection, parent = self._connection, self._request.header
         result, seen = answer.result, answer.service_error
+        if answer.notice:  # the state lost since the last execution, say
+            text = f"[{answer.notice}]\n"
+            connection.publish(parent, "stream", {"name": "stderr", "text": text})
         if seen is not None:
             traceback = [f"{seen.ename}: {seen.evalue}"]
             error = {"ename": seen.ename, "evalue": seen.evalue, "traceback": traceback}
