@@ -1,0 +1,314 @@
+"""The Jupyter kernel API (/api/kernels, its WebSocket) driven by the real, unmodified
+client programs that speak it, as installed from PyPI (the dev extra): Jupyter Server in
+gateway mode (JupyterLab's back end), AutoGen's and AG2's Jupyter code executors,
+smolagents' remote-executor helpers, and Open WebUI's code-interpreter call sequence
+(replayed here: Open WebUI itself is too heavy to install).
+
+Each one runs against a real kernel-service on a loopback port with an API key, and each
+kernel it makes is one of the service's sessions (same id, same history).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Server, alive, running_server, wait_for
+
+KEY = "jupyter-clients-key-0123456789"
+JS_TOKEN = "jupyter-server-token-9876543210"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One kernel-service with an API key, its client carrying the key."""
+    with running_server(tmp_path_factory.mktemp("jupyter-clients"), api_key=KEY) as server:
+        server.client.headers["Authorization"] = f"Bearer {KEY}"
+        yield server
+
+
+@pytest.fixture
+def no_docker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Docker daemon can be reached: the executors named for Docker use only the
+    `docker` package's import, never a daemon."""
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+
+
+def sessions_of(service: Server) -> set[str]:
+    """The ids of the key's sessions, as the service's own API lists them."""
+    response = service.client.get("/sessions")
+    assert response.status_code == 200, response.text
+    return {s["session_id"] for s in response.json()["sessions"]}
+
+
+def history_codes(service: Server, session_id: str) -> list[str]:
+    response = service.client.get(f"/sessions/{session_id}/history")
+    assert response.status_code == 200, response.text
+    return [e["code"] for e in response.json()["executions"]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# ---------------------------------------------------------------- Jupyter Server
+
+
+@dataclass
+class JupyterServer:
+    process: "subprocess.Popen[bytes]"
+    base_url: str
+    client: httpx.Client
+    log: Path
+
+    def ws_url(self, kernel_id: str) -> str:
+        ws_base = self.base_url.replace("http", "ws", 1)
+        return f"{ws_base}/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4()}"
+
+
+@contextmanager
+def jupyter_server(service: Server, tmp: Path) -> Iterator[JupyterServer]:
+    """`jupyter server` in gateway mode on a free loopback port, its gateway our service
+    (with the key); its configuration and runtime files in `tmp`. Killed at the end if it
+    did not stop by itself; its log in tmp/jupyter-server.log."""
+    port = free_port()
+    gateway = service.base_url
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KERNEL_", "JUPYTER"))}
+    for name in ("config", "data", "runtime"):
+        (tmp / name).mkdir()
+        env[f"JUPYTER_{name.upper()}_DIR"] = str(tmp / name)
+    (tmp / "root").mkdir()
+    log = tmp / "jupyter-server.log"
+    command = [
+        sys.executable, "-m", "jupyter_server",
+        "--allow-root", "--no-browser",
+        "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+        f"--ServerApp.root_dir={tmp / 'root'}",
+        f"--IdentityProvider.token={JS_TOKEN}",
+        f"--GatewayClient.url={gateway}",
+        f"--GatewayClient.ws_url={gateway.replace('http', 'ws', 1)}",
+        f"--GatewayClient.auth_token={KEY}",
+        "--GatewayClient.request_timeout=60",
+    ]  # fmt: skip
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=tmp
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(
+        base_url=base_url, headers={"Authorization": f"token {JS_TOKEN}"}, timeout=120
+    )
+
+    def ready() -> bool:
+        assert process.poll() is None, log.read_text()
+        try:
+            return client.get("/api").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        assert wait_for(ready, 120), log.read_text()
+        yield JupyterServer(process, base_url, client, log)
+    finally:
+        client.close()
+        if process.poll() is None:  # a test that failed half-way
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        process.wait(timeout=30)
+        assert not alive(process.pid)
+
+
+def jupyter_message(msg_type: str, content: dict[str, Any], session: str) -> dict[str, Any]:
+    """A request as a Jupyter front end writes it (JSON text, a `channel` field)."""
+    return {
+        "header": {
+            "msg_id": uuid.uuid4().hex,
+            "msg_type": msg_type,
+            "username": "test",
+            "session": session,
+            "date": datetime.now(UTC).isoformat(),
+            "version": "5.3",
+        },
+        "parent_header": {},
+        "metadata": {},
+        "content": content,
+        "channel": "shell",
+        "buffers": [],
+    }
+
+
+def exchange(
+    ws: Any, request: dict[str, Any], until: Callable[[dict[str, Any]], bool]
+) -> list[dict[str, Any]]:
+    """Send `request` on a websocket-client socket; the messages answering it (by parent
+    msg_id), up to the first for which `until` holds."""
+    ws.send(json.dumps(request))
+    msg_id = request["header"]["msg_id"]
+    answers = []
+    while True:
+        message = json.loads(ws.recv())
+        if message.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        answers.append(message)
+        if until(message):
+            return answers
+
+
+def idle(message: dict[str, Any]) -> bool:
+    return bool(message["msg_type"] == "status" and message["content"]["execution_state"] == "idle")
+
+
+def execute(ws: Any, code: str, session: str) -> list[dict[str, Any]]:
+    content = {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+               "allow_stdin": False, "stop_on_error": True}  # fmt: skip
+    return exchange(ws, jupyter_message("execute_request", content, session), idle)
+
+
+def outputs(messages: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """(msg_type, what it carries) of each output message."""
+    found: list[tuple[str, Any]] = []
+    for m in messages:
+        content = m["content"]
+        if m["msg_type"] == "stream":
+            found.append(("stream", (content["name"], content["text"])))
+        elif m["msg_type"] == "execute_result":
+            found.append(("execute_result", content["data"]["text/plain"]))
+        elif m["msg_type"] == "error":
+            found.append(("error", content["ename"]))
+    return found
+
+
+def check_kernelspecs(js: JupyterServer) -> None:
+    """Our kernel spec, and its logo, through Jupyter Server."""
+    # the first answer may be Jupyter Server's own default; the second is the gateway's
+    for _ in range(2):
+        specs = js.client.get("/api/kernelspecs")
+        assert specs.status_code == 200, specs.text
+    body = specs.json()
+    assert body["default"] == "python3"
+    ours = body["kernelspecs"]["python3"]
+    assert ours["spec"]["display_name"] == "Python 3 (kernel-service)"
+    assert ours["spec"]["language"] == "python"
+    # a logo, which Jupyter Server fetches from the gateway for its browser
+    logo = js.client.get(ours["resources"]["logo-64x64"])
+    assert logo.status_code == 200, logo.text
+    assert logo.content.startswith(b"\x89PNG")
+
+
+def drive_kernel(js: JupyterServer, service: Server, kernel_id: str) -> None:
+    """A front end's WebSocket through Jupyter Server: kernel_info, executions whose state
+    persists, an error, an interrupt and a restart through Jupyter Server's REST API."""
+    from websocket import create_connection
+
+    header = [f"Authorization: token {JS_TOKEN}"]  # no subprotocols: Jupyter Server picks none
+    ws = create_connection(js.ws_url(kernel_id), header=header, timeout=120)
+    with closing(ws):
+        session = uuid.uuid4().hex
+        info = exchange(
+            ws,
+            jupyter_message("kernel_info_request", {}, session),
+            lambda m: m["msg_type"] == "kernel_info_reply",
+        )
+        reply = info[-1]["content"]
+        assert reply["status"] == "ok"
+        assert reply["language_info"]["name"] == "python"
+
+        first = execute(ws, "x = 41\nprint('hi')\nx + 1", session)
+        assert outputs(first) == [("stream", ("stdout", "hi\n")), ("execute_result", "42")]
+        assert idle(first[-1]) and first[-1]["channel"] == "iopub"
+        second = execute(ws, "print(x * 2)", session)  # the state persists
+        assert outputs(second) == [("stream", ("stdout", "82\n"))]
+        failed = execute(ws, "1 / 0", session)
+        assert outputs(failed) == [("error", "ZeroDivisionError")]
+
+        # interrupt, through Jupyter Server, code that would run for ever
+        endless = jupyter_message(
+            "execute_request",
+            {"code": "import time\nwhile True:\n    time.sleep(0.05)", "silent": False,
+             "store_history": True, "user_expressions": {}, "allow_stdin": False},
+            session,
+        )  # fmt: skip
+        ws.send(json.dumps(endless))
+        service.wait_busy(kernel_id)
+        interrupted = js.client.post(f"/api/kernels/{kernel_id}/interrupt")
+        assert interrupted.status_code == 204, interrupted.text
+        answers: list[dict[str, Any]] = []
+        while not answers or not idle(answers[-1]):
+            message = json.loads(ws.recv())
+            if message["parent_header"].get("msg_id") == endless["header"]["msg_id"]:
+                answers.append(message)
+        assert ("error", "KeyboardInterrupt") in outputs(answers)
+        assert outputs(execute(ws, "x", session)) == [("execute_result", "41")]
+
+        # restart, through Jupyter Server: the variables are gone, the socket still works
+        restarted = js.client.post(f"/api/kernels/{kernel_id}/restart")
+        assert restarted.status_code == 200, restarted.text
+        assert restarted.json()["id"] == kernel_id
+        after = execute(ws, "'x' in globals()", session)
+        assert outputs(after) == [("execute_result", "False")]
+
+
+def test_jupyter_server_in_gateway_mode(service: Server, tmp_path: Path) -> None:
+    """Jupyter Server (JupyterLab's back end) with our service as its kernel gateway:
+    kernel specs, kernels, a notebook session, its WebSocket relayed both ways, interrupt,
+    restart, delete, and its shutdown ending the kernels it still had."""
+    before = sessions_of(service)
+    with jupyter_server(service, tmp_path) as js:
+        check_kernelspecs(js)
+
+        started = js.client.post("/api/kernels", json={"name": "python3"})
+        assert started.status_code == 201, started.text
+        kernel_id = started.json()["id"]
+        assert started.json()["name"] == "python3"
+        assert sessions_of(service) == before | {kernel_id}  # the kernel is our session
+
+        # Jupyter Server's list parses every model (last_activity strictly)
+        listed = js.client.get("/api/kernels")
+        assert listed.status_code == 200, listed.text
+        [model] = [k for k in listed.json() if k["id"] == kernel_id]
+        assert model["name"] == "python3"
+        assert model["execution_state"] in ("starting", "idle", "busy")
+
+        drive_kernel(js, service, kernel_id)
+        # what ran through Jupyter Server is the session's history on our side
+        codes = history_codes(service, kernel_id)
+        assert codes[:3] == ["x = 41\nprint('hi')\nx + 1", "print(x * 2)", "1 / 0"]
+        assert codes[-2:] == ["x", "'x' in globals()"]
+
+        # a notebook's session: Jupyter Server starts another kernel on the gateway
+        notebook = js.client.post(
+            "/api/sessions",
+            json={"path": "a.ipynb", "type": "notebook", "name": "a.ipynb",
+                  "kernel": {"name": "python3"}},
+        )  # fmt: skip
+        assert notebook.status_code == 201, notebook.text
+        other = notebook.json()["kernel"]["id"]
+        assert other != kernel_id
+        assert sessions_of(service) == before | {kernel_id, other}
+
+        deleted = js.client.delete(f"/api/kernels/{kernel_id}")
+        assert deleted.status_code == 204, deleted.text
+        assert sessions_of(service) == before | {other}
+        assert js.client.get(f"/api/kernels/{kernel_id}").status_code == 404
+
+        # a clean stop: Jupyter Server shuts down the kernels it still has, on the gateway
+        assert js.client.post("/api/shutdown").status_code == 200
+        assert js.process.wait(timeout=60) == 0, js.log.read_text()
+    assert sessions_of(service) == before
