@@ -8,6 +8,7 @@ Each one runs against a real kernel-service on a loopback port with an API key, 
 kernel it makes is one of the service's sessions (same id, same history).
 """
 
+import asyncio
 import json
 import os
 import socket
@@ -311,4 +312,97 @@ def test_jupyter_server_in_gateway_mode(service: Server, tmp_path: Path) -> None
         # a clean stop: Jupyter Server shuts down the kernels it still has, on the gateway
         assert js.client.post("/api/shutdown").status_code == 200
         assert js.process.wait(timeout=60) == 0, js.log.read_text()
+    assert sessions_of(service) == before
+
+
+# ---------------------------------------------------------------- AutoGen and AG2
+
+PLOT = "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()"
+
+
+@pytest.mark.usefixtures("no_docker")
+def test_autogen_docker_jupyter_executor(service: Server, tmp_path: Path) -> None:
+    """AutoGen's DockerJupyterCodeExecutor (autogen-ext) pointed at the service: code
+    blocks, state across calls, a plot saved as a file, an error, a restart that loses the
+    state, and its stop deleting the kernel."""
+    from autogen_core import CancellationToken
+    from autogen_core.code_executor import CodeBlock
+    from autogen_ext.code_executors.docker_jupyter import DockerJupyterCodeExecutor
+    from autogen_ext.code_executors.docker_jupyter._jupyter_server import JupyterConnectionInfo
+
+    port = int(service.base_url.rsplit(":", 1)[1])
+    info = JupyterConnectionInfo(host="127.0.0.1", use_https=False, port=port, token=KEY)
+    before = sessions_of(service)
+
+    async def run() -> str:
+        async def blocks(executor: DockerJupyterCodeExecutor, *codes: str) -> Any:
+            code_blocks = [CodeBlock(code=code, language="python") for code in codes]
+            return await executor.execute_code_blocks(code_blocks, CancellationToken())
+
+        async with DockerJupyterCodeExecutor(
+            jupyter_server=info, timeout=120, output_dir=tmp_path
+        ) as executor:
+            [kernel_id] = sessions_of(service) - before
+            first = await blocks(executor, "x = 41\nprint('hi')", "x + 1")
+            assert (first.exit_code, first.output) == (0, "hi\n\n42")
+            second = await blocks(executor, "print(x * 2)")
+            assert (second.exit_code, second.output.strip()) == (0, "82")
+            plot = await blocks(executor, PLOT)
+            assert plot.exit_code == 0, plot.output
+            [png] = plot.output_files
+            assert png.parent == tmp_path and png.read_bytes().startswith(b"\x89PNG")
+            failed = await blocks(executor, "print('before')", "1 / 0", "print('never')")
+            assert failed.exit_code == 1
+            assert "before" in failed.output and "ZeroDivisionError" in failed.output
+            assert "never" not in failed.output
+            await executor.restart()
+            after = await blocks(executor, "print('x' in globals())")
+            assert (after.exit_code, after.output.strip()) == (0, "False")
+            assert sessions_of(service) == before | {kernel_id}  # the same kernel
+            codes = history_codes(service, kernel_id)  # each block an execution of ours
+            assert codes == ["x = 41\nprint('hi')", "x + 1", "print(x * 2)", PLOT,
+                             "print('before')", "1 / 0", "print('x' in globals())"]  # fmt: skip
+        return kernel_id
+
+    kernel_id = asyncio.run(run())
+    assert kernel_id not in sessions_of(service)  # deleted on the way out
+    assert sessions_of(service) == before
+
+
+@pytest.mark.usefixtures("no_docker")
+def test_ag2_jupyter_code_executor(service: Server, tmp_path: Path) -> None:
+    """AG2's (`autogen` 0.14, the classic API) JupyterCodeExecutor pointed at the
+    service: the same checks, synchronously (requests and websocket-client)."""
+    from autogen.coding import CodeBlock
+    from autogen.coding.jupyter import JupyterCodeExecutor, JupyterConnectionInfo
+
+    port = int(service.base_url.rsplit(":", 1)[1])
+    info = JupyterConnectionInfo(host="127.0.0.1", use_https=False, port=port, token=KEY)
+    before = sessions_of(service)
+
+    def blocks(executor: JupyterCodeExecutor, *codes: str) -> Any:
+        return executor.execute_code_blocks([CodeBlock(code=c, language="python") for c in codes])
+
+    with JupyterCodeExecutor(info, kernel_name="python3", timeout=120, output_dir=tmp_path) as ex:
+        [kernel_id] = sessions_of(service) - before
+        first = blocks(ex, "x = 41\nprint('hi')", "x + 1")
+        assert (first.exit_code, first.output) == (0, "hi\n\n42")
+        second = blocks(ex, "print(x * 2)")
+        assert (second.exit_code, second.output.strip()) == (0, "82")
+        plot = blocks(ex, PLOT)
+        assert plot.exit_code == 0, plot.output
+        [png] = plot.output_files
+        assert Path(png).parent == tmp_path and Path(png).read_bytes().startswith(b"\x89PNG")
+        failed = blocks(ex, "print('before')", "1 / 0", "print('never')")
+        # AG2 keeps only the error's output, and stops at the failed block
+        assert failed.exit_code == 1
+        assert failed.output.startswith("ERROR: ERROR: ZeroDivisionError: division by zero")
+        assert "----> 1 1 / 0" in failed.output  # the kernel's traceback, verbatim
+        ex.restart()
+        after = blocks(ex, "print('x' in globals())")
+        assert (after.exit_code, after.output.strip()) == (0, "False")
+        assert sessions_of(service) == before | {kernel_id}
+        codes = history_codes(service, kernel_id)
+        assert codes == ["x = 41\nprint('hi')", "x + 1", "print(x * 2)", PLOT,
+                         "print('before')", "1 / 0", "print('x' in globals())"]  # fmt: skip
     assert sessions_of(service) == before
