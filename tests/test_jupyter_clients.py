@@ -9,6 +9,7 @@ kernel it makes is one of the service's sessions (same id, same history).
 """
 
 import asyncio
+import base64
 import json
 import os
 import socket
@@ -406,3 +407,135 @@ def test_ag2_jupyter_code_executor(service: Server, tmp_path: Path) -> None:
         assert codes == ["x = 41\nprint('hi')", "x + 1", "print(x * 2)", PLOT,
                          "print('before')", "1 / 0", "print('x' in globals())"]  # fmt: skip
     assert sessions_of(service) == before
+
+
+# ---------------------------------------------------------------- Open WebUI
+
+
+async def open_webui_execute(ws: Any, code: str) -> tuple[str, str, list[str]]:
+    """Open WebUI's one execute_request on an open socket, sent at once (no kernel_info
+    first), and its reading of the answer until the request's idle: stdout, stderr (where
+    a traceback goes too) and results (a PNG as a data URI, else the plain text)."""
+    msg_id = uuid.uuid4().hex
+    header = {"msg_id": msg_id, "msg_type": "execute_request", "username": "user",
+              "session": uuid.uuid4().hex, "date": "", "version": "5.3"}  # fmt: skip
+    content = {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+               "allow_stdin": False, "stop_on_error": True}  # fmt: skip
+    request = {"header": header, "parent_header": {}, "metadata": {}, "content": content,
+               "channel": "shell"}  # fmt: skip
+    await ws.send(json.dumps(request))
+    stdout = stderr = ""
+    results: list[str] = []
+    while True:
+        message = json.loads(await asyncio.wait_for(ws.recv(), 120))
+        if message.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        body, kind = message["content"], message.get("msg_type")
+        if kind == "stream" and body["name"] == "stdout":
+            stdout += body["text"]
+        elif kind == "stream" and body["name"] == "stderr":
+            stderr += body["text"]
+        elif kind in ("execute_result", "display_data") and "image/png" in body["data"]:
+            results.append(f"data:image/png;base64,{body['data']['image/png']}")
+        elif kind in ("execute_result", "display_data") and "text/plain" in body["data"]:
+            results.append(body["data"]["text/plain"])
+        elif kind == "error":
+            stderr += "\n".join(body["traceback"])
+        elif kind == "status" and body["execution_state"] == "idle":
+            return stdout, stderr, results
+
+
+async def open_webui_run(base_url: str, code: str, token: str, sent: list[Any]) -> dict[str, str]:
+    """Open WebUI's code interpreter with a Jupyter token (open_webui/utils/
+    code_interpreter.py, 0.12), its calls replayed: a kernel made with an empty POST, the
+    token in the query (REST and WebSocket, no headers), one execution, the kernel
+    deleted. Its answer as Open WebUI makes it: stdout, stderr and result (a failure's
+    message in stderr). The HTTP requests' headers go to `sent`."""
+    import aiohttp
+    import websockets
+
+    async def on_headers(_: Any, __: Any, params: aiohttp.TraceRequestHeadersSentParams) -> None:
+        sent.append((params.method, params.url.path, dict(params.headers)))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(on_headers)
+    params = {"token": token}
+    stdout = stderr = ""
+    results: list[str] = []
+    kernel_id = ""
+    async with aiohttp.ClientSession(
+        base_url=base_url + "/", trust_env=True, trace_configs=[trace]
+    ) as http:
+        try:
+            async with http.post("api/kernels", params=params) as response:
+                response.raise_for_status()
+                kernel_id = (await response.json())["id"]
+            ws_url = f"{base_url.replace('http', 'ws', 1)}/api/kernels/{kernel_id}/channels"
+            async with websockets.connect(f"{ws_url}?token={token}", additional_headers={}) as ws:
+                stdout, stderr, results = await open_webui_execute(ws, code)
+        except Exception as error:  # as Open WebUI does: the failure is the answer
+            stderr = f"Error: {error}"
+        finally:
+            if kernel_id:
+                async with http.delete(f"api/kernels/{kernel_id}", params=params) as response:
+                    response.raise_for_status()
+    return {"stdout": stdout.strip(), "stderr": stderr.strip(), "result": "\n".join(results)}
+
+
+def test_open_webui_code_interpreter(service: Server) -> None:
+    """Open WebUI's code interpreter calls, replayed (aiohttp, websockets): a fresh kernel
+    for each run made from an empty POST, `?token=` on REST and the WebSocket, stdout and
+    stderr apart, a plot as a PNG data URI, a traceback, the kernel deleted; a wrong
+    token refused with 401."""
+    import websockets
+
+    before = sessions_of(service)
+    base = service.base_url
+
+    async def run() -> None:
+        sent: list[Any] = []
+        printed = await open_webui_run(
+            base, "import sys\nprint('hi')\nprint('err', file=sys.stderr)\n41 + 1", KEY, sent
+        )
+        assert printed == {"stdout": "hi", "stderr": "err", "result": "42"}
+        # the POST that made the kernel had no body, typed as bytes (as aiohttp sends it)
+        method, path, headers = sent[0]
+        assert (method, path) == ("POST", "/api/kernels")
+        assert headers["Content-Length"] == "0"
+        assert headers["Content-Type"] == "application/octet-stream"
+        assert "Authorization" not in headers
+        assert [m for m, _, _ in sent] == ["POST", "DELETE"]
+        assert sent[1][1].startswith("/api/kernels/")
+
+        plotted = await open_webui_run(base, f"print('plotted')\n{PLOT}", KEY, [])
+        assert plotted["stdout"] == "plotted" and plotted["stderr"] == ""
+        prefix = "data:image/png;base64,"
+        assert plotted["result"].startswith(prefix)
+        png = base64.b64decode(plotted["result"].removeprefix(prefix))
+        assert png.startswith(b"\x89PNG\r\n\x1a\n")
+
+        failed = await open_webui_run(base, "print('before')\n1 / 0", KEY, [])
+        assert failed["stdout"] == "before" and failed["result"] == ""
+        assert "ZeroDivisionError" in failed["stderr"] and "1 / 0" in failed["stderr"]
+
+        fresh = await open_webui_run(base, "'x' in globals()", KEY, [])
+        assert fresh["result"] == "False"  # each run a new kernel
+
+        refused = await open_webui_run(base, "print(1)", "wrong-token", [])
+        assert refused["stderr"].startswith("Error: 401"), refused
+        assert refused["stdout"] == refused["result"] == ""
+
+        # the WebSocket checks the token too, before it is accepted
+        kernel_id = service.client.post("/api/kernels").json()["id"]
+        try:
+            ws_base = base.replace("http", "ws", 1)
+            with pytest.raises(websockets.InvalidStatus) as refusal:
+                await websockets.connect(
+                    f"{ws_base}/api/kernels/{kernel_id}/channels?token=wrong-token"
+                )
+            assert refusal.value.response.status_code == 401
+        finally:
+            assert service.client.delete(f"/api/kernels/{kernel_id}").status_code == 204
+
+    asyncio.run(run())
+    assert sessions_of(service) == before  # every kernel deleted
