@@ -10,6 +10,7 @@ kernel it makes is one of the service's sessions (same id, same history).
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -18,17 +19,24 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import Server, alive, running_server, wait_for
 
 KEY = "jupyter-clients-key-0123456789"
+# what the clients' own dependencies say on import, not this test's business
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Support for class-based `config` is deprecated",
+    "ignore:jsonschema.RefResolver is deprecated",
+    "ignore:Accessing jsonschema.__version__ is deprecated",
+)
 JS_TOKEN = "jupyter-server-token-9876543210"
 
 
@@ -76,10 +84,23 @@ class JupyterServer:
     base_url: str
     client: httpx.Client
     log: Path
+    # its child processes, seen while it ran (none are expected in gateway mode)
+    children: set[int] = field(default_factory=set)
 
     def ws_url(self, kernel_id: str) -> str:
         ws_base = self.base_url.replace("http", "ws", 1)
         return f"{ws_base}/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4()}"
+
+    def note_children(self) -> None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found = psutil.Process(self.process.pid).children(recursive=True)
+            self.children |= {child.pid for child in found}
+
+    def shut_down(self) -> int:
+        """Stop it as its API does (POST /api/shutdown); its exit status."""
+        self.note_children()
+        assert self.client.post("/api/shutdown").status_code == 200
+        return self.process.wait(timeout=60)
 
 
 @contextmanager
@@ -122,11 +143,14 @@ def jupyter_server(service: Server, tmp: Path) -> Iterator[JupyterServer]:
         except httpx.TransportError:
             return False
 
+    js = JupyterServer(process, base_url, client, log)
     try:
         assert wait_for(ready, 120), log.read_text()
-        yield JupyterServer(process, base_url, client, log)
+        js.note_children()
+        yield js
     finally:
         client.close()
+        js.note_children()
         if process.poll() is None:  # a test that failed half-way
             process.terminate()
             try:
@@ -134,7 +158,13 @@ def jupyter_server(service: Server, tmp: Path) -> Iterator[JupyterServer]:
             except subprocess.TimeoutExpired:
                 process.kill()
         process.wait(timeout=30)
-        assert not alive(process.pid)
+        # nothing of it is left: not it, nor what it started, nor any server on its port
+        assert wait_for(lambda: not [pid for pid in js.children if alive(pid)], 30)
+        on_port = [
+            p for p in psutil.process_iter(["cmdline"])
+            if f"--ServerApp.port={port}" in (p.info["cmdline"] or [])
+        ]  # fmt: skip
+        assert on_port == []
 
 
 def jupyter_message(msg_type: str, content: dict[str, Any], session: str) -> dict[str, Any]:
@@ -240,19 +270,20 @@ def drive_kernel(js: JupyterServer, service: Server, kernel_id: str) -> None:
         failed = execute(ws, "1 / 0", session)
         assert outputs(failed) == [("error", "ZeroDivisionError")]
 
-        # interrupt, through Jupyter Server, code that would run for ever
+        # interrupt, through Jupyter Server, code that would run for ever, once it runs
         endless = jupyter_message(
             "execute_request",
-            {"code": "import time\nwhile True:\n    time.sleep(0.05)", "silent": False,
-             "store_history": True, "user_expressions": {}, "allow_stdin": False},
+            {"code": "import time\nprint('started', flush=True)\nwhile True:\n    time.sleep(0.05)",
+             "silent": False, "store_history": True, "user_expressions": {},
+             "allow_stdin": False},
             session,
         )  # fmt: skip
-        ws.send(json.dumps(endless))
-        service.wait_busy(kernel_id)
+        answers = exchange(ws, endless, lambda m: m["msg_type"] == "stream")
+        assert outputs(answers)[-1] == ("stream", ("stdout", "started\n"))
+        assert service.status(kernel_id) == "busy"
         interrupted = js.client.post(f"/api/kernels/{kernel_id}/interrupt")
         assert interrupted.status_code == 204, interrupted.text
-        answers: list[dict[str, Any]] = []
-        while not answers or not idle(answers[-1]):
+        while not idle(answers[-1]):
             message = json.loads(ws.recv())
             if message["parent_header"].get("msg_id") == endless["header"]["msg_id"]:
                 answers.append(message)
@@ -311,8 +342,7 @@ def test_jupyter_server_in_gateway_mode(service: Server, tmp_path: Path) -> None
         assert js.client.get(f"/api/kernels/{kernel_id}").status_code == 404
 
         # a clean stop: Jupyter Server shuts down the kernels it still has, on the gateway
-        assert js.client.post("/api/shutdown").status_code == 200
-        assert js.process.wait(timeout=60) == 0, js.log.read_text()
+        assert js.shut_down() == 0, js.log.read_text()
     assert sessions_of(service) == before
 
 
@@ -539,3 +569,102 @@ def test_open_webui_code_interpreter(service: Server) -> None:
 
     asyncio.run(run())
     assert sessions_of(service) == before  # every kernel deleted
+
+
+# ---------------------------------------------------------------- smolagents
+
+
+def smolagents_executor(base_url: str, token: str) -> Any:
+    """A smolagents remote executor on the service, made as its Docker executor is but
+    for the server it starts: a kernel from `_create_kernel_http` (which wants 201), each
+    run on a new WebSocket through `_websocket_run_code_raise_errors`, `?token=` on both;
+    `cleanup` (which CodeAgent calls at its end) deletes the kernel. The final-answer
+    tool's packages count as installed (no `!pip install` in the sandbox)."""
+    from smolagents.monitoring import AgentLogger, LogLevel
+    from smolagents.remote_executors import (
+        RemotePythonExecutor,
+        _create_kernel_http,
+        _websocket_run_code_raise_errors,
+    )
+    from websocket import create_connection
+
+    class KernelServiceExecutor(RemotePythonExecutor):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__([], AgentLogger(level=LogLevel.ERROR))
+            self.kernel_id = _create_kernel_http(
+                f"{base_url}/api/kernels?token={token}", self.logger
+            )
+            ws_base = base_url.replace("http", "ws", 1)
+            self.ws_url = f"{ws_base}/api/kernels/{self.kernel_id}/channels?token={token}"
+            self.installed_packages = ["PIL", "numpy"]
+
+        def run_code_raise_errors(self, code: str) -> Any:
+            with closing(create_connection(self.ws_url, timeout=120)) as ws:
+                return _websocket_run_code_raise_errors(code, ws, self.logger, self.allow_pickle)
+
+        def cleanup(self) -> None:
+            url = f"{base_url}/api/kernels/{self.kernel_id}"
+            assert httpx.delete(url, params={"token": token}).status_code == 204
+
+    return KernelServiceExecutor()
+
+
+def test_smolagents_remote_executor(service: Server) -> None:
+    """smolagents' Kernel Gateway helpers against the service: code runs, its state
+    persists from one socket to the next, an error raises AgentError (the socket closed
+    before idle, the next run unharmed), variables sent, and `final_answer` comes back
+    through the error smolagents raises for it (its ename and evalue untouched)."""
+    from smolagents.default_tools import FinalAnswerTool
+    from smolagents.utils import AgentError
+
+    before = sessions_of(service)
+    executor = smolagents_executor(service.base_url, KEY)
+    try:
+        assert sessions_of(service) == before | {executor.kernel_id}
+        executor.send_tools({"final_answer": FinalAnswerTool()})
+        first = executor("x = 41\nprint('hi')\nx + 1")
+        assert (first.output, first.logs, first.is_final_answer) == ("42", "hi\n", False)
+        assert executor("x * 2").output == "82"
+        with pytest.raises(AgentError) as failed:
+            executor("print('before')\n1 / 0")
+        assert "ZeroDivisionError" in str(failed.value)
+        assert executor("x").output == "41"
+        executor.send_variables({"y": [1, 2, 3]})
+        assert executor("sum(y)").output == "6"
+        final = executor("final_answer({'v': x + 1, 'y': y})")
+        assert (final.output, final.is_final_answer) == ({"v": 42, "y": [1, 2, 3]}, True)
+    finally:
+        executor.cleanup()
+    assert sessions_of(service) == before
+
+
+def test_smolagents_code_agent(service: Server) -> None:
+    """A whole smolagents CodeAgent on the service, its model scripted: two steps whose
+    state carries over, then the final answer."""
+    from smolagents import CodeAgent
+    from smolagents.models import ChatMessage, MessageRole, Model
+
+    class ScriptedModel(Model):  # type: ignore[misc]
+        def __init__(self, replies: list[str]) -> None:
+            super().__init__(model_id="scripted")
+            self.replies = replies
+
+        def generate(self, messages: Any, *args: Any, **kwargs: Any) -> Any:
+            return ChatMessage(role=MessageRole.ASSISTANT, content=self.replies.pop(0))
+
+    model = ScriptedModel(
+        [
+            "Thought: add them up.\n<code>\ntotal = sum(range(10))\nprint(total)\n</code>",
+            "Thought: double it.\n<code>\nfinal_answer(total * 2)\n</code>",
+        ]
+    )
+    before = sessions_of(service)
+    executor = smolagents_executor(service.base_url, KEY)
+    with CodeAgent(tools=[], model=model, executor=executor, max_steps=3) as agent:
+        kernel_id = executor.kernel_id
+        assert agent.run("Twice the sum of 0..9?") == 90
+        codes = history_codes(service, kernel_id)
+        assert "total = sum(range(10))\nprint(total)" in codes
+        assert "final_answer(total * 2)" in codes
+    assert model.replies == []
+    assert sessions_of(service) == before  # the agent's cleanup deleted the kernel
