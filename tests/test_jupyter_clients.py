@@ -341,6 +341,13 @@ def test_jupyter_server_in_gateway_mode(service: Server, tmp_path: Path) -> None
         assert sessions_of(service) == before | {other}
         assert js.client.get(f"/api/kernels/{kernel_id}").status_code == 404
 
+        # a kernel that ends on our side (deleted, culled) leaves Jupyter Server's list
+        third = js.client.post("/api/kernels", json={"name": "python3"}).json()["id"]
+        assert third in {k["id"] for k in js.client.get("/api/kernels").json()}
+        assert service.client.delete(f"/sessions/{third}").status_code == 204
+        assert {k["id"] for k in js.client.get("/api/kernels").json()} == {other}
+        assert js.client.get(f"/api/kernels/{third}").status_code == 404
+
         # a clean stop: Jupyter Server shuts down the kernels it still has, on the gateway
         assert js.shut_down() == 0, js.log.read_text()
     assert sessions_of(service) == before
@@ -361,6 +368,7 @@ def test_autogen_docker_jupyter_executor(service: Server, tmp_path: Path) -> Non
     from autogen_ext.code_executors.docker_jupyter import DockerJupyterCodeExecutor
     from autogen_ext.code_executors.docker_jupyter._jupyter_server import JupyterConnectionInfo
 
+    assert "docker" in sys.modules  # the package is imported; its daemon is never asked
     port = int(service.base_url.rsplit(":", 1)[1])
     info = JupyterConnectionInfo(host="127.0.0.1", use_https=False, port=port, token=KEY)
     before = sessions_of(service)
