@@ -30,14 +30,15 @@ import pytest
 
 from tests.conftest import Server, alive, running_server, wait_for
 
-KEY = "jupyter-clients-key-0123456789"
-# what the clients' own dependencies say on import, not this test's business
+# what the clients' own dependencies say when imported: not this test's business
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:Support for class-based `config` is deprecated",
-    "ignore:jsonschema.RefResolver is deprecated",
-    "ignore:Accessing jsonschema.__version__ is deprecated",
+    "ignore:Support for class-based `config` is deprecated",  # autogen-ext's pydantic model
+    "ignore:jsonschema.RefResolver is deprecated",  # AG2
+    "ignore:Accessing jsonschema.__version__ is deprecated",  # AG2
 )
-JS_TOKEN = "jupyter-server-token-9876543210"
+
+KEY = "jupyter-clients-key-0123456789"  # the service's API key
+JS_TOKEN = "jupyter-server-token-9876543210"  # Jupyter Server's own token
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,8 @@ class JupyterServer:
 
 @contextmanager
 def jupyter_server(service: Server, tmp: Path) -> Iterator[JupyterServer]:
-    """`jupyter server` in gateway mode on a free loopback port, its gateway our service
+    """`jupyter server` (as `python -m jupyter_server`, the same application without the
+    `jupyter` launcher on PATH) in gateway mode on a free loopback port, its gateway our service
     (with the key); its configuration and runtime files in `tmp`. Killed at the end if it
     did not stop by itself; its log in tmp/jupyter-server.log."""
     port = free_port()
