@@ -77,9 +77,7 @@ def test_a_text_message_without_channel_is_for_shell_and_null_parts_are_empty(
     framing: Framing,
 ) -> None:
     # (JSON text is read in either framing: lenient with v1 clients)
-    message = read(
-        _text(header=HEADER, parent_header=None, metadata=None, content=None), framing
-    )
+    message = read(_text(header=HEADER, parent_header=None, metadata=None, content=None), framing)
     assert message.channel == "shell"
     assert (message.parent_header, message.metadata, message.content) == ({}, {}, {})
     absent = read(_text(header=HEADER), framing)
@@ -171,9 +169,7 @@ def test_an_integer_past_64_bits_does_not_break_reading_or_writing() -> None:
 
 
 def test_a_legacy_binary_frame_is_read_with_its_buffers() -> None:
-    body = json.dumps(
-        {"channel": "shell", "header": HEADER, "content": {"comm_id": "c"}}
-    ).encode()
+    body = json.dumps({"channel": "shell", "header": HEADER, "content": {"comm_id": "c"}}).encode()
     frame = _legacy_binary(body, b"\x00\xffraw", b"", b"second")
     assert frame[:4] == b"\x00\x00\x00\x04"  # big-endian: four parts
     message = read(frame, "legacy")
