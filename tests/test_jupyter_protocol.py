@@ -333,11 +333,6 @@ def test_complete_inspect_and_is_complete_are_relayed(client: Client) -> None:
         assert answered["content"]["status"] == status, code
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: RequestRelay takes comm_info_request for a comm message without a "
-    "reply (msg_type.startswith('comm_')) and stops relaying at its idle when that comes first",
-)
 def test_comm_info_request(client: Client) -> None:
     # The kernel's reply and its idle come on different sockets, in either order: asked
     # 20 times, so that both orders come (the reply must be relayed in both).
@@ -639,11 +634,6 @@ def test_an_output_flood_is_bounded_and_a_note_comes_before_idle(
     assert flooded[-1]["content"]["execution_state"] == "idle"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: Budget admits whole messages only, so a flood whose first stream "
-    "message is larger than output_limit relays no output at all, not the promised head",
-)
 def test_an_output_flood_still_shows_its_head(flooded: list[dict[str, Any]]) -> None:
     assert stdout(flooded).startswith("0\n1\n2\n")
 

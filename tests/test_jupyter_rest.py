@@ -3,6 +3,7 @@ keys as Jupyter clients send them, against a real server with API keys (and, for
 origin checks, the shared server without keys)."""
 
 import re
+import socket
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -83,6 +84,17 @@ def refused_handshake(server: Server, path: str, **options: Any) -> httpx.Respon
         headers=list(response.headers.raw_items()),
         content=bytes(response.body or b""),
     )
+    answer.read()
+    return answer
+
+
+def rebound_handshake(server: Server, path: str, host: str) -> httpx.Response:
+    """A WebSocket handshake to the server that names `host` (as after DNS rebinding)."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    with pytest.raises(InvalidStatus) as refused, sock:
+        connect(f"ws://{host}{path}", sock=sock, proxy=None, open_timeout=60).close()
+    response = refused.value.response
+    answer = httpx.Response(response.status_code, content=bytes(response.body or b""))
     answer.read()
     return answer
 
@@ -188,7 +200,8 @@ def test_start_a_kernel(
         (b"[1]", 400, "invalid_request"),
         (b'"python3"', 400, "invalid_request"),
         (b'{"name": "nope"}', 404, "no_such_kernel"),
-        (b'{"name": 3}', 404, "no_such_kernel"),
+        (b'{"name": 3}', 400, "invalid_request"),
+        (b'{"env": []}', 400, "invalid_request"),
     ],
 )
 def test_a_bad_start_is_refused_and_starts_nothing(
@@ -429,6 +442,15 @@ def test_without_keys_another_origin_is_refused(keyless: Server) -> None:
         assert_jupyter_error(
             server.client.delete(f"/api/kernels/{kernel_id}", headers=evil), 403, "origin_refused"
         )
+        # DNS rebinding: a site's name made to point at 127.0.0.1, its page then same-origin
+        rebound = {"Host": f"rebound.evil.example:{server.port}",
+                   "Origin": f"http://rebound.evil.example:{server.port}"}  # fmt: skip
+        for answer in (
+            server.client.post("/api/kernels", headers=rebound),
+            server.client.get("/api/kernels", headers=rebound),
+            rebound_handshake(server, path, rebound["Host"]),
+        ):
+            assert_jupyter_error(answer, 403, "origin_refused")
         with ws(server, path, origin=server.base_url) as opened:
             assert opened.subprotocol is None
         with ws(server, path) as opened:  # no Origin at all: not a browser

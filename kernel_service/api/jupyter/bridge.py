@@ -102,16 +102,31 @@ class Budget:
         self._text, self._rich = text, rich
         self.dropped_chars = self.dropped_outputs = 0
 
-    def admits(self, msg_type: str, content: dict[str, Any]) -> bool:
+    def fit(self, msg_type: str, content: dict[str, Any]) -> dict[str, Any] | None:
+        """The content to relay: all of it, a stream's text cut to the room left, or None
+        (past the budget). Once cut, all later output is dropped: none out of order."""
         text, rich = _size(msg_type, content)
         if text <= self._text and rich <= self._rich:
             self._text -= text
             self._rich -= rich
-            return True
-        self._text = self._rich = 0  # once cut, cut: no later output out of order
+            return content
+        room, self._text, self._rich = self._text, 0, 0
+        if msg_type == "stream" and room > 0 and isinstance(content.get("text"), str):
+            self.dropped_chars += text - room
+            return {**content, "text": content["text"][:room]}
         self.dropped_chars += text + rich
         self.dropped_outputs += msg_type != "stream"
-        return False
+        return None
+
+    def relayed(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """`msg` as it may be relayed (an output within the budget), or None."""
+        msg_type, content = msg.get("msg_type"), msg.get("content")
+        if msg_type not in _OUTPUTS or not isinstance(content, dict):
+            return msg
+        fitted = self.fit(str(msg_type), content)
+        if fitted is None:
+            return None
+        return msg if fitted is content else {**msg, "content": fitted}
 
 
 class Outbox:
@@ -497,7 +512,8 @@ class RequestRelay:
         self._request = request
         settings = connection._settings
         self._budget = Budget(settings.output_limit, settings.rich_output_limit)
-        self._replied = request.msg_type.startswith("comm_")
+        # comm_open, comm_msg and comm_close have no reply (comm_info_request has one)
+        self._replied = request.msg_type in ("comm_open", "comm_msg", "comm_close")
         self._idle = False
         self._ended = False
 
@@ -512,12 +528,10 @@ class RequestRelay:
             self._replied = True
             channel = "control" if self._request.channel == "control" else "shell"
             self._connection.deliver(msg, parent, channel, droppable=False)
-        elif msg_type in _OUTPUTS and not self._budget.admits(msg_type, content):
-            pass
-        else:
+        elif (relayed := self._budget.relayed(msg)) is not None:
             if msg_type == "status" and content.get("execution_state") == "idle":
                 self._idle = True
-            broadcast(self._connection._connections, self._connection, msg, parent, True)
+            broadcast(self._connection._connections, self._connection, relayed, parent, True)
         if self._replied and self._idle:
             self.stop()
             return False
@@ -558,10 +572,10 @@ class ExecutionRelay:
             if msg_type == "status" and content.get("execution_state") == "idle":
                 self._idle = msg
                 return True
-        if msg_type in _OUTPUTS and not self._budget.admits(msg_type, content):
-            return True
-        connection = self._connection
-        broadcast(connection._connections, connection, msg, self._request.header, True)
+        relayed = self._budget.relayed(msg)
+        if relayed is not None:
+            connection = self._connection
+            broadcast(connection._connections, connection, relayed, self._request.header, True)
         return True
 
     def finish(self, answer: Answer) -> None:
@@ -572,6 +586,8 @@ class ExecutionRelay:
         self._finished = True
         connection, parent = self._connection, self._request.header
         result, seen = answer.result, answer.service_error
+        if seen is None and self._reply is None and result.error is not None:
+            seen = result.error  # the kernel sent no reply (interrupted as it began)
         if answer.notice:  # the state lost since the last execution, say
             text = f"[{answer.notice}]\n"
             connection.publish(parent, "stream", {"name": "stderr", "text": text})
@@ -586,7 +602,7 @@ class ExecutionRelay:
                 if result.full_output is not None
                 else ""
             )
-            text = f"\n[{note}: over the service's output limit.{where}]\n"
+            text = f"\n{note} (over the service's output limit.{where})\n"
             connection.publish(parent, "stream", {"name": "stderr", "text": text})
         content = _reply_content(self._reply, answer, seen)
         service = {
