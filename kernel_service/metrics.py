@@ -155,6 +155,10 @@ class Metrics:
         """Report the live sessions' statuses and the pool's ready kernels at each scrape."""
         self.registry.register(_LiveFigures(sessions, warm_kernels))
 
+    def gauge(self, name: str, description: str, read: Callable[[], float]) -> None:
+        """A gauge read at each scrape (a front door's own live figure)."""
+        self.registry.register(_LiveGauge(name, description, read))
+
     def exposition(self, accept: str) -> tuple[bytes, str]:
         """The metrics in the format the scraper's Accept header asks for, and its type."""
         encode, content_type = choose_encoder(accept)
@@ -198,6 +202,19 @@ class Metrics:
         cause = kernel.exit_cause()
         if cause is not None:
             self._deaths.labels(cause).inc()
+
+
+class _LiveGauge:
+    """One gauge read when scraped."""
+
+    def __init__(self, name: str, description: str, read: Callable[[], float]) -> None:
+        self._name, self._description, self._read = name, description, read
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self._name, self._description, value=0)
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self._name, self._description, value=self._read())
 
 
 class _LiveFigures:

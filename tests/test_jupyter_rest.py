@@ -16,6 +16,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import Server, kernel_processes, running_server, service_process, wait_for
+from tests.test_metrics import scrape, value
 
 KEY_A, KEY_B = "jupyter-key-alpha-0123456789", "jupyter-key-bravo-9876543210"
 TIMESTAMP = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -271,14 +272,20 @@ def test_connections_count_open_websockets(keyed: Server, alpha: httpx.Client, k
         count: int = alpha.get(f"/api/kernels/{kernel}").json()["connections"]
         return count
 
+    def gauge() -> float:  # GET /metrics: every kernel's, on this server of its own
+        return value(scrape(alpha), "kernel_service_jupyter_websockets")
+
     path = f"/api/kernels/{kernel}/channels?token={KEY_A}"
     assert connections() == 0
+    assert gauge() == 0
     with ws(keyed, path):
         assert wait_for(lambda: connections() == 1)
         with ws(keyed, path):
             assert wait_for(lambda: connections() == 2)
+            assert gauge() == 2
         assert wait_for(lambda: connections() == 1)
     assert wait_for(lambda: connections() == 0)
+    assert gauge() == 0
 
 
 def test_kernels_are_sessions(alpha: httpx.Client, kernel: str) -> None:

@@ -40,6 +40,11 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
     mcp = McpServer(settings, runtime.registry)
     mcp_app = mcp.http_app(settings.host)
     jupyter_connections = Connections()
+    runtime.metrics.gauge(
+        "kernel_service_jupyter_websockets",
+        "Open WebSockets of Jupyter clients on kernels.",
+        jupyter_connections.total,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

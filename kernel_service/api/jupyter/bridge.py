@@ -190,6 +190,10 @@ class Connections:
     def count(self, session: Session) -> int:
         return len(self._by_session.get(session.key, ()))
 
+    def total(self) -> int:
+        """Open WebSockets, on every kernel."""
+        return sum(map(len, self._by_session.values()))
+
     def of(self, session: Session) -> set["KernelConnection"]:
         return self._by_session.get(session.key, set())
 
