@@ -123,3 +123,39 @@ def test_without_a_sandbox_the_service_refuses_to_start(tmp_path: Path) -> None:
     assert refused.returncode != 0
     assert "refusing to start: the sandbox is not available" in refused.stderr
     assert "KERNEL_SERVICE_SANDBOX=none" in refused.stderr
+
+
+def test_without_keys_web_pages_of_other_sites_are_refused(tmp_path: Path) -> None:
+    """No key stops a page in the user's browser: a page of another origin, or one whose
+    site's name was made to point at 127.0.0.1 (DNS rebinding), gets 403 on every route
+    but /healthz (and /mcp, which answers such hosts 421 itself)."""
+    with running_server(tmp_path) as server:
+        client = server.client
+        session = server.new_session()
+        port = server.port
+        for headers in (
+            {"Origin": "http://evil.example"},
+            {
+                "Host": f"rebound.evil.example:{port}",
+                "Origin": f"http://rebound.evil.example:{port}",
+            },
+            {"Host": f"rebound.evil.example:{port}"},
+        ):
+            for method, path, body in (
+                ("POST", "/execute", {"code": "1", "session_id": session}),
+                ("GET", "/sessions", None),
+                ("GET", f"/sessions/{session}/history", None),
+                ("POST", "/api/kernels", None),
+            ):
+                refused = client.request(method, path, json=body, headers=headers)
+                assert refused.status_code == 403, (headers, path, refused.text)
+                assert refused.json()["code"] == "origin_refused"
+                assert "Refused: the request" in refused.text
+            assert client.get("/healthz", headers=headers).status_code == 200
+        # the service's own pages, and clients that are not browsers, are served
+        same = {"Origin": server.base_url}
+        ran = client.post("/execute", json={"code": "1", "session_id": session}, headers=same)
+        assert ran.status_code == 200, ran.text
+        listed = client.get("/sessions", headers={"Host": f"localhost:{port}"})
+        assert listed.status_code == 200
+        assert [s["session_id"] for s in listed.json()["sessions"]] == [session]

@@ -238,7 +238,7 @@ def test_over_the_cap_a_connection_is_refused_at_once_while_the_others_are_serve
         for _ in range(7):  # requests whose bodies are still to come: none waits on a head
             sock = connect(
                 server.port,
-                b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"POST /execute HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 2\r\nExpect: 100-continue\r\n\r\n",
             )
             held.append(sock)

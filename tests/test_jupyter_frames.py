@@ -64,7 +64,6 @@ def test_a_text_message_is_read_with_every_part() -> None:
     assert message == ClientMessage(
         channel="control",
         header=HEADER,
-        parent_header={"msg_id": "p"},
         metadata={"timeout": 3},
         content={"code": "1 + 1"},
         buffers=[],
@@ -79,9 +78,21 @@ def test_a_text_message_without_channel_is_for_shell_and_null_parts_are_empty(
     # (JSON text is read in either framing: lenient with v1 clients)
     message = read(_text(header=HEADER, parent_header=None, metadata=None, content=None), framing)
     assert message.channel == "shell"
-    assert (message.parent_header, message.metadata, message.content) == ({}, {}, {})
+    assert (message.metadata, message.content) == ({}, {})
     absent = read(_text(header=HEADER), framing)
     assert (absent.channel, absent.content, absent.buffers) == ("shell", {}, [])
+
+
+def test_only_the_headers_protocol_fields_are_kept_each_bounded() -> None:
+    # the header is the parent of every message of the request's answer: a client's extra
+    # fields (a megabyte in one) would be copied into each
+    header = {**HEADER, "junk": "x" * 1_000_000, "username": 7, "subshell_id": None}
+    kept = read(_text(header=header), "legacy").header
+    assert kept == {k: v for k, v in HEADER.items() if k != "username"}
+    for field in ("msg_id", "session", "date"):
+        with pytest.raises(BadFrame, match=f"header's {field} is longer than 256"):
+            read(_text(header={**HEADER, field: "x" * 257}), "legacy")
+    assert read(_text(header={**HEADER, "session": "x" * 256}), "legacy").header["session"]
 
 
 @pytest.mark.parametrize(
@@ -226,8 +237,7 @@ def test_v1_read_of_the_hand_built_vector() -> None:
     message = read(V1_VECTOR, "v1")
     assert message == ClientMessage(
         channel="shell",
-        header={"h": 1, "msg_id": "a", "msg_type": "comm_msg"},
-        parent_header={},
+        header={"msg_id": "a", "msg_type": "comm_msg"},  # Jupyter's fields alone are kept
         metadata={"m": True},
         content={"data": {"x": [1, 2]}},
         buffers=[b"\x00\x01\x02", b"BUF"],
@@ -249,7 +259,6 @@ def test_v1_round_trip(buffers: list[bytes]) -> None:
     message = read(frame, "v1")
     assert message.channel == "control"
     assert message.header == HEADER
-    assert message.parent_header == {"msg_id": "p", "ü": "ß"}
     assert message.content == {"code": "print('é')"}
     assert message.buffers == buffers
 

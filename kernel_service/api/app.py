@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from starlette.routing import Route
 
 from kernel_service import __version__
-from kernel_service.api.auth import ApiKeyAuth
+from kernel_service.api.auth import ApiKeyAuth, LocalPagesOnly
 from kernel_service.api.errors import BodySizeLimit, install_error_handlers
 from kernel_service.api.files import is_upload
 from kernel_service.api.files import router as files_router
@@ -88,4 +88,6 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
     )
     if settings.api_keys():
         app.add_middleware(ApiKeyAuth, keys=settings.api_keys())  # outermost: checked first
+    else:
+        app.add_middleware(LocalPagesOnly, listen_host=settings.host)
     return app

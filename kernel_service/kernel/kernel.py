@@ -58,7 +58,8 @@ _RELAYED = 1024
 
 # Told of each message the kernel sends in answer to a relayed request (its reply, and its
 # iopub messages: status, outputs, comms), as it arrives; it returns False to hear no more.
-Relay = Callable[[dict[str, Any]], bool]
+# Told None when no more will come: the kernel ended, or forgot the request (past _RELAYED).
+Relay = Callable[[dict[str, Any] | None], bool]
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,7 @@ class Kernel:
         channels, leave the process and its files."""
         self._closed = True
         self._stop_channels()
+        self._end_relays()
 
     async def _wait_ready(self, timeout: float, control: bool = False) -> None:
         """Ready means: kernel_info answered on shell (or `control`) *and* its idle seen on
@@ -361,7 +363,21 @@ class Kernel:
     def _watch(self, msg_id: str, to: Relay) -> None:
         self._relays[msg_id] = to
         if len(self._relays) > _RELAYED:
-            self._relays.popitem(last=False)
+            _, forgotten = self._relays.popitem(last=False)
+            self._tell(forgotten, None)
+
+    def _end_relays(self) -> None:
+        """No answer will come to the relayed requests: tell them (the kernel ended)."""
+        relays, self._relays = list(self._relays.values()), OrderedDict()
+        for relay in relays:
+            self._tell(relay, None)
+
+    def _tell(self, relay: Relay, msg: dict[str, Any] | None) -> bool:
+        try:
+            return relay(msg)
+        except Exception:
+            log.exception("kernel %s: a relay failed", self.kernel_id)
+            return False
 
     def interrupt(self) -> None:
         """Make the running code raise KeyboardInterrupt (see interrupts.py)."""
@@ -444,14 +460,9 @@ class Kernel:
         self._feed(msg)
         parent = msg.get("parent_header")
         parent_id = parent.get("msg_id") if isinstance(parent, dict) else None
-        if isinstance(parent_id, str) and (relay := self._relays.get(parent_id)) is not None:
-            try:
-                keep = relay(msg)
-            except Exception:
-                log.exception("kernel %s: a relay failed", self.kernel_id)
-                keep = False
-            if not keep:
-                self._relays.pop(parent_id, None)
+        relay = self._relays.get(parent_id) if isinstance(parent_id, str) else None
+        if relay is not None and not self._tell(relay, msg):
+            self._relays.pop(str(parent_id), None)
 
     def _feed(self, msg: dict[str, Any]) -> None:
         """Hand a message from the kernel to the request in flight (or to a probe's wait)."""
@@ -491,6 +502,7 @@ class Kernel:
             self._changed.set()
 
     def _on_exit(self, returncode: int) -> None:
+        self._end_relays()
         self._end.exited(returncode)
         if not self._end.by_service:
             log.warning("kernel %s ended unexpectedly: %s", self.kernel_id, self.exit_words())

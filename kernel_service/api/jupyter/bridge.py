@@ -9,34 +9,30 @@ messages out, as a Jupyter kernel's own channels would carry them.
   kernel's death, lost output) comes first, as an iopub `error`.
 - `interrupt_request` interrupts the session's running execution; `shutdown_request`
   restarts the session's kernel, or deletes the session.
-- Every other request on shell or control (kernel_info, complete, inspect, is_complete,
-  history, comm messages...) is relayed to the kernel as it is (`Session.relay`).
+- The other requests of the protocol on shell or control (kernel_info, complete, inspect,
+  is_complete, history, comm messages...: RELAYED) go to the kernel as they are
+  (`Session.relay`); any other type is answered with an error.
 - Input is never asked for: code runs with `allow_stdin` false (`input()` says why).
 
 iopub messages go to every client of the session, as Jupyter does; replies go to the client
-that asked. What waits for a slow client is bounded (`Outbox`), and so is what one request
-may relay (`Budget`): past either, outputs are dropped, and a note says so.
+that asked. Everything is bounded, whatever the client or the kernel's code sends: what a
+kernel's clients may have waiting (MAX_QUEUED executions, MAX_RELAYED requests), what
+waits for a slow client (`Outbox`), what one request may relay (`Budget`: past it outputs
+are dropped, and a note says so), and one reply per request.
 """
 
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from kernel_service.api.errors import detail_of
-from kernel_service.api.jupyter.frames import (
-    BadFrame,
-    ClientMessage,
-    Frame,
-    Framing,
-    dumps,
-    write,
-)
+from kernel_service.api.jupyter.frames import BadFrame, ClientMessage, Frame, Framing, dumps, write
 from kernel_service.config import Settings
 from kernel_service.errors import CodeTooLarge, ServiceError
 from kernel_service.execution.collector import is_rich_mime
@@ -50,14 +46,37 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = "5.3"
 # Bytes of messages held for a client that reads slowly; past it outputs are dropped.
 OUTBOX_LIMIT = 8 * 1024 * 1024
-# ... and of every message (replies too): past it the client is taken as not reading.
-OUTBOX_HARD_LIMIT = 128 * 1024 * 1024
-# Executions one connection may have waiting; more are answered with an error.
+# ... and of every message (replies too): past it the client is taken as not reading, and
+# its socket is closed. Room for a few of the largest messages a kernel may send.
+OUTBOX_HARD_LIMIT = 64 * 1024 * 1024
+# Executions waiting on one kernel, from all its clients; more are answered with an error.
 MAX_QUEUED = 64
-# Requests of one connection relayed to the kernel and not yet answered, at most.
+# Requests relayed to one kernel and not yet answered, from all its clients, at most.
 MAX_RELAYED = 256
+# Messages the answer to one request may relay (past it, outputs and statuses are dropped).
+MAX_MESSAGES = 20_000
+# After its idle, how long a relayed request's reply may take before it is taken as lost.
+REPLY_GRACE = 5.0
+# The requests relayed to the kernel as they are (execute, interrupt and shutdown requests
+# are the service's own); any other type gets an error reply.
+RELAYED = frozenset(
+    {
+        "kernel_info_request",
+        "complete_request",
+        "inspect_request",
+        "is_complete_request",
+        "history_request",
+        "comm_info_request",
+        "comm_open",
+        "comm_msg",
+        "comm_close",
+        "debug_request",
+        "usage_request",
+    }
+)
+_NO_REPLY = frozenset({"comm_open", "comm_msg", "comm_close"})
 # The kernel's messages that are outputs (counted against a request's budget).
-_OUTPUTS = {"stream", "display_data", "execute_result", "error", "update_display_data"}
+_OUTPUTS = frozenset({"stream", "display_data", "execute_result", "error", "update_display_data"})
 
 Send = Callable[[Frame], Awaitable[None]]
 
@@ -75,14 +94,16 @@ def _header(msg_type: str, session: str) -> dict[str, Any]:
 
 
 def _size(msg_type: str, content: dict[str, Any]) -> tuple[int, int]:
-    """(text, rich) characters an output message carries."""
+    """(text, rich) characters an output message carries; at least one (an empty output
+    costs something too)."""
     if msg_type == "stream":
         text = content.get("text")
-        return (len(text) if isinstance(text, str) else 0), 0
+        return max(len(text) if isinstance(text, str) else 0, 1), 0
     if msg_type == "error":
         traceback = content.get("traceback")
         lines = traceback if isinstance(traceback, list) else []
-        return sum(len(str(line)) for line in lines) + len(str(content.get("evalue", ""))), 0
+        size = sum(len(str(line)) for line in lines) + len(str(content.get("evalue", "")))
+        return max(size, 1), 0
     data = content.get("data")
     text = rich = 0
     for mime, value in data.items() if isinstance(data, dict) else ():
@@ -91,15 +112,16 @@ def _size(msg_type: str, content: dict[str, Any]) -> tuple[int, int]:
             rich += size
         else:
             text += size
-    return text, rich
+    return max(text, 1), rich
 
 
 class Budget:
     """What one request may relay: the service's output limits, whole (the result keeps a
-    head and a tail; a client sees the head, then a note)."""
+    head and a tail; a client sees the head, then a note), and MAX_MESSAGES messages."""
 
     def __init__(self, text: int, rich: int) -> None:
         self._text, self._rich = text, rich
+        self._messages = MAX_MESSAGES
         self.dropped_chars = self.dropped_outputs = 0
 
     def fit(self, msg_type: str, content: dict[str, Any]) -> dict[str, Any] | None:
@@ -120,6 +142,10 @@ class Budget:
 
     def relayed(self, msg: dict[str, Any]) -> dict[str, Any] | None:
         """`msg` as it may be relayed (an output within the budget), or None."""
+        if self._messages <= 0:
+            self.dropped_outputs += msg.get("msg_type") in _OUTPUTS
+            return None
+        self._messages -= 1
         msg_type, content = msg.get("msg_type"), msg.get("content")
         if msg_type not in _OUTPUTS or not isinstance(content, dict):
             return msg
@@ -128,12 +154,19 @@ class Budget:
             return None
         return msg if fitted is content else {**msg, "content": fitted}
 
+    def note(self) -> str | None:
+        """What was not relayed, in words (None: everything was)."""
+        if not (self.dropped_chars or self.dropped_outputs):
+            return None
+        return truncation_note(self.dropped_chars, self.dropped_outputs)
+
 
 class Outbox:
     """The frames waiting for one client, and the task that sends them. Outputs past
     OUTBOX_LIMIT bytes are dropped (the next output that fits says how many); the service's
     own messages and the kernel's replies are kept, up to OUTBOX_HARD_LIMIT: past it the
-    client is not reading at all, and `broken` is set (the socket is then closed)."""
+    client is not reading at all: what waits is dropped and `broken` is set (the socket is
+    then closed)."""
 
     def __init__(self, send: Send, limit: int = OUTBOX_LIMIT) -> None:
         self._send = send
@@ -145,6 +178,11 @@ class Outbox:
         self.dropped = 0
         self.closed = False
 
+    def full(self, droppable: bool) -> bool:
+        """Whether a frame would be refused now, whatever its size (decided before the
+        frame is made: a client that reads nothing costs no serialising)."""
+        return self.closed or (droppable and self._pending >= self._limit)
+
     def put(self, frame: Frame, droppable: bool) -> bool:
         if self.closed:
             return False
@@ -152,6 +190,8 @@ class Outbox:
             if droppable:
                 self.dropped += 1
             else:
+                self._queue.clear()
+                self._pending = 0
                 self.broken.set()
                 self.close()
             return False
@@ -180,11 +220,14 @@ class Outbox:
 
 class Connections:
     """Every open WebSocket, by session (for iopub to reach all of a session's clients, and
-    the kernel model's `connections`), and the work that outlives its socket (executions a
+    the kernel model's `connections`), what a session's clients have waiting (bounded per
+    kernel, however many sockets), and the work that outlives its socket (executions a
     client sent before it went, shutdowns): ended when the service stops."""
 
     def __init__(self) -> None:
         self._by_session: dict[str, set[KernelConnection]] = {}
+        self._queued: dict[str, int] = {}
+        self._relaying: dict[str, int] = {}
         self._work: set[asyncio.Task[Any]] = set()
 
     def count(self, session: Session) -> int:
@@ -211,6 +254,22 @@ class Connections:
                 if not connections:
                     del self._by_session[key]
 
+    def take(self, kind: Literal["queued", "relaying"], session: Session, limit: int) -> bool:
+        """Count one more waiting request of `session` of this kind, unless `limit` are."""
+        counts = self._queued if kind == "queued" else self._relaying
+        if counts.get(session.key, 0) >= limit:
+            return False
+        counts[session.key] = counts.get(session.key, 0) + 1
+        return True
+
+    def release(self, kind: Literal["queued", "relaying"], session: Session) -> None:
+        counts = self._queued if kind == "queued" else self._relaying
+        left = counts.get(session.key, 0) - 1
+        if left > 0:
+            counts[session.key] = left
+        else:
+            counts.pop(session.key, None)
+
     def keep(self, work: Awaitable[None], name: str) -> "asyncio.Task[None]":
         """Run `work` to its end whatever becomes of the socket (until the service stops)."""
         task = asyncio.ensure_future(work)
@@ -228,6 +287,26 @@ class Connections:
             await asyncio.wait(work)
 
 
+@dataclass(frozen=True)
+class _Execution:
+    """What is kept of an execute_request while it waits: its code, its options, its
+    bounded header (the parent of its answer), and its time limit."""
+
+    header: dict[str, Any]
+    code: str
+    options: ExecuteOptions
+    timeout: float | None
+
+    @property
+    def request(self) -> ClientMessage:
+        return ClientMessage(channel="shell", header=self.header)
+
+
+# user_expressions an execute_request may carry: entries, and characters of each
+_EXPRESSIONS = 64
+_EXPRESSION_CHARS = 4096
+
+
 class KernelConnection:
     """One client's WebSocket on one session."""
 
@@ -243,15 +322,14 @@ class KernelConnection:
     ) -> None:
         self.session = session
         self._registry = registry
-        self._settings = settings
-        self._connections = connections
+        self.settings = settings
+        self.connections = connections
         self.framing = framing
         self.outbox = Outbox(send)
         self._bridge_session = uuid.uuid4().hex  # the `session` of headers written here
-        self._executions: deque[ClientMessage] = deque()
+        self._executions: deque[_Execution] = deque()
         self._worker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # relays waiting for a kernel
-        self._relayed = 0  # relayed requests not yet answered
         self._dropped_note_parent: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ the client's frames
@@ -269,9 +347,16 @@ class KernelConnection:
                      interrupted)  # fmt: skip
             self._reply(message, {"status": "ok"})
         elif msg_type == "shutdown_request":
-            self._connections.keep(self._shut_down(message), "jupyter-shutdown")
-        elif message.channel in ("shell", "control"):
+            self.connections.keep(self._shut_down(message), "jupyter-shutdown")
+        elif msg_type in RELAYED:
             self._relay(message)
+        else:
+            self._fail(
+                message,
+                "UnknownMessageType",
+                f"{msg_type!r} is not a request this kernel takes: execute, interrupt, "
+                f"shutdown, and {', '.join(sorted(RELAYED))}.",
+            )
 
     def refuse(self, error: BadFrame) -> bool:
         """Answer a frame that is not a valid request with an error reply, when its header
@@ -286,64 +371,90 @@ class KernelConnection:
     # ------------------------------------------------------------ executions
 
     def _queue_execution(self, message: ClientMessage) -> None:
-        code = message.content.get("code")
-        if not isinstance(code, str):
-            self._fail(message, "InvalidMessage", "execute_request needs `code`, a string.")
+        execution = self._execution(message)
+        if execution is None:
             return
-        size = len(code.encode(errors="surrogatepass"))
-        if size > self._settings.max_code_bytes:
-            self._fail(
-                message, "CodeTooLarge", str(CodeTooLarge(size, self._settings.max_code_bytes))
-            )
-            return
-        if len(self._executions) >= MAX_QUEUED:
+        if not self.connections.take("queued", self.session, MAX_QUEUED):
             self._fail(
                 message,
                 "TooManyRequests",
-                f"{MAX_QUEUED} executions already wait on this connection; wait for their "
+                f"{MAX_QUEUED} executions already wait on this kernel; wait for their "
                 "replies before sending more.",
             )
             return
-        self._executions.append(message)
+        self._executions.append(execution)
         if self._worker is None:
-            self._worker = self._connections.keep(
+            self._worker = self.connections.keep(
                 self._run_executions(), f"jupyter-executions-{self.session.session_id}"
             )
+
+    def _execution(self, message: ClientMessage) -> _Execution | None:
+        """The request as it waits, or None when it was refused (and answered)."""
+        content = message.content
+        code = content.get("code")
+        if not isinstance(code, str):
+            self._fail(message, "InvalidMessage", "execute_request needs `code`, a string.")
+            return None
+        size = len(code.encode(errors="surrogatepass"))
+        if size > self.settings.max_code_bytes:
+            error = CodeTooLarge(size, self.settings.max_code_bytes)
+            self._fail(message, "CodeTooLarge", str(error))
+            return None
+        expressions = content.get("user_expressions") or {}
+        if not (
+            isinstance(expressions, dict)
+            and len(expressions) <= _EXPRESSIONS
+            and all(
+                isinstance(v, str) and len(k) + len(v) <= _EXPRESSION_CHARS
+                for k, v in expressions.items()
+            )
+        ):
+            self._fail(
+                message,
+                "InvalidMessage",
+                f"user_expressions must be an object of at most {_EXPRESSIONS} expressions "
+                f"(strings, each under {_EXPRESSION_CHARS} characters).",
+            )
+            return None
+        options = ExecuteOptions(
+            silent=content.get("silent") is True,
+            store_history=content.get("store_history", True) is not False,
+            user_expressions=expressions,
+            stop_on_error=content.get("stop_on_error", True) is not False,
+        )
+        asked = message.metadata.get("timeout")
+        timeout = float(asked) if isinstance(asked, int | float) and asked > 0 else None
+        return _Execution(message.header, code, options, timeout)
 
     async def _run_executions(self) -> None:
         """The connection's executions, in the order they came (the kernel outlives the
         socket: those sent before it closed still run, as in Jupyter)."""
         try:
             while self._executions:
-                message = self._executions.popleft()
-                ok = await self._execute(message)
-                if not ok and message.content.get("stop_on_error", True) is not False:
+                execution = self._executions.popleft()
+                self.connections.release("queued", self.session)
+                ok = await self._execute(execution)
+                if not ok and execution.options.stop_on_error:
                     # as a kernel does: what was queued behind a failed execution is aborted
                     while self._executions:
-                        self._abort(self._executions.popleft())
+                        self.connections.release("queued", self.session)
+                        self._abort(self._executions.popleft().request)
         finally:
+            for _ in self._executions:  # cancelled (the service stopping)
+                self.connections.release("queued", self.session)
+            self._executions.clear()
             self._worker = None
 
-    async def _execute(self, message: ClientMessage) -> bool:
+    async def _execute(self, execution: _Execution) -> bool:
         """Run one execute_request through the session; whether it ended without error."""
-        content, metadata = message.content, message.metadata
-        expressions = content.get("user_expressions")
-        options = ExecuteOptions(
-            silent=content.get("silent") is True,
-            store_history=content.get("store_history", True) is not False,
-            user_expressions=expressions if isinstance(expressions, dict) else {},
-            stop_on_error=content.get("stop_on_error", True) is not False,
-        )
-        asked = metadata.get("timeout")
-        timeout = float(asked) if isinstance(asked, int | float) and asked > 0 else None
-        relay = ExecutionRelay(self, message)
+        relay = ExecutionRelay(self, execution.header)
         try:
             answer = await self.session.execute_answer(
-                content["code"], timeout, options=options, relay=relay
+                execution.code, execution.timeout, options=execution.options, relay=relay
             )
         except ServiceError as exc:
             relay.stop()
-            self._fail(message, type(exc).__name__, detail_of(exc))
+            self._fail(execution.request, type(exc).__name__, detail_of(exc, jupyter=True))
             return False
         relay.finish(answer)
         return answer.result.status == "ok"
@@ -355,15 +466,14 @@ class KernelConnection:
     # ------------------------------------------------------------ other requests
 
     def _relay(self, message: ClientMessage) -> None:
-        if self._relayed >= MAX_RELAYED:
+        if not self.connections.take("relaying", self.session, MAX_RELAYED):
             self._fail(
                 message,
                 "TooManyRequests",
-                f"{MAX_RELAYED} requests on this connection await the kernel's answer; wait "
-                "for their replies before sending more.",
+                f"{MAX_RELAYED} requests to this kernel await its answer; wait for their "
+                "replies before sending more.",
             )
             return
-        self._relayed += 1
         relay = RequestRelay(self, message)
         channel: Literal["shell", "control"] = (
             "control" if message.channel == "control" else "shell"
@@ -380,13 +490,12 @@ class KernelConnection:
                     buffers=message.buffers,
                 )
             except ServiceError as exc:
-                relay.stop()
-                self._fail(message, type(exc).__name__, detail_of(exc))
+                relay.fail(type(exc).__name__, detail_of(exc, jupyter=True))
+            except asyncio.CancelledError:
+                relay.stop()  # the socket closed while the kernel started: never sent
+                raise
 
         self._spawn(send())
-
-    def relay_ended(self) -> None:
-        self._relayed -= 1
 
     async def _shut_down(self, message: ClientMessage) -> None:
         """shutdown_request: restart the kernel (its state is lost), or delete the session."""
@@ -399,7 +508,7 @@ class KernelConnection:
                 await self._registry.close(self.session.session_id, self.session.owner)
                 return
         except ServiceError as exc:
-            self._fail(message, type(exc).__name__, detail_of(exc))
+            self._fail(message, type(exc).__name__, detail_of(exc, jupyter=True))
             return
         self._reply(message, {"status": "ok", "restart": True})
 
@@ -412,25 +521,28 @@ class KernelConnection:
     # ------------------------------------------------------------ to the client
 
     def deliver(
-        self, msg: dict[str, Any], parent: dict[str, Any], channel: str, droppable: bool
+        self,
+        msg: dict[str, Any],
+        parent: dict[str, Any],
+        channel: str,
+        droppable: bool,
+        frames: dict[Framing, Frame] | None = None,
     ) -> bool:
-        """Queue one message for this client, its parent header `parent`."""
-        metadata = msg.get("metadata")
-        content = msg.get("content")
-        header = msg.get("header")
-        out = {
-            "header": header,
-            "msg_id": header.get("msg_id") if isinstance(header, dict) else None,
-            "msg_type": header.get("msg_type") if isinstance(header, dict) else None,
-            "parent_header": parent,
-            "metadata": metadata if isinstance(metadata, dict) else {},
-            "content": content if isinstance(content, dict) else {},
-            "buffers": msg.get("buffers", []),
-            "channel": channel,
-        }
+        """Queue one message for this client, its parent header `parent`; `frames` caches
+        the message's frames by framing (a broadcast makes each once)."""
+        if self.outbox.full(droppable):
+            if droppable and not self.outbox.closed:
+                self.outbox.dropped += 1
+                self._dropped_note_parent = parent
+            return False
         if droppable and self.outbox.dropped and self._dropped_note_parent is not None:
             self._note_dropped()
-        sent = self.outbox.put(write(out, self.framing), droppable)
+        frame = frames.get(self.framing) if frames is not None else None
+        if frame is None:
+            frame = write(_outgoing(msg, parent, channel), self.framing)
+            if frames is not None:
+                frames[self.framing] = frame
+        sent = self.outbox.put(frame, droppable)
         if not sent and droppable:
             self._dropped_note_parent = parent
         return sent
@@ -443,7 +555,7 @@ class KernelConnection:
             f"[{count} message(s) of output not sent: this client read too slowly. The "
             "session's history has the whole result.]\n"
         )
-        self.publish(parent or {}, "stream", {"name": "stderr", "text": text}, droppable=False)
+        self.publish(parent or {}, "stream", {"name": "stderr", "text": text})
 
     def publish(
         self,
@@ -451,11 +563,10 @@ class KernelConnection:
         msg_type: str,
         content: dict[str, Any],
         channel: str = "iopub",
-        droppable: bool = False,
     ) -> None:
-        """A message of the service's own, to this client alone."""
+        """A message of the service's own, to this client alone (never dropped)."""
         self.deliver({"header": self.header(msg_type), "content": content}, parent, channel,
-                     droppable)  # fmt: skip
+                     droppable=False)  # fmt: skip
 
     def header(self, msg_type: str) -> dict[str, Any]:
         """A header for a message the service writes itself."""
@@ -492,59 +603,96 @@ class KernelConnection:
             await asyncio.wait(tasks)
 
 
+def _outgoing(msg: dict[str, Any], parent: dict[str, Any], channel: str) -> dict[str, Any]:
+    """A kernel's (or the service's) message as a client gets it."""
+    header = msg.get("header")
+    header = header if isinstance(header, dict) else {}
+    metadata, content = msg.get("metadata"), msg.get("content")
+    return {
+        "header": header,
+        "msg_id": header.get("msg_id"),
+        "msg_type": header.get("msg_type"),
+        "parent_header": parent,
+        "metadata": metadata if isinstance(metadata, dict) else {},
+        "content": content if isinstance(content, dict) else {},
+        "buffers": msg.get("buffers", []),
+        "channel": channel,
+    }
+
+
 def broadcast(
-    connections: Connections,
-    origin: KernelConnection,
-    msg: dict[str, Any],
-    parent: dict[str, Any],
-    droppable: bool,
+    origin: KernelConnection, msg: dict[str, Any], parent: dict[str, Any], droppable: bool
 ) -> None:
-    """An iopub message to every client of the origin's session (the origin first)."""
-    origin.deliver(msg, parent, "iopub", droppable)
-    for connection in connections.of(origin.session):
+    """An iopub message to every client of the origin's session (the origin first; each
+    framing's frame made once)."""
+    frames: dict[Framing, Frame] = {}
+    origin.deliver(msg, parent, "iopub", droppable, frames)
+    for connection in origin.connections.of(origin.session):
         if connection is not origin:
-            connection.deliver(msg, parent, "iopub", droppable)
+            connection.deliver(msg, parent, "iopub", droppable, frames)
 
 
 class RequestRelay:
-    """The kernel's answer to one relayed request: its reply to the client that asked, its
-    iopub messages to every client, its outputs within the budget; done at reply and idle
-    (or idle alone for comm messages, which have no reply)."""
+    """The kernel's answer to one relayed request: its reply (one) to the client that
+    asked, its iopub messages to every client within the budget; done at reply and idle
+    (at idle alone for comm messages, which have no reply), or when the kernel ends."""
 
     def __init__(self, connection: KernelConnection, request: ClientMessage) -> None:
         self._connection = connection
         self._request = request
-        settings = connection._settings
+        settings = connection.settings
         self._budget = Budget(settings.output_limit, settings.rich_output_limit)
-        # comm_open, comm_msg and comm_close have no reply (comm_info_request has one)
-        self._replied = request.msg_type in ("comm_open", "comm_msg", "comm_close")
+        self._replied = request.msg_type in _NO_REPLY
         self._idle = False
         self._ended = False
+        self._waiting: asyncio.TimerHandle | None = None
 
-    def __call__(self, msg: dict[str, Any]) -> bool:
+    def __call__(self, msg: dict[str, Any] | None) -> bool:
         if self._ended:
+            return False
+        if msg is None:  # the kernel ended, or forgot the request, before answering it
+            self.fail("KernelDied", "The kernel ended before it answered this request.")
             return False
         msg_type = msg.get("msg_type")
         content = msg.get("content")
         content = content if isinstance(content, dict) else {}
         parent = self._request.header
         if isinstance(msg_type, str) and msg_type.endswith("_reply"):
+            if self._replied:
+                return True  # one reply per request: more can only be forged by the code
             self._replied = True
             channel = "control" if self._request.channel == "control" else "shell"
             self._connection.deliver(msg, parent, channel, droppable=False)
         elif (relayed := self._budget.relayed(msg)) is not None:
             if msg_type == "status" and content.get("execution_state") == "idle":
                 self._idle = True
-            broadcast(self._connection._connections, self._connection, relayed, parent, True)
+            broadcast(self._connection, relayed, parent, droppable=True)
         if self._replied and self._idle:
             self.stop()
             return False
+        if self._idle and self._waiting is None:  # the reply may come just after, or never
+            loop = asyncio.get_running_loop()
+            self._waiting = loop.call_later(REPLY_GRACE, self._unanswered)
         return True
+
+    def _unanswered(self) -> None:
+        self._waiting = None
+        if not self._replied:
+            self.fail("NoReply", "The kernel went idle without answering this request.")
+
+    def fail(self, ename: str, evalue: str) -> None:
+        """Answer the request with an error, unless it was answered; relay no more."""
+        if not self._ended and not self._replied:
+            self._replied = True
+            self._connection._fail(self._request, ename, evalue)
+        self.stop()
 
     def stop(self) -> None:
         if not self._ended:
             self._ended = True
-            self._connection.relay_ended()
+            if self._waiting is not None:
+                self._waiting.cancel()
+            self._connection.connections.release("relaying", self._connection.session)
 
 
 class ExecutionRelay:
@@ -552,19 +700,20 @@ class ExecutionRelay:
     the reply and the closing idle, held until `finish` says how the execution ended; the
     thread output that may come after is relayed too, within the same budget."""
 
-    def __init__(self, connection: KernelConnection, request: ClientMessage) -> None:
+    def __init__(self, connection: KernelConnection, header: dict[str, Any]) -> None:
         self._connection = connection
-        self._request = request
-        settings = connection._settings
+        self._header = header
+        settings = connection.settings
         self._budget = Budget(settings.output_limit, settings.rich_output_limit)
         self._reply: dict[str, Any] | None = None
         self._idle: dict[str, Any] | None = None
         self._finished = False
         self._stopped = False
-        self._started = time.monotonic()
 
-    def __call__(self, msg: dict[str, Any]) -> bool:
-        if self._stopped or (self._finished and self._connection.outbox.closed):
+    def __call__(self, msg: dict[str, Any] | None) -> bool:
+        if msg is None or self._stopped:
+            return False
+        if self._finished and self._connection.outbox.closed:
             return False  # after its end, late output goes on only while its client is there
         msg_type = msg.get("msg_type")
         content = msg.get("content")
@@ -578,17 +727,16 @@ class ExecutionRelay:
                 return True
         relayed = self._budget.relayed(msg)
         if relayed is not None:
-            connection = self._connection
-            broadcast(connection._connections, connection, relayed, self._request.header, True)
+            broadcast(self._connection, relayed, self._header, droppable=True)
         return True
 
     def finish(self, answer: Answer) -> None:
         """Say how the execution ended: what the service had to say (on stderr: the state
-        lost since the last execution), what it saw (an iopub error), what was cut
-        (a note), then the reply and idle (the kernel's, or written here when the kernel
-        sent none: it was killed or died)."""
+        lost since the last execution), what it saw (an iopub error), what was cut (a note),
+        then the reply and idle (the kernel's, or written here when the kernel sent none: it
+        was killed or died)."""
         self._finished = True
-        connection, parent = self._connection, self._request.header
+        connection, parent = self._connection, self._header
         result, seen = answer.result, answer.service_error
         if seen is None and self._reply is None and result.error is not None:
             seen = result.error  # the kernel sent no reply (interrupted as it began)
@@ -599,8 +747,7 @@ class ExecutionRelay:
             traceback = [f"{seen.ename}: {seen.evalue}"]
             error = {"ename": seen.ename, "evalue": seen.evalue, "traceback": traceback}
             connection.publish(parent, "error", error)
-        if self._budget.dropped_chars or self._budget.dropped_outputs:
-            note = truncation_note(self._budget.dropped_chars, self._budget.dropped_outputs)
+        if (note := self._budget.note()) is not None:
             where = (
                 f" The whole output: {result.full_output.url}"
                 if result.full_output is not None
@@ -608,24 +755,24 @@ class ExecutionRelay:
             )
             text = f"\n{note} (over the service's output limit.{where})\n"
             connection.publish(parent, "stream", {"name": "stderr", "text": text})
-        content = _reply_content(self._reply, answer, seen)
         service = {
             "status": result.status,
             "duration_ms": result.duration_ms,
             "state_lost": result.state_lost,
             "files": [file.model_dump(mode="json") for file in result.files],
         }
+        kernel_reply = self._reply or {}
         reply = {
-            "header": (self._reply or {}).get("header") or connection.header("execute_reply"),
-            "metadata": {**_dict((self._reply or {}).get("metadata")), "kernel_service": service},
-            "content": content,
+            "header": kernel_reply.get("header") or connection.header("execute_reply"),
+            "metadata": {**_dict(kernel_reply.get("metadata")), "kernel_service": service},
+            "content": _reply_content(self._reply, answer, seen),
         }
         connection.deliver(reply, parent, "shell", droppable=False)
         idle = self._idle or {
             "header": connection.header("status"),
             "content": {"execution_state": "idle"},
         }
-        broadcast(connection._connections, connection, idle, parent, droppable=False)
+        broadcast(connection, idle, parent, droppable=False)
 
     def stop(self) -> None:
         """Relay nothing more (the execution never ran)."""

@@ -14,14 +14,12 @@ from fastapi import APIRouter, WebSocket
 from starlette.responses import Response
 
 from kernel_service.api.errors import (
-    RefusedOrigin,
     detail_of,
     jupyter_error_response,
     status_of,
 )
 from kernel_service.api.jupyter.bridge import Connections, KernelConnection
 from kernel_service.api.jupyter.frames import V1_PROTOCOL, BadFrame, Frame, Framing, read
-from kernel_service.api.jupyter.rest import refused_page
 from kernel_service.config import Settings
 from kernel_service.errors import ServiceError, SessionNotFound
 from kernel_service.sessions.registry import SessionRegistry
@@ -37,6 +35,8 @@ MAX_PER_KERNEL = 32
 # not a Jupyter message (RFC 6455's "policy violation" and "going away").
 _KERNEL_ENDED = 1001
 _NOT_A_MESSAGE = 1008
+# Seconds a closing handshake may take before the socket is left to the server to drop.
+_CLOSING = 5.0
 
 
 class TooManyConnections(ServiceError):
@@ -66,9 +66,6 @@ async def kernel_channels(websocket: WebSocket, kernel_id: str) -> None:
     settings: Settings = app_state.settings
     connections: Connections = app_state.jupyter_connections
     owner: str | None = websocket.scope.get("state", {}).get("owner")
-    if (why := refused_page(websocket.headers, settings)) is not None:
-        await _deny(websocket, RefusedOrigin(why))
-        return
     try:
         session = registry.get(kernel_id, owner)
     except SessionNotFound as exc:
@@ -140,10 +137,13 @@ async def _close_when_gone(
         gone.cancel()
         broken.cancel()
     if connection.outbox.broken.is_set():
+        # it reads nothing: what waits is dropped, and the closing is not waited for
+        writer.cancel()
         code, reason = _NOT_A_MESSAGE, "The client read none of its messages; closed."
     else:
         connection.outbox.close()
         await asyncio.wait([writer])
         code, reason = _KERNEL_ENDED, "The kernel was deleted or culled, or the service stopped."
-    with contextlib.suppress(RuntimeError, OSError):  # the client closed it first
-        await websocket.close(code, reason)
+    with contextlib.suppress(RuntimeError, OSError, TimeoutError):  # closed by the client
+        async with asyncio.timeout(_CLOSING):
+            await websocket.close(code, reason)

@@ -32,6 +32,9 @@ Framing = Literal["legacy", "v1"]
 
 # Parts a binary frame may have: the message's and its buffers (ipywidgets sends a few).
 _MAX_PARTS = 256
+# What is kept of a client's header: Jupyter's fields, strings of at most MAX_FIELD each.
+HEADER_FIELDS = ("msg_id", "msg_type", "username", "session", "date", "version")
+MAX_FIELD = 256
 
 
 class BadFrame(ValueError):
@@ -48,7 +51,6 @@ class ClientMessage:
 
     channel: Channel
     header: dict[str, Any]
-    parent_header: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     content: dict[str, Any] = field(default_factory=dict)
     buffers: list[bytes] = field(default_factory=list)
@@ -114,27 +116,49 @@ def _message(value: Any, buffers: list[bytes]) -> ClientMessage:
 def _checked(
     channel: Any, header: dict[str, Any], parts: dict[str, Any], buffers: list[bytes]
 ) -> ClientMessage:
-    if not isinstance(header.get("msg_type"), str) or not header["msg_type"]:
-        raise BadFrame("the header has no msg_type (a string, such as execute_request)")
-    if not isinstance(header.get("msg_id"), str):
-        raise BadFrame("the header has no msg_id (a string)")
+    header = _bounded(header)
     if channel not in CHANNELS:
         raise BadFrame(f"unknown channel {channel!r}: one of {', '.join(CHANNELS)}", header)
-    for name in ("parent_header", "metadata", "content"):
+    for name in ("metadata", "content"):
         value = parts.get(name, {})
         if value is None:
             value = {}
         if not isinstance(value, dict):
             raise BadFrame(f"the message's {name} is not a JSON object", header)
         parts[name] = value
+    parent = parts.get("parent_header")
+    if parent is not None and not isinstance(parent, dict):
+        raise BadFrame("the message's parent_header is not a JSON object", header)
     return ClientMessage(
         channel=channel,
         header=header,
-        parent_header=parts["parent_header"],
+        # the kernel never sees a client's headers (the service writes its own), and a
+        # request's parent is not used: not kept
         metadata=parts["metadata"],
         content=parts["content"],
         buffers=buffers,
     )
+
+
+def _bounded(header: dict[str, Any]) -> dict[str, Any]:
+    """The header's protocol fields, each a string of at most MAX_FIELD characters: it is
+    the parent header of every message the request's answer relays, so nothing else of it
+    is kept (a client's extra fields, a megabyte in one, would be copied into them all)."""
+    kept: dict[str, Any] = {}
+    for name in HEADER_FIELDS:
+        value = header.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            continue  # left out (without msg_id or msg_type, refused below)
+        if len(value) > MAX_FIELD:
+            raise BadFrame(f"the header's {name} is longer than {MAX_FIELD} characters")
+        kept[name] = value
+    if not kept.get("msg_type"):
+        raise BadFrame("the header has no msg_type (a string, such as execute_request)")
+    if not isinstance(kept.get("msg_id"), str):
+        raise BadFrame("the header has no msg_id (a string)")
+    return kept
 
 
 def _offsets(data: bytes, fmt: str, size: int) -> list[int]:
@@ -175,7 +199,7 @@ def _read_v1(data: bytes) -> ClientMessage:
     header = _loads(parts[1])
     if not isinstance(header, dict):
         raise BadFrame("the message has no header object")
-    names = ("parent_header", "metadata", "content")
+    names = ("parent_header", "metadata", "content")  # parsed (and checked) all three
     named = dict(zip(names, map(_loads, parts[2:5]), strict=True))
     return _checked(channel, header, named, buffers=parts[5:])
 

@@ -10,7 +10,6 @@ smolagents read (docs/jupyter.md).
 """
 
 import importlib.util
-import ipaddress
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,12 +17,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request, Response, status
+from fastapi import APIRouter, Request, Response, status
 from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 
 from kernel_service import __version__
-from kernel_service.api.errors import InvalidJupyterRequest, NoSuchKernelSpec, RefusedOrigin
+from kernel_service.api.errors import InvalidJupyterRequest, NoSuchKernelSpec
 from kernel_service.api.jupyter.bridge import Connections
 from kernel_service.api.routes import Config, Owner, Registry
 from kernel_service.config import Settings
@@ -94,40 +93,7 @@ def _connections(request: Request) -> Connections:
     return connections
 
 
-async def same_origin(request: Request, settings: Config) -> None:
-    """Without API keys, refuse what a web page of another origin sends (a browser would
-    send it with no key to stop it): a page may not start, list or reach kernels."""
-    if (why := refused_page(request.headers, settings)) is not None:
-        raise RefusedOrigin(why)
-
-
-_LOOPBACK_NAMES = {"127.0.0.1", "localhost", "[::1]"}
-
-
-def refused_page(headers: Any, settings: Settings) -> str | None:
-    """Without API keys, why a request may come from another site's page: an Origin that
-    is not the host it was sent to, or on a loopback address a Host that is not a loopback
-    name (a page whose name was made to point at 127.0.0.1: DNS rebinding). None: not."""
-    if settings.api_keys():
-        return None
-    host = str(headers.get("host", "")).lower()
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    if _on_loopback(settings.host) and name not in _LOOPBACK_NAMES:
-        return f"the request names host {host[:100]!r}, not this machine's loopback address"
-    origin = headers.get("origin")
-    if origin and str(origin).partition("://")[2].rstrip("/").lower() != host:
-        return f"the request comes from a page of {str(origin)[:100]!r}"
-    return None
-
-
-def _on_loopback(address: str) -> bool:
-    try:
-        return address == "localhost" or ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
-
-
-router = APIRouter(tags=["jupyter"], dependencies=[Depends(same_origin)])
+router = APIRouter(tags=["jupyter"])
 
 
 KernelId = Annotated[str, PathParam(description="The kernel's id: its session's id.")]
