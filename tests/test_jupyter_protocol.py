@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 from websockets.sync.client import ClientConnection, connect
 
+from kernel_service.api.jupyter.bridge import MAX_QUEUED
 from tests.conftest import HOLD, Server, read_notebook, running_server, wait_for
 
 V1 = "v1.kernel.websocket.jupyter.org"
@@ -528,6 +529,62 @@ def test_stop_on_error_false_does_not_abort(server: Server, client: Client, kern
     after = client.answer(queued)
     assert reply(after)["content"]["status"] == "ok"
     assert result_text(after) == "'yes'"
+
+
+def test_waiting_executions_are_capped_per_kernel_across_sockets(
+    server: Server, kernel: str
+) -> None:
+    with channels(server, kernel) as first:
+        first.send("execute_request", {"code": HOLD})
+        server.wait_busy(kernel)
+        for _ in range(MAX_QUEUED):
+            first.send("execute_request", {"code": "pass"})
+        # on control, sent after them: its answer proves they were all taken in
+        first.answer(first.send("kernel_info_request", channel="control"))
+    # the socket is gone, its executions wait on: a new socket does not start afresh
+    with channels(server, kernel) as second:
+        refused = second.reply_to(second.send("execute_request", {"code": "pass"}))
+        assert refused["content"]["ename"] == "TooManyRequests"
+        assert (
+            f"{MAX_QUEUED} executions already wait on this kernel" in (refused["content"]["evalue"])
+        )
+        server.let_end(kernel)
+
+        def all_ran() -> bool:
+            executions = server.client.get(f"/sessions/{kernel}/history").json()["executions"]
+            return len(executions) == 1 + MAX_QUEUED and all(
+                e["status"] == "ok" for e in executions
+            )
+
+        assert wait_for(all_ran)
+        assert result_text(second.execute("'room again'")) == "'room again'"
+
+
+def test_a_relayed_request_is_answered_when_its_kernel_ends(
+    server: Server, client: Client, kernel: str
+) -> None:
+    client.send("execute_request", {"code": HOLD})
+    server.wait_busy(kernel)
+    # waits in the kernel behind the held code (the control request's answer, sent after
+    # it, proves it was sent); the kernel is then restarted before it answers
+    pending = client.send("complete_request", {"code": "pri", "cursor_pos": 3})
+    client.answer(client.send("kernel_info_request", channel="control"))
+    assert server.client.post(f"/api/kernels/{kernel}/restart").status_code == 200
+    answered = client.reply_to(pending)
+    assert answered["header"]["msg_type"] == "complete_reply"
+    assert (answered["content"]["status"], answered["content"]["ename"]) == (
+        "error",
+        "KernelDied",
+    )
+    assert result_text(client.execute("'fresh'")) == "'fresh'"
+
+
+def test_a_request_type_the_protocol_has_not_is_refused(client: Client) -> None:
+    answered = client.reply_to(client.send("launch_request", {"what": "anything"}))
+    assert answered["header"]["msg_type"] == "launch_reply"
+    assert answered["content"]["ename"] == "UnknownMessageType"
+    assert "'launch_request' is not a request this kernel takes" in answered["content"]["evalue"]
+    assert result_text(client.execute("'usable'")) == "'usable'"
 
 
 # ---------------------------------------------------------------- one session, every door
