@@ -58,7 +58,8 @@ _RELAYED = 1024
 
 # Told of each message the kernel sends in answer to a relayed request (its reply, and its
 # iopub messages: status, outputs, comms), as it arrives; it returns False to hear no more.
-# Told None when no more will come: the kernel ended, or forgot the request (past _RELAYED).
+# Told None when the kernel ended, or forgot the request (past _RELAYED): it returns True
+# only to hear the last messages of a dying kernel.
 Relay = Callable[[dict[str, Any] | None], bool]
 
 
@@ -367,10 +368,11 @@ class Kernel:
             self._tell(forgotten, None)
 
     def _end_relays(self) -> None:
-        """No answer will come to the relayed requests: tell them (the kernel ended)."""
-        relays, self._relays = list(self._relays.values()), OrderedDict()
-        for relay in relays:
-            self._tell(relay, None)
+        """The kernel ended: tell the relays. One that still listens (its execution is
+        ending: a dying kernel's last words may still arrive) is kept."""
+        for msg_id, relay in list(self._relays.items()):
+            if not self._tell(relay, None):
+                self._relays.pop(msg_id, None)
 
     def _tell(self, relay: Relay, msg: dict[str, Any] | None) -> bool:
         try:

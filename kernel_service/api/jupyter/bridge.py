@@ -711,7 +711,9 @@ class ExecutionRelay:
         self._stopped = False
 
     def __call__(self, msg: dict[str, Any] | None) -> bool:
-        if msg is None or self._stopped:
+        if msg is None:  # the kernel ended: its last words may still come, until the finish
+            return not (self._finished or self._stopped)
+        if self._stopped:
             return False
         if self._finished and self._connection.outbox.closed:
             return False  # after its end, late output goes on only while its client is there

@@ -75,7 +75,6 @@ async def kernel_channels(websocket: WebSocket, kernel_id: str) -> None:
         await _deny(websocket, TooManyConnections(MAX_PER_KERNEL), 429)
         return
     framing: Framing = "v1" if V1_PROTOCOL in websocket.scope.get("subprotocols", ()) else "legacy"
-    await websocket.accept(subprotocol=V1_PROTOCOL if framing == "v1" else None)
 
     async def send(frame: Frame) -> None:
         if isinstance(frame, str):
@@ -86,9 +85,11 @@ async def kernel_channels(websocket: WebSocket, kernel_id: str) -> None:
     connection = KernelConnection(
         session, registry, settings, connections, framing=framing, send=send
     )
-    writer = asyncio.create_task(connection.outbox.run(), name="jupyter-writer")
-    ender = asyncio.create_task(_close_when_gone(websocket, connection, writer))
+    # counted from before the handshake's end: handshakes at once cannot pass the cap
     with connections.attached(connection):
+        await websocket.accept(subprotocol=V1_PROTOCOL if framing == "v1" else None)
+        writer = asyncio.create_task(connection.outbox.run(), name="jupyter-writer")
+        ender = asyncio.create_task(_close_when_gone(websocket, connection, writer))
         try:
             await _read(websocket, connection)
         finally:
