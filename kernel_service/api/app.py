@@ -1,5 +1,6 @@
-"""The app factory: the service's runtime (launcher, session registry) behind the routes and
-the MCP server at `/mcp`; the app's lifespan runs them and ends every kernel at shutdown."""
+"""The app factory: the service's runtime (launcher, session registry) behind the routes,
+the MCP server at `/mcp` and Jupyter's kernel API (`/api/...`); the app's lifespan runs
+them and ends every kernel at shutdown."""
 
 import contextlib
 import gc

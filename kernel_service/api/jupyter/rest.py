@@ -36,7 +36,6 @@ _LOGOS = {
     "logo-svg": "logo-svg.svg",
 }
 _LOGO_TYPES = {".png": "image/png", ".svg": "image/svg+xml"}
-_STATES = {"starting": "starting", "idle": "idle", "busy": "busy", "dead": "dead"}
 
 
 def _logo_dir() -> Path | None:
@@ -83,7 +82,7 @@ def kernel_model(session: Session, connections: Connections) -> dict[str, Any]:
         "id": session.session_id,
         "name": KERNEL_NAME,
         "last_activity": _timestamp(session.last_activity),
-        "execution_state": _STATES[session.status],
+        "execution_state": session.status,  # Jupyter's words too: starting, idle, busy, dead
         "connections": connections.count(session),
     }
 
