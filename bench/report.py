@@ -94,24 +94,24 @@ def _httpx(column: Column) -> Cell | None:
     return Cell(_p(column.warm.httpx) + _ratio_to_floor(column.warm.httpx, column))
 
 
-def _ours(column: Column) -> Cell | None:
-    if not (column.warm and column.warm.ours):
+def _within(samples: list[float], column: Column, limit: float) -> Cell | None:
+    """p50 / p99 of a way of calling, its ratio to the floor, and whether the p50's is
+    within `limit`."""
+    if not samples:
         return None
-    text = _p(column.warm.ours) + _ratio_to_floor(column.warm.ours, column)
+    text = _p(samples) + _ratio_to_floor(samples, column)
     if not column.floor:
         return Cell(text)
-    ratio = Summary.of(column.warm.ours).p50 / Summary.of(column.floor).p50
-    return Cell(text, ratio <= OURS_LIMIT)
+    ratio = Summary.of(samples).p50 / Summary.of(column.floor).p50
+    return Cell(text, ratio <= limit)
+
+
+def _ours(column: Column) -> Cell | None:
+    return _within(column.warm.ours, column, OURS_LIMIT) if column.warm else None
 
 
 def _jupyter(column: Column) -> Cell | None:
-    if not (column.warm and column.warm.jupyter):
-        return None
-    text = _p(column.warm.jupyter) + _ratio_to_floor(column.warm.jupyter, column)
-    if not column.floor:
-        return Cell(text)
-    ratio = Summary.of(column.warm.jupyter).p50 / Summary.of(column.floor).p50
-    return Cell(text, ratio <= JUPYTER_LIMIT)
+    return _within(column.warm.jupyter, column, JUPYTER_LIMIT) if column.warm else None
 
 
 def _client_cpu(column: Column) -> Cell | None:

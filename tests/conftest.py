@@ -299,10 +299,16 @@ def service_process(
                 time.sleep(0.1)
         yield process, base_url
     finally:
-        if process.poll() is None:  # a test that failed half-way: stop it cleanly if it can
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        process.wait(timeout=30)
+        stop_process(process)
+
+
+def stop_process(process: "subprocess.Popen[bytes]") -> None:
+    """End a process a test started, cleanly if it can (a test that failed half-way may
+    leave it running): SIGTERM, then SIGKILL after 30 s; reaped."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    process.wait(timeout=30)

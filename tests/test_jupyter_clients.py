@@ -28,7 +28,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import Server, alive, running_server, wait_for
+from tests.conftest import Server, alive, running_server, stop_process, wait_for
 
 # what the clients' own dependencies say when imported: not this test's business
 pytestmark = pytest.mark.filterwarnings(
@@ -153,13 +153,7 @@ def jupyter_server(service: Server, tmp: Path) -> Iterator[JupyterServer]:
     finally:
         client.close()
         js.note_children()
-        if process.poll() is None:  # a test that failed half-way
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        process.wait(timeout=30)
+        stop_process(process)  # still running if the test failed half-way
         # nothing of it is left: not it, nor what it started, nor any server on its port
         assert wait_for(lambda: not [pid for pid in js.children if alive(pid)], 30)
         on_port = [
