@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 from websockets.sync.client import ClientConnection, connect
 
-from kernel_service.api.jupyter.bridge import MAX_QUEUED
+from kernel_service.api.jupyter.bridge import MAX_RELAYED, QUEUED_CODE
 from tests.conftest import HOLD, Server, read_notebook, running_server, wait_for
 
 V1 = "v1.kernel.websocket.jupyter.org"
@@ -531,33 +531,40 @@ def test_stop_on_error_false_does_not_abort(server: Server, client: Client, kern
     assert result_text(after) == "'yes'"
 
 
-def test_waiting_executions_are_capped_per_kernel_across_sockets(
-    server: Server, kernel: str
-) -> None:
+@pytest.fixture(scope="module")
+def small_code(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server whose cells are at most 1000 bytes: 64 000 characters may wait per kernel."""
+    with running_server(tmp_path_factory.mktemp("small"), max_code_bytes=1000) as server:
+        yield server
+
+
+def test_waiting_executions_are_capped_per_kernel_across_sockets(small_code: Server) -> None:
+    server = small_code
+    kernel = start_kernel(server)
+    cell = "#" * 990 + "\npass"  # 64 of them fill the room
     with channels(server, kernel) as first:
         first.send("execute_request", {"code": HOLD})
         server.wait_busy(kernel)
-        for _ in range(MAX_QUEUED):
-            first.send("execute_request", {"code": "pass"})
+        for _ in range(QUEUED_CODE):
+            first.send("execute_request", {"code": cell})
         # on control, sent after them: its answer proves they were all taken in
         first.answer(first.send("kernel_info_request", channel="control"))
     # the socket is gone, its executions wait on: a new socket does not start afresh
     with channels(server, kernel) as second:
-        refused = second.reply_to(second.send("execute_request", {"code": "pass"}))
+        refused = second.reply_to(second.send("execute_request", {"code": cell}))
         assert refused["content"]["ename"] == "TooManyRequests"
-        assert (
-            f"{MAX_QUEUED} executions already wait on this kernel" in (refused["content"]["evalue"])
-        )
+        assert "Too many executions already wait on this kernel" in refused["content"]["evalue"]
         server.let_end(kernel)
 
         def all_ran() -> bool:
             executions = server.client.get(f"/sessions/{kernel}/history").json()["executions"]
-            return len(executions) == 1 + MAX_QUEUED and all(
+            return len(executions) == 1 + QUEUED_CODE and all(
                 e["status"] == "ok" for e in executions
             )
 
         assert wait_for(all_ran)
         assert result_text(second.execute("'room again'")) == "'room again'"
+    server.client.delete(f"/api/kernels/{kernel}")
 
 
 def test_a_relayed_request_is_answered_when_its_kernel_ends(
@@ -577,6 +584,39 @@ def test_a_relayed_request_is_answered_when_its_kernel_ends(
         "KernelDied",
     )
     assert result_text(client.execute("'fresh'")) == "'fresh'"
+
+
+def test_a_request_the_kernel_cannot_be_sent_is_answered_and_frees_its_place(
+    client: Client,
+) -> None:
+    # JSON nested deeper than the kernel's codec writes (255 levels): read, not sendable
+    deep: Any = []
+    for _ in range(300):
+        deep = [deep]
+    for _ in range(MAX_RELAYED + 1):  # more than may await answers: each place was freed
+        answered = client.reply_to(
+            client.send("complete_request", {"code": "x", "cursor_pos": 1, "deep": deep})
+        )
+        assert answered["content"]["ename"] == "InvalidMessage"
+    assert reply(client.answer(client.send("kernel_info_request")))["content"]["status"] == "ok"
+
+
+def test_the_kernels_reply_decides_what_is_aborted(
+    server: Server, client: Client, kernel: str
+) -> None:
+    # a display that fails shows an error, yet the kernel replies ok: nothing is aborted
+    failing_display = "class Shown:\n    def _repr_json_(self):\n        raise ValueError('no')\n"
+    first = client.send("execute_request", {"code": HOLD + "\n" + failing_display + "Shown()"})
+    server.wait_busy(kernel)
+    queued = client.send("execute_request", {"code": "'ran'"})
+    client.answer(client.send("kernel_info_request", channel="control"))
+    server.let_end(kernel)
+    shown = client.answer(first)
+    assert of_type(shown, "error"), "the failing display is shown as an error"
+    assert reply(shown)["content"]["status"] == "ok"
+    after = client.answer(queued)
+    assert reply(after)["content"]["status"] == "ok"
+    assert result_text(after) == "'ran'"
 
 
 def test_a_request_type_the_protocol_has_not_is_refused(client: Client) -> None:

@@ -49,8 +49,10 @@ OUTBOX_LIMIT = 8 * 1024 * 1024
 # ... and of every message (replies too): past it the client is taken as not reading, and
 # its socket is closed. Room for a few of the largest messages a kernel may send.
 OUTBOX_HARD_LIMIT = 64 * 1024 * 1024
-# Executions waiting on one kernel, from all its clients; more are answered with an error.
-MAX_QUEUED = 64
+# Executions waiting on one kernel, from all its clients (JupyterLab's "Run All" sends every
+# cell at once), and characters of their code; more are answered with an error.
+MAX_QUEUED = 1024
+QUEUED_CODE = 64  # ... and at most this many times KERNEL_SERVICE_MAX_CODE_BYTES of code
 # Requests relayed to one kernel and not yet answered, from all its clients, at most.
 MAX_RELAYED = 256
 # Messages the answer to one request may relay (past it, outputs and statuses are dropped).
@@ -190,10 +192,8 @@ class Outbox:
             if droppable:
                 self.dropped += 1
             else:
-                self._queue.clear()
-                self._pending = 0
                 self.broken.set()
-                self.close()
+                self.discard()
             return False
         self._queue.append(frame)
         self._pending += len(frame)
@@ -217,6 +217,12 @@ class Outbox:
         self.closed = True
         self._ready.set()
 
+    def discard(self) -> None:
+        """Stop, and let go of what waits (the client has gone)."""
+        self.close()
+        self._queue.clear()
+        self._pending = 0
+
 
 class Connections:
     """Every open WebSocket, by session (for iopub to reach all of a session's clients, and
@@ -227,6 +233,7 @@ class Connections:
     def __init__(self) -> None:
         self._by_session: dict[str, set[KernelConnection]] = {}
         self._queued: dict[str, int] = {}
+        self._queued_code: dict[str, int] = {}
         self._relaying: dict[str, int] = {}
         self._work: set[asyncio.Task[Any]] = set()
 
@@ -254,21 +261,31 @@ class Connections:
                 if not connections:
                     del self._by_session[key]
 
-    def take(self, kind: Literal["queued", "relaying"], session: Session, limit: int) -> bool:
-        """Count one more waiting request of `session` of this kind, unless `limit` are."""
-        counts = self._queued if kind == "queued" else self._relaying
-        if counts.get(session.key, 0) >= limit:
+    def queue(self, session: Session, code: int, most_code: int) -> bool:
+        """Count one more execution waiting on `session`, of `code` characters, unless
+        MAX_QUEUED wait or their code would pass `most_code` characters."""
+        key = session.key
+        if self._queued.get(key, 0) >= MAX_QUEUED:
             return False
-        counts[session.key] = counts.get(session.key, 0) + 1
+        if self._queued_code.get(key, 0) + code > most_code:
+            return False
+        _add(self._queued, key, 1)
+        _add(self._queued_code, key, code)
         return True
 
-    def release(self, kind: Literal["queued", "relaying"], session: Session) -> None:
-        counts = self._queued if kind == "queued" else self._relaying
-        left = counts.get(session.key, 0) - 1
-        if left > 0:
-            counts[session.key] = left
-        else:
-            counts.pop(session.key, None)
+    def dequeue(self, session: Session, code: int) -> None:
+        _add(self._queued, session.key, -1)
+        _add(self._queued_code, session.key, -code)
+
+    def take_relay(self, session: Session) -> bool:
+        """Count one more relayed request awaiting its answer, unless MAX_RELAYED do."""
+        if self._relaying.get(session.key, 0) >= MAX_RELAYED:
+            return False
+        _add(self._relaying, session.key, 1)
+        return True
+
+    def release_relay(self, session: Session) -> None:
+        _add(self._relaying, session.key, -1)
 
     def keep(self, work: Awaitable[None], name: str) -> "asyncio.Task[None]":
         """Run `work` to its end whatever becomes of the socket (until the service stops)."""
@@ -285,6 +302,15 @@ class Connections:
             task.cancel()
         if work:
             await asyncio.wait(work)
+
+
+def _add(counts: dict[str, int], key: str, amount: int) -> None:
+    """Add to a count (none left: no entry, so nothing grows with sessions gone)."""
+    left = counts.get(key, 0) + amount
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 @dataclass(frozen=True)
@@ -374,12 +400,14 @@ class KernelConnection:
         execution = self._execution(message)
         if execution is None:
             return
-        if not self.connections.take("queued", self.session, MAX_QUEUED):
+        most_code = QUEUED_CODE * self.settings.max_code_bytes
+        if not self.connections.queue(self.session, len(execution.code), most_code):
             self._fail(
                 message,
                 "TooManyRequests",
-                f"{MAX_QUEUED} executions already wait on this kernel; wait for their "
-                "replies before sending more.",
+                f"Too many executions already wait on this kernel (at most {MAX_QUEUED}, "
+                f"with {most_code:,} characters of code); wait for their replies before "
+                "sending more.",
             )
             return
         self._executions.append(execution)
@@ -432,21 +460,23 @@ class KernelConnection:
         try:
             while self._executions:
                 execution = self._executions.popleft()
-                self.connections.release("queued", self.session)
+                self.connections.dequeue(self.session, len(execution.code))
                 ok = await self._execute(execution)
                 if not ok and execution.options.stop_on_error:
                     # as a kernel does: what was queued behind a failed execution is aborted
                     while self._executions:
-                        self.connections.release("queued", self.session)
-                        self._abort(self._executions.popleft().request)
+                        aborted = self._executions.popleft()
+                        self.connections.dequeue(self.session, len(aborted.code))
+                        self._abort(aborted.request)
         finally:
-            for _ in self._executions:  # cancelled (the service stopping)
-                self.connections.release("queued", self.session)
+            for left in self._executions:  # cancelled (the service stopping)
+                self.connections.dequeue(self.session, len(left.code))
             self._executions.clear()
             self._worker = None
 
     async def _execute(self, execution: _Execution) -> bool:
-        """Run one execute_request through the session; whether it ended without error."""
+        """Run one execute_request through the session; whether its reply says `ok` (the
+        kernel's reply, or the service's when it saw the ending)."""
         relay = ExecutionRelay(self, execution.header)
         try:
             answer = await self.session.execute_answer(
@@ -456,8 +486,7 @@ class KernelConnection:
             relay.stop()
             self._fail(execution.request, type(exc).__name__, detail_of(exc, jupyter=True))
             return False
-        relay.finish(answer)
-        return answer.result.status == "ok"
+        return relay.finish(answer)
 
     def _abort(self, message: ClientMessage) -> None:
         self._reply(message, {"status": "aborted", "execution_count": None})
@@ -466,7 +495,7 @@ class KernelConnection:
     # ------------------------------------------------------------ other requests
 
     def _relay(self, message: ClientMessage) -> None:
-        if not self.connections.take("relaying", self.session, MAX_RELAYED):
+        if not self.connections.take_relay(self.session):
             self._fail(
                 message,
                 "TooManyRequests",
@@ -494,6 +523,8 @@ class KernelConnection:
             except asyncio.CancelledError:
                 relay.stop()  # the socket closed while the kernel started: never sent
                 raise
+            except Exception as exc:  # what the kernel's codec cannot write (JSON too deep)
+                relay.fail("InvalidMessage", f"The request cannot be sent to a kernel: {exc}.")
 
         self._spawn(send())
 
@@ -593,9 +624,10 @@ class KernelConnection:
     # ------------------------------------------------------------ lifecycle
 
     async def close(self) -> None:
-        """The client has gone: stop sending. Its executions still run (the kernel outlives
-        the socket); requests relayed for it are answered to nobody."""
-        self.outbox.close()
+        """The client has gone: stop sending, and let go of what waited for it. Its
+        executions still run (the kernel outlives the socket); requests relayed for it are
+        answered to nobody."""
+        self.outbox.discard()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -692,7 +724,7 @@ class RequestRelay:
             self._ended = True
             if self._waiting is not None:
                 self._waiting.cancel()
-            self._connection.connections.release("relaying", self._connection.session)
+            self._connection.connections.release_relay(self._connection.session)
 
 
 class ExecutionRelay:
@@ -732,11 +764,11 @@ class ExecutionRelay:
             broadcast(self._connection, relayed, self._header, droppable=True)
         return True
 
-    def finish(self, answer: Answer) -> None:
+    def finish(self, answer: Answer) -> bool:
         """Say how the execution ended: what the service had to say (on stderr: the state
         lost since the last execution), what it saw (an iopub error), what was cut (a note),
         then the reply and idle (the kernel's, or written here when the kernel sent none: it
-        was killed or died)."""
+        was killed or died). Whether the reply says `ok`."""
         self._finished = True
         connection, parent = self._connection, self._header
         result, seen = answer.result, answer.service_error
@@ -764,10 +796,11 @@ class ExecutionRelay:
             "files": [file.model_dump(mode="json") for file in result.files],
         }
         kernel_reply = self._reply or {}
+        content = _reply_content(self._reply, answer, seen)
         reply = {
             "header": kernel_reply.get("header") or connection.header("execute_reply"),
             "metadata": {**_dict(kernel_reply.get("metadata")), "kernel_service": service},
-            "content": _reply_content(self._reply, answer, seen),
+            "content": content,
         }
         connection.deliver(reply, parent, "shell", droppable=False)
         idle = self._idle or {
@@ -775,6 +808,9 @@ class ExecutionRelay:
             "content": {"execution_state": "idle"},
         }
         broadcast(connection, idle, parent, droppable=False)
+        if connection.outbox.closed:
+            self._stopped = True  # nobody to tell of late output: the kernel may forget it
+        return bool(content.get("status") == "ok")
 
     def stop(self) -> None:
         """Relay nothing more (the execution never ran)."""
