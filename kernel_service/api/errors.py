@@ -75,9 +75,8 @@ class RefusedOrigin(ServiceError):
     def __init__(self, why: str) -> None:
         super().__init__(
             f"Refused: {why}. Without API keys, only clients on this machine (and pages served "
-            "from the service's own address) may use its Jupyter API, so that a web page in a "
-            "browser cannot drive kernels here. Set KERNEL_SERVICE_API_KEY and send the key "
-            "(a header, or ?token=)."
+            "from the service's own address) may use the service, so that a web page in a "
+            "browser cannot drive kernels here. Set KERNEL_SERVICE_API_KEY and send the key."
         )
         self.why = why
 
