@@ -147,10 +147,8 @@ def _bounded(header: dict[str, Any]) -> dict[str, Any]:
     kept: dict[str, Any] = {}
     for name in HEADER_FIELDS:
         value = header.get(name)
-        if value is None:
-            continue
         if not isinstance(value, str):
-            continue  # left out (without msg_id or msg_type, refused below)
+            continue  # absent or not text: left out (without msg_id or msg_type, refused below)
         if len(value) > MAX_FIELD:
             raise BadFrame(f"the header's {name} is longer than {MAX_FIELD} characters")
         kept[name] = value
