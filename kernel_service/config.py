@@ -94,7 +94,8 @@ class Settings(BaseSettings):
         None,
         description="One or more API keys, comma-separated; when set, every endpoint but "
         "GET /healthz and the web inspector's page and its files needs "
-        "`Authorization: Bearer <key>`.",
+        "`Authorization: Bearer <key>` (or `token <key>`; on Jupyter's paths also "
+        "`?token=<key>`).",
     )
     max_sessions_per_key: PositiveInt = Field(
         16, description="Live sessions one API key may hold (with API keys set)."

@@ -288,6 +288,14 @@ def test_connections_count_open_websockets(keyed: Server, alpha: httpx.Client, k
     assert gauge() == 0
 
 
+def test_a_kernel_without_a_notebook_path_has_no_jupyter_session(
+    alpha: httpx.Client, kernel: str
+) -> None:
+    body = assert_jupyter_error(alpha.get(f"/api/sessions/{kernel}"), 404, "no_jupyter_session")
+    assert "was not given a notebook path" in body["message"]
+    assert alpha.get(f"/api/kernels/{kernel}").status_code == 200  # alive all the same
+
+
 def test_kernels_are_sessions(alpha: httpx.Client, kernel: str) -> None:
     sessions = alpha.get("/sessions").json()["sessions"]
     assert kernel in [s["session_id"] for s in sessions]

@@ -69,6 +69,17 @@ class NoSuchKernelSpec(ServiceError):
         self.name = name
 
 
+class NoJupyterSession(ServiceError):
+    code = "no_jupyter_session"
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"No Jupyter session {session_id!r}: its kernel, if there is one, was not given a "
+            "notebook path (POST /api/sessions gives it one; GET /api/kernels lists kernels)."
+        )
+        self.session_id = session_id
+
+
 class RefusedOrigin(ServiceError):
     code = "origin_refused"
 
@@ -101,6 +112,7 @@ STATUS_OF: dict[type[ServiceError], int] = {
     WorkspaceFull: 507,
     InvalidJupyterRequest: 400,
     NoSuchKernelSpec: 404,
+    NoJupyterSession: 404,
     RefusedOrigin: 403,
 }
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
@@ -179,7 +191,7 @@ def _advice(exc: ServiceError) -> str | None:
         case TooManySessions():
             return "Delete a session you no longer need (DELETE /sessions/{id}) or try again later."
         case Unauthorized():
-            return "Send the header `Authorization: Bearer <key>`."
+            return "Send the header `Authorization: Bearer <key>` (or `token <key>`)."
         case IsADirectory() | FileNotFound():
             return "GET /sessions/{id}/files lists the files."
         case FileChanged(partly_done=True):

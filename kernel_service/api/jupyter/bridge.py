@@ -729,8 +729,9 @@ class RequestRelay:
 
 class ExecutionRelay:
     """The kernel's messages for one client's execute_request. Relayed as they come but
-    the reply and the closing idle, held until `finish` says how the execution ended; the
-    thread output that may come after is relayed too, within the same budget."""
+    the reply, the closing idle and a KeyboardInterrupt, held until `finish` says how the
+    execution ended (a timeout's TimeoutError comes before the KeyboardInterrupt it caused);
+    the thread output that may come after is relayed too, within the same budget."""
 
     def __init__(self, connection: KernelConnection, header: dict[str, Any]) -> None:
         self._connection = connection
@@ -739,6 +740,9 @@ class ExecutionRelay:
         self._budget = Budget(settings.output_limit, settings.rich_output_limit)
         self._reply: dict[str, Any] | None = None
         self._idle: dict[str, Any] | None = None
+        # the kernel's KeyboardInterrupt, held: when the service interrupted at the time
+        # limit, its own error must come first (clients stop reading at the first error)
+        self._interrupted: dict[str, Any] | None = None
         self._finished = False
         self._stopped = False
 
@@ -758,6 +762,13 @@ class ExecutionRelay:
                 return True
             if msg_type == "status" and content.get("execution_state") == "idle":
                 self._idle = msg
+                return True
+            if (
+                msg_type == "error"
+                and content.get("ename") == "KeyboardInterrupt"
+                and self._interrupted is None
+            ):
+                self._interrupted = msg
                 return True
         relayed = self._budget.relayed(msg)
         if relayed is not None:
@@ -781,6 +792,8 @@ class ExecutionRelay:
             traceback = [f"{seen.ename}: {seen.evalue}"]
             error = {"ename": seen.ename, "evalue": seen.evalue, "traceback": traceback}
             connection.publish(parent, "error", error)
+        if self._interrupted is not None and (relayed := self._budget.relayed(self._interrupted)):
+            broadcast(connection, relayed, parent, droppable=True)
         if (note := self._budget.note()) is not None:
             where = (
                 f" The whole output: {result.full_output.url}"

@@ -22,11 +22,10 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 
 from kernel_service import __version__
-from kernel_service.api.errors import InvalidJupyterRequest, NoSuchKernelSpec
+from kernel_service.api.errors import InvalidJupyterRequest, NoJupyterSession, NoSuchKernelSpec
 from kernel_service.api.jupyter.bridge import Connections
 from kernel_service.api.routes import Config, Owner, Registry
 from kernel_service.config import Settings
-from kernel_service.errors import SessionNotFound
 from kernel_service.sessions.session import Session
 
 KERNEL_NAME = "python3"
@@ -429,7 +428,7 @@ def _jupyter_session(
 ) -> Session:
     session = registry.get(session_id, owner)
     if session.key not in _notebooks(request):
-        raise SessionNotFound(session_id)
+        raise NoJupyterSession(session_id)
     assert isinstance(session, Session)
     return session
 
@@ -451,7 +450,8 @@ async def get_jupyter_session(
 async def rename_jupyter_session(
     session_id: str, request: Request, registry: Registry, owner: Owner
 ) -> Response:
-    """A new path, name or type (a notebook renamed)."""
+    """A new path, name or type (a notebook renamed); its kernel stays (`kernel` is not
+    read)."""
     session = _jupyter_session(request, registry, owner, session_id)
     body = await _session_body(request)
     notebook = _notebooks(request)[session.key]
