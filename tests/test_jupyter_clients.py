@@ -266,7 +266,8 @@ def drive_kernel(js: JupyterServer, service: Server, kernel_id: str) -> None:
         failed = execute(ws, "1 / 0", session)
         assert outputs(failed) == [("error", "ZeroDivisionError")]
 
-        # interrupt, through Jupyter Server, code that would run for ever, once it runs
+        # interrupt, through Jupyter Server, code that would run for ever, once it runs (its
+        # sleep is the kernel's workload, never waited out: the test waits for 'started')
         endless = jupyter_message(
             "execute_request",
             {"code": "import time\nprint('started', flush=True)\nwhile True:\n    time.sleep(0.05)",

@@ -5,20 +5,23 @@ output floods, shutdowns, and both framings (legacy JSON text, v1 binary)."""
 
 import itertools
 import json
+import signal
 import struct
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 from websockets.sync.client import ClientConnection, connect
 
 from kernel_service.api.jupyter.bridge import MAX_RELAYED, QUEUED_CODE
-from tests.conftest import HOLD, Server, read_notebook, running_server, wait_for
+from tests.conftest import HOLD, Server, read_notebook, running_server, service_process, wait_for
 
 V1 = "v1.kernel.websocket.jupyter.org"
 # A failure guard only: a message that comes in milliseconds may take seconds on a busy
@@ -794,3 +797,40 @@ def test_no_subprotocol_offered_none_chosen_and_text_frames(server: Server, kern
         assert client.ws.subprotocol is None
         assert not client.v1
         assert result_text(client.execute("'legacy'")) == "'legacy'"
+
+
+# ---------------------------------------------------------------- culling and restarts
+
+
+def test_an_idle_kernel_is_culled_and_its_socket_closed(tmp_path: Path) -> None:
+    with running_server(tmp_path, session_ttl=1) as server:
+        kernel_id = start_kernel(server)
+        with channels(server, kernel_id) as client:
+            client.execute("x = 1")
+            # nothing more is sent: the culler ends the session, and closes its socket
+            assert client.closed().code == 1001
+        assert server.client.get(f"/api/kernels/{kernel_id}").status_code == 404
+
+
+def test_a_kernel_survives_a_graceful_restart_of_the_service(tmp_path: Path) -> None:
+    env = {"KERNEL_SERVICE_KEEP_KERNELS": "true"}
+    with service_process(tmp_path, env=env) as (process, base_url):
+        started = httpx.post(f"{base_url}/api/kernels", timeout=60)
+        assert started.status_code == 201, started.text
+        kernel_id = started.json()["id"]
+        with _socket(base_url, kernel_id) as client:
+            client.execute("x = 41")
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    with service_process(tmp_path) as (process, base_url):
+        listed = httpx.get(f"{base_url}/api/kernels", timeout=60).json()
+        assert [k["id"] for k in listed] == [kernel_id]
+        with _socket(base_url, kernel_id) as client:
+            assert result_text(client.execute("x + 1")) == "42"
+
+
+@contextmanager
+def _socket(base_url: str, kernel_id: str) -> Iterator[Client]:
+    url = f"{base_url.replace('http', 'ws', 1)}/api/kernels/{kernel_id}/channels"
+    with connect(url, proxy=None, open_timeout=RECV_TIMEOUT, ping_interval=None) as ws:
+        yield Client(ws)
