@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     from kernel_service.kernel.sandbox import SandboxUnavailable
     from kernel_service.kernel.uids import UidRangeInUse
     from kernel_service.store.locks import DirectoryInUse
+    from kernel_service.workdir.workspaces import ForeignWorkRoot
 
     # What is known to stop a start is said in one line; anything else is a bug: traceback.
     try:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             _serve_http(settings)
     except SandboxUnavailable as exc:
         _refuse(f"the sandbox is not available: {exc}")
-    except (DirectoryInUse, UidRangeInUse, _PortInUse) as exc:
+    except (DirectoryInUse, UidRangeInUse, _PortInUse, ForeignWorkRoot) as exc:
         _refuse(str(exc))
 
 

@@ -51,7 +51,9 @@ class Settings(BaseSettings):
         Path("connection"), description="Where kernel connection files are written (0600)."
     )
     work_dir: Path = Field(
-        Path("workspaces"), description="Parent of each session's working directory."
+        Path("workspaces"),
+        description="Parent of each session's working directory; the service's alone (a "
+        "directory holding other files is refused: what no session owns is deleted).",
     )
     matplotlib_dir: Path = Field(
         Path.home() / ".cache" / "kernel-service" / "matplotlib",

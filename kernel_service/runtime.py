@@ -103,9 +103,12 @@ class Runtime:
         store = StateStore(settings.state_dir)
         try:
             # what is in them is this service's to adopt or to remove: no other may use them
-            for directory in (options.connection_dir, settings.work_dir):
-                directory.mkdir(parents=True, exist_ok=True)
-                self._locks.append(lock_directory(directory))
+            options.connection_dir.mkdir(parents=True, exist_ok=True)
+            self._locks.append(lock_directory(options.connection_dir))
+            settings.work_dir.mkdir(parents=True, exist_ok=True)
+            self._locks.append(lock_directory(settings.work_dir))
+            # the work root's stale entries are deleted at the start: it must be ours alone
+            self.workspaces.claim_root(record.work_dir for record in store.sessions())
             own = {kernel.uid for kernel in store.kernels() if kernel.uid is not None}
             uids = self.launcher.claim_uids(UidRange.parse(store.meta("uid_range")), own)
             if uids is not None:

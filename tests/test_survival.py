@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from kernel_service.kernel.uids import UidRange
+from kernel_service.workdir.workspaces import MARKER
 from tests.conftest import (
     alive,
     kernel_processes,
@@ -287,6 +288,50 @@ def test_a_second_service_on_the_same_directories_refuses_to_start(tmp_path: Pat
         # the first one is untouched
         answer = httpx.post(f"{base_url}/execute", json={"code": "1 + 1"}, timeout=60)
         assert answer.json()["result"] == "2"
+
+
+def test_a_work_dir_of_other_files_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    """The service deletes what in its work root no session owns: given a directory that
+    holds anything else (a checkout, say), it must refuse to start, not empty it."""
+    work = tmp_path / "work"
+    (work / "checkout" / ".git").mkdir(parents=True)
+    (work / "checkout" / "README.md").write_text("mine")
+    (work / "notes.txt").write_text("mine too")
+    refused = subprocess.run(
+        [sys.executable, "-m", "kernel_service", "serve", "--port", "0",
+         "--connection-dir", str(tmp_path / "connection"), "--work-dir", str(work),
+         "--state-dir", str(tmp_path / "state")],
+        env={**os.environ, "KERNEL_SERVICE_SANDBOX": "none", "KERNEL_SERVICE_POOL_SIZE": "0"},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "refusing to start" in refused.stderr and "did not make" in refused.stderr
+    assert "'checkout', 'notes.txt'" in refused.stderr, refused.stderr
+    assert (work / "checkout" / "README.md").read_text() == "mine"
+    assert (work / "notes.txt").read_text() == "mine too"
+    assert sorted(p.name for p in work.iterdir()) == ["checkout", "notes.txt"]
+
+
+def test_a_work_root_of_an_earlier_version_is_taken_and_its_strays_removed(
+    tmp_path: Path,
+) -> None:
+    """A root an earlier version made holds only the recorded sessions' work dirs (and warm
+    kernels' leftovers): it is taken, marked, and what no session owns is removed."""
+    keep = {"KERNEL_SERVICE_KEEP_KERNELS": "true"}
+    with service_process(tmp_path, env=keep) as (process, base_url):
+        make_session(httpx.Client(base_url=base_url, timeout=60), "kept")
+        process.terminate()  # graceful, keeping the session for the next start
+        process.wait(timeout=60)
+    marker = tmp_path / "work" / MARKER
+    marker.unlink()  # as an earlier version left it
+    stray = tmp_path / "work" / f"pool-{'0' * 32}"
+    stray.mkdir()
+    with service_process(tmp_path) as (_, base_url):
+        answer = httpx.post(
+            f"{base_url}/execute", json={"code": "1 + 1", "session_id": "kept"}, timeout=60
+        )
+        assert answer.json()["result"] == "2", answer.text
+        assert marker.is_file() and not stray.exists()
 
 
 def test_the_reaper_ends_orphans_even_if_the_state_dir_is_removed(tmp_path: Path) -> None:

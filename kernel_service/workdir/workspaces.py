@@ -4,19 +4,41 @@ Where the service can (root, with mkfs.ext4 and loop devices), each one is a fil
 of its own, an ext4 image of a fixed size mounted nosuid,nodev on the directory, so a
 session that fills its disk gets ENOSPC and nobody else notices. Elsewhere it is a plain
 directory and its size is not capped (said at start-up and in /healthz).
+
+The root they are made in is the service's alone: at each start, what in it no session
+owns is deleted. So a root is taken only when it is new, empty, marked as the service's
+(MARKER, written when it is taken), or holds nothing but the recorded sessions' work
+directories (a root an earlier version made); one that holds anything else is refused
+before anything in it is touched.
 """
 
 import asyncio
 import logging
 import os
+import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+MARKER = ".kernel-service-work-root"
+_MARKER_TEXT = (
+    "This directory holds kernel-service's session work directories (KERNEL_SERVICE_WORK_DIR).\n"
+    "At each start the service deletes what in it no session owns: keep nothing else here.\n"
+)
+# What a root may hold besides the sessions' work directories: a filesystem's own
+# lost+found, and warm kernels' directories (pool.py names them; never recorded).
+_LOST_AND_FOUND = "lost+found"
+_POOL_DIR = re.compile(r"pool-[0-9a-f]{32}")
+
 
 class WorkspaceError(Exception):
     """A work directory could not be made; the message says why."""
+
+
+class ForeignWorkRoot(Exception):
+    """The work root holds what the service did not make; the message says what."""
 
 
 class Workspaces:
@@ -26,6 +48,33 @@ class Workspaces:
         self._size = size_bytes
         self._mkfs = shutil.which("mkfs.ext4")
         self.capped = bool(size_bytes and os.geteuid() == 0 and self._mkfs)
+
+    def claim_root(self, recorded: Iterable[Path]) -> None:
+        """Take the root as the service's (see the module's docstring); `recorded`: the
+        work directories of the sessions the state store records. Raises ForeignWorkRoot
+        for a root that holds anything else."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        marker = self.root / MARKER
+        if marker.is_file() and not marker.is_symlink():
+            return
+        own = {p.name for p in recorded if p.parent == self.root}
+        own |= {f".{name}.img" for name in own}
+        foreign = sorted(
+            entry.name
+            for entry in self.root.iterdir()
+            if entry.name not in own
+            and entry.name != _LOST_AND_FOUND
+            and not (entry.is_dir() and _POOL_DIR.fullmatch(entry.name))
+        )
+        if foreign:
+            shown = ", ".join(map(repr, foreign[:5])) + (", ..." if len(foreign) > 5 else "")
+            raise ForeignWorkRoot(
+                f"the work directory {self.root} holds {len(foreign)} entries kernel-service "
+                f"did not make ({shown}); the service deletes what in it no session owns, so "
+                "give it a directory of its own, new or empty (KERNEL_SERVICE_WORK_DIR, "
+                "--work-dir)"
+            )
+        marker.write_text(_MARKER_TEXT)
 
     def describe(self) -> str:
         if self.capped:
@@ -78,7 +127,13 @@ class Workspaces:
         return stale
 
     def _stale(self, keep: set[Path]) -> list[Path]:
-        stale = [p for p in self.root.glob("*") if p.resolve() not in keep]
+        """What no session of `keep` owns in the root (taken by claim_root: all of it the
+        service's), but the filesystem's lost+found."""
+        stale = [
+            p
+            for p in self.root.glob("*")
+            if p.resolve() not in keep and p.name != _LOST_AND_FOUND and not p.is_symlink()
+        ]
         stale += [
             p.parent / p.name[1:-4]
             for p in self.root.glob(".*.img")
