@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from kernel_service.workdir.workspaces import MARKER
 from tests.conftest import Server, kernel_processes, running_server
 
 
@@ -127,4 +128,5 @@ def test_a_kernel_that_cannot_start_is_503_and_leaves_nothing(tmp_path: Path) ->
         assert server.client.get("/sessions").json()["sessions"] == []
         assert kernel_processes(server.connection_dir) == []
         assert list(server.connection_dir.iterdir()) == []
-        assert list((tmp_path / "work").iterdir()) == []
+        # nothing but the mark that the root is the service's
+        assert [p.name for p in (tmp_path / "work").iterdir()] == [MARKER]
