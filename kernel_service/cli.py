@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
         help="allow a non-loopback --host without an API key",
     )
     serve.add_argument(
+        "--cell", type=int, help="this service's index as a cell of a cluster (0-65535)"
+    )
+    serve.add_argument(
         "--keep-kernels",
         action="store_true",
         default=None,
@@ -58,11 +61,27 @@ def _parser() -> argparse.ArgumentParser:
         parents=[shared],
         help="run the MCP server over stdin and stdout (for desktop clients); logs go to stderr",
     )
+    drain = commands.add_parser(
+        "drain",
+        help="tell a running service to make no new sessions, and wait until none of its "
+        "executions runs (a Kubernetes preStop hook)",
+    )
+    drain.add_argument("--url", default="http://127.0.0.1:8000", help="the service's address")
+    drain.add_argument(
+        "--api-key", help="one of its keys (default: KERNEL_SERVICE_API_KEY's first)"
+    )
+    drain.add_argument(
+        "--wait", type=float, default=0.0, help="seconds to wait for executions to end (0: none)"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.command == "drain":
+        from kernel_service.drain import drain
+
+        sys.exit(drain(args.url, args.api_key or _first_key(), args.wait))
     overrides: dict[str, Any] = {
         key: value for key, value in vars(args).items() if key != "command" and value is not None
     }
@@ -89,6 +108,11 @@ def main(argv: list[str] | None = None) -> None:
         _refuse(f"the sandbox is not available: {exc}")
     except (DirectoryInUse, UidRangeInUse, _PortInUse, ForeignWorkRoot) as exc:
         _refuse(str(exc))
+
+
+def _first_key() -> str | None:
+    keys = os.environ.get("KERNEL_SERVICE_API_KEY", "")
+    return next((key.strip() for key in keys.split(",") if key.strip()), None)
 
 
 class _PortInUse(Exception):

@@ -82,6 +82,14 @@ class Settings(BaseSettings):
     )
 
     max_sessions: PositiveInt = Field(64, description="Live sessions at most; more get 429.")
+    cell: int | None = Field(
+        None,
+        ge=0,
+        le=0xFFFF,
+        description="This service's index as a cell of a cluster (0-65535): every id it "
+        "makes starts with the index as 4 hex digits, which a proxy routes by "
+        "(docs/scaling.md). Unset: a service alone.",
+    )
     fork_server: bool = Field(
         True,
         description="Fork kernels from a process that has imported ipykernel and the preload "

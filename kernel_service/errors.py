@@ -27,6 +27,31 @@ class SessionNotFound(ServiceError):
         self.session_id = session_id
 
 
+class WrongCell(ServiceError):
+    """A session id chosen for a cell of a cluster that does not start with its tag."""
+
+    code = "wrong_cell"
+
+    def __init__(self, session_id: str, tag: str) -> None:
+        super().__init__(
+            f"Session id {session_id[:128]!r} does not start with this cell's tag {tag!r}: in a "
+            "cluster, the first 4 characters of a session id name the cell that holds it. "
+            "Leave the id out to be given one, or start it with the tag of the cell it is for."
+        )
+        self.session_id = session_id
+        self.tag = tag
+
+
+class Draining(ServiceError):
+    code = "draining"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This service is draining (about to stop or move): it makes no new sessions; its "
+            "sessions go on. Try again: a cluster's proxy sends new sessions to another cell."
+        )
+
+
 class SessionExists(ServiceError):
     code = "session_exists"
 

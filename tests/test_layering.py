@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).parent.parent
 # Top to bottom: each may import those on its line and after it, never those before it.
 LAYERS = [
-    {"__main__", "cli", "config_doc"},
+    {"__main__", "cli", "config_doc", "drain"},
     {"api"},
     {"runtime"},
     {"sessions"},

@@ -242,6 +242,21 @@ class Health(BaseModel):
     warm_kernels: int = Field(description="Kernels started and waiting for new sessions.")
     sandbox: str = Field(description="The isolation of kernels: `bubblewrap` or `none`.")
     isolation: dict[str, Any] = Field(description="What is isolated and the limits in force.")
+    executing: int = Field(0, description="Sessions running or queueing an execution now.")
+    accepting: bool = Field(
+        True, description="Whether it makes new sessions (not full, not draining)."
+    )
+    cell: dict[str, Any] | None = Field(
+        None, description="As a cell of a cluster: its `index` and `tag` (ids start with it)."
+    )
+
+
+class Readiness(BaseModel):
+    """GET /readyz: whether the service makes new sessions now (a proxy's placement check)."""
+
+    status: Literal["ready", "full", "draining"]
+    sessions: int
+    max_sessions: int
 
 
 class ErrorBody(BaseModel):

@@ -1,6 +1,7 @@
 """API keys: who may use the service, and whose sessions a request may see.
 
-With keys configured, every request but `GET /healthz` and the web inspector's page must
+With keys configured, every request but `GET /healthz`, `GET /readyz` and the web
+inspector's page must
 carry a key: `Authorization: Bearer <key>`, or `Authorization: token <key>` as Jupyter
 clients send it. On Jupyter's paths (`/api/...`, `/kernelspecs/...`, the kernels'
 WebSockets included) `?token=<key>` does too, since browsers cannot set a WebSocket's
@@ -30,8 +31,9 @@ from kernel_service.api.errors import (
 from kernel_service.api.inspector import PAGES
 from kernel_service.errors import ServiceError, Unauthorized
 
-# /healthz, and the web inspector's page and files (no data: the page asks for a key)
-_OPEN = {("GET", "/healthz"), *(("GET", path) for path in PAGES)}
+# /healthz and /readyz (probes carry no key), and the web inspector's page and files (no
+# data: the page asks for a key)
+_OPEN = {("GET", "/healthz"), ("GET", "/readyz"), *(("GET", path) for path in PAGES)}
 # How a key may be named in the Authorization header (compared without case).
 _SCHEMES = (b"bearer", b"token")
 
@@ -121,7 +123,7 @@ async def refuse(
 _LOOPBACK_NAMES = {"127.0.0.1", "localhost", "[::1]"}
 # Routes a web page of another site may reach: /healthz (no data), and /mcp, which guards
 # itself in the same way (mcp_guards.loopback_only, answering 421).
-_ANY_PAGE = {"/healthz", "/mcp"}
+_ANY_PAGE = {"/healthz", "/readyz", "/mcp"}
 
 
 def refused_page(headers: dict[bytes, bytes], listen_host: str) -> str | None:

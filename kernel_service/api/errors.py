@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kernel_service.errors import (
     CodeTooLarge,
+    Draining,
     FileChanged,
     FileNotFound,
     FileTooLarge,
@@ -33,6 +34,7 @@ from kernel_service.errors import (
     TooManySessions,
     Unauthorized,
     WorkspaceFull,
+    WrongCell,
 )
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,8 @@ STATUS_OF: dict[type[ServiceError], int] = {
     SessionExists: 409,
     CodeTooLarge: 413,
     TooManySessions: 429,
+    WrongCell: 400,
+    Draining: 503,
     KernelUnavailable: 503,
     StateFull: 507,
     InvalidFilePath: 400,

@@ -42,7 +42,12 @@ from starlette.requests import Request
 from starlette.types import ASGIApp
 
 from kernel_service import __version__
-from kernel_service.api.mcp_guards import OwnedSessions, SessionIdsAtDebug, loopback_only
+from kernel_service.api.mcp_guards import (
+    CellSessionIds,
+    OwnedSessions,
+    SessionIdsAtDebug,
+    loopback_only,
+)
 from kernel_service.config import Settings
 from kernel_service.errors import CodeTooLarge, ServiceError, SessionNotFound, TooManySessions
 from kernel_service.runtime import Runtime
@@ -115,7 +120,9 @@ class McpServer:
             session_idle_timeout=ttl if ttl > 0 else None,
         )
         SessionIdsAtDebug.install()
-        return OwnedSessions(StreamableHTTPASGIApp(self._manager))
+        return CellSessionIds(
+            OwnedSessions(StreamableHTTPASGIApp(self._manager)), self._registry.cell
+        )
 
     @contextlib.asynccontextmanager
     async def serving_http(self) -> AsyncIterator[None]:

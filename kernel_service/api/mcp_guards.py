@@ -1,6 +1,6 @@
 """Who may reach an MCP session over HTTP, and what of it is logged: each MCP session bound
-to the API key that opened it, its id kept out of the SDK's logs above debug, and requests
-for other hosts refused on a loopback address."""
+to the API key that opened it, its id tagged with the cell's in a cluster, kept out of the
+SDK's logs above debug, and requests for other hosts refused on a loopback address."""
 
 import ipaddress
 import logging
@@ -9,7 +9,9 @@ import re
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.transport_security import TransportSecuritySettings
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kernel_service.sessions.cell import Cell
 
 
 class OwnedSessions:
@@ -27,6 +29,43 @@ class OwnedSessions:
             token = AccessToken(token="", client_id=owner, scopes=[])
             scope = {**scope, "user": AuthenticatedUser(token)}
         await self._app(scope, receive, send)
+
+
+class CellSessionIds:
+    """In a cell of a cluster, MCP session ids as clients see them start with the cell's tag
+    (so a proxy routes them; sessions/cell.py): the SDK's own ids get it on the way out
+    (`Mcp-Session-Id` of a response) and lose it on the way in. An id with another tag is
+    passed on whole, no id of the SDK's: it answers 404, as for any unknown session."""
+
+    _HEADER = b"mcp-session-id"
+
+    def __init__(self, app: ASGIApp, cell: Cell) -> None:
+        self._app = app
+        self._cell = cell
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._cell.tag is None or scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        headers = [
+            (name, self._untagged(value)) if name.lower() == self._HEADER else (name, value)
+            for name, value in scope["headers"]
+        ]
+
+        async def send_tagged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [
+                    (name, self._cell.tagged(value.decode("latin-1")).encode())
+                    if name.lower() == self._HEADER else (name, value)
+                    for name, value in message.get("headers", [])
+                ]}  # fmt: skip
+            await send(message)
+
+        await self._app({**scope, "headers": headers}, receive, send_tagged)
+
+    def _untagged(self, value: bytes) -> bytes:
+        seen = self._cell.untagged(value.decode("latin-1"))
+        return value if seen is None else seen.encode()  # another cell's: unknown here
 
 
 class SessionIdsAtDebug(logging.Filter):

@@ -2,15 +2,17 @@
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import Awaitable, Coroutine
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.types import Receive
 
 from kernel_service import __version__
+from kernel_service.api.errors import RefusedOrigin
 from kernel_service.api.streaming import STREAM_RESPONSE, execution_events, wants_stream
 from kernel_service.config import Settings
 from kernel_service.errors import CodeTooLarge, SessionNotFound
@@ -27,6 +29,7 @@ from kernel_service_client.models import (
     ExecutionResult,
     Health,
     InterruptResult,
+    Readiness,
     SessionInfo,
     SessionList,
 )
@@ -284,6 +287,7 @@ async def tools(
 
 @router.get("/healthz", response_model=Health)
 async def healthz(request: Request, registry: Registry, settings: Config) -> Health:
+    """Liveness: the service serves (200 whenever it answers)."""
     return Health(
         version=__version__,
         sessions=len(registry),
@@ -291,7 +295,52 @@ async def healthz(request: Request, registry: Registry, settings: Config) -> Hea
         warm_kernels=len(registry.pool) if registry.pool is not None else 0,
         sandbox=request.app.state.sandbox,
         isolation=request.app.state.isolation,
+        executing=registry.executing(),
+        accepting=_readiness(registry, settings).status == "ready",
+        cell=registry.cell.describe(),
     )
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Full or draining."}},
+)
+async def readyz(registry: Registry, settings: Config) -> Response:
+    """Whether new sessions may be sent here: 200, or 503 when full or draining (a proxy's
+    placement check; a cell that answers 503 still serves its own sessions)."""
+    readiness = _readiness(registry, settings)
+    status_code = 200 if readiness.status == "ready" else 503
+    return Response(readiness.model_dump_json(), status_code, media_type="application/json")
+
+
+@router.post("/drain", response_model=Health, responses=_errors(403))
+async def drain(request: Request, registry: Registry, settings: Config) -> Health:
+    """From now on the service makes no new sessions (503 `draining`); its own go on. For a
+    cell about to be stopped or moved (`kernel-service drain`, a preStop hook). Needs a key
+    where keys are set; without keys, a client on this machine."""
+    client = request.client.host if request.client else ""
+    if not settings.api_keys() and not _on_this_machine(client):
+        raise RefusedOrigin(f"POST /drain came from {client!r}, not from this machine")
+    registry.cell.draining = True
+    log.info("draining: no new sessions from now on")
+    return await healthz(request, registry, settings)
+
+
+def _readiness(registry: SessionRegistry, settings: Settings) -> Readiness:
+    status: Literal["ready", "full", "draining"] = "ready"
+    if registry.cell.draining:
+        status = "draining"
+    elif registry.full():
+        status = "full"
+    return Readiness(status=status, sessions=len(registry), max_sessions=settings.max_sessions)
+
+
+def _on_this_machine(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @router.get(

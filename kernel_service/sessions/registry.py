@@ -10,11 +10,11 @@ and when it ends, its images, which kernel it has.
 import asyncio
 import contextlib
 import logging
-import uuid
 from pathlib import Path
 
 from kernel_service.config import Settings
 from kernel_service.errors import (
+    Draining,
     KernelUnavailable,
     SessionExists,
     SessionNotFound,
@@ -22,6 +22,7 @@ from kernel_service.errors import (
 )
 from kernel_service.kernel import Kernel, KernelFactory, KernelStartError
 from kernel_service.metrics import CloseReason, Metrics
+from kernel_service.sessions.cell import Cell
 from kernel_service.sessions.pool import KernelPool
 from kernel_service.sessions.services import SessionServices
 from kernel_service.sessions.session import Restored, Session, session_key
@@ -52,6 +53,7 @@ class SessionRegistry:
         self._replace_kernel = self.metrics.counting_starts(start_kernel, "replacement")
         self.workspaces = workspaces
         self.pool = pool
+        self.cell = Cell(settings.cell)  # the cell this service is, if it is one
         self.store: StateStore | None = None  # set while the service runs
         # Keyed by owner and id together: each API key has a namespace of its own.
         self._sessions: dict[str, Session] = {}
@@ -73,6 +75,14 @@ class SessionRegistry:
     def sessions(self, owner: str | None = None) -> list[Session]:
         return [s for s in self._sessions.values() if s.owner == owner]
 
+    def full(self) -> bool:
+        """Whether a new session would be refused for want of room."""
+        return len(self._sessions) + len(self._reserved) >= self._settings.max_sessions
+
+    def executing(self) -> int:
+        """Sessions running (or queueing) an execution now."""
+        return sum(1 for s in self._sessions.values() if s.busy)
+
     def work_dirs(self) -> set[Path]:
         return {s.work_dir.resolve() for s in self._sessions.values()}
 
@@ -81,8 +91,15 @@ class SessionRegistry:
         return [s.status for s in self._sessions.values()]
 
     async def create(self, session_id: str | None = None, owner: str | None = None) -> Session:
-        """A new session with a ready kernel; on any failure nothing of it remains."""
-        session_id = session_id or uuid.uuid4().hex
+        """A new session with a ready kernel; on any failure nothing of it remains. Raises
+        Draining while the service makes no new sessions, WrongCell for a chosen id another
+        cell's tag starts."""
+        if self.cell.draining:
+            raise Draining()
+        if session_id is None:
+            session_id = self.cell.new_id()
+        else:
+            self.cell.check(session_id)
         key = session_key(session_id, owner)
         self._check_room(session_id, key, owner)
         self._reserved[key] = owner  # until it is recorded and listed

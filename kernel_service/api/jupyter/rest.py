@@ -10,7 +10,6 @@ smolagents read (docs/jupyter.md).
 """
 
 import importlib.util
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -279,7 +278,7 @@ async def _kernel_name(request: Request) -> str:
 async def start_kernel(request: Request, registry: Registry, owner: Owner) -> Response:
     """Start a kernel: a new session (its id a UUID, as Jupyter clients expect)."""
     await _kernel_name(request)
-    session = await registry.create(str(uuid.uuid4()), owner)
+    session = await registry.create(registry.cell.new_uuid(), owner)
     model = kernel_model(session, _connections(request))
     return _json(model, 201, {"Location": f"/api/kernels/{session.session_id}"})
 
@@ -414,7 +413,7 @@ async def create_jupyter_session(request: Request, registry: Registry, owner: Ow
     else:
         if name not in (None, "", KERNEL_NAME):
             raise NoSuchKernelSpec(str(name), [KERNEL_NAME])
-        session = await registry.create(str(uuid.uuid4()), owner)
+        session = await registry.create(registry.cell.new_uuid(), owner)
     notebooks = _notebooks(request)
     for key in [k for k in notebooks if not registry.holds(k)]:  # their kernels ended
         del notebooks[key]

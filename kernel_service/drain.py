@@ -1,0 +1,39 @@
+"""`kernel-service drain`: a running service (a cell about to be stopped or moved) is told to
+make no new sessions (`POST /drain`), then watched until none of its executions runs, or
+`wait` seconds pass. Its exit status says which: 0 drained, 1 executions still ran, 2 the
+service could not be told."""
+
+import sys
+import time
+
+import httpx
+
+# How often the service is asked whether executions still run (seconds).
+_POLL = 0.5
+
+
+def drain(url: str, api_key: str | None, wait: float) -> int:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=10.0) as client:
+        try:
+            answer = client.post("/drain")
+        except httpx.HTTPError as exc:
+            print(f"kernel-service drain: {url} could not be reached: {exc}", file=sys.stderr)
+            return 2
+        if answer.status_code != 200:
+            print(f"kernel-service drain: {url} answered {answer.status_code}: {answer.text}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        deadline = time.monotonic() + wait
+        executing = int(answer.json()["executing"])
+        while executing and time.monotonic() < deadline:
+            time.sleep(_POLL)
+            try:
+                executing = int(client.get("/healthz").json()["executing"])
+            except (httpx.HTTPError, ValueError, KeyError):
+                return 0  # the service stopped meanwhile: nothing of it runs
+        if executing:
+            print(f"kernel-service drain: {executing} executions still run", file=sys.stderr)
+            return 1
+        print(f"kernel-service drain: {url} makes no new sessions; no execution runs")
+        return 0
