@@ -5,16 +5,22 @@ matters holds: the cell index reaches KERNEL_SERVICE_CELL, probes, drain, resour
 policies, and a proxy configuration that names exactly the cells there are."""
 
 import functools
+import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import kubernetes_validate
 import pytest
 import yaml
+
+from tests.conftest import SANDBOXED, kernel_processes, stop_process, wait_for
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
@@ -143,6 +149,75 @@ def test_the_pod_ordinal_reaches_kernel_service_cell(
     )  # fmt: skip
     assert done.returncode == status, done.stderr
     assert said in (done.stdout if status == 0 else done.stderr)
+
+
+def test_a_cell_started_and_drained_as_kubernetes_would(tmp_path: Path) -> None:
+    """The real service, started by the cell's start-up script as pod kernel-cell-5, is
+    cell 5; its preStop hook (on this machine's port) drains it: no new sessions, its
+    own go on."""
+    container = cell_container(render(DEPLOY / "base"))
+    hook = container["lifecycle"]["preStop"]["exec"]["command"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kernel-service").write_text(
+        f'#!/bin/sh\nexec {sys.executable} -m kernel_service "$@"\n'
+    )
+    (bin_dir / "kernel-service").chmod(0o755)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    key = "deploy-test-key-0123456789"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "POD_NAME": "kernel-cell-5",
+        "POD_INDEX": "5",
+        "KERNEL_SERVICE_API_KEY": key,
+        "KERNEL_SERVICE_HOST": "127.0.0.1",
+        "KERNEL_SERVICE_PORT": str(port),
+        "KERNEL_SERVICE_CONNECTION_DIR": str(tmp_path / "connection"),
+        "KERNEL_SERVICE_WORK_DIR": str(tmp_path / "work"),
+        "KERNEL_SERVICE_STATE_DIR": str(tmp_path / "state"),
+        "KERNEL_SERVICE_POOL_SIZE": "0",
+        "KERNEL_SERVICE_SANDBOX_UID_COUNT": "1000",
+        **({} if SANDBOXED else {"KERNEL_SERVICE_SANDBOX": "none"}),
+    }
+    base_url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "cell.log").open("wb")
+    cell = subprocess.Popen(container["args"], env=env, stdout=log, stderr=log)
+    try:
+        client = httpx.Client(base_url=base_url, timeout=60)
+
+        def serving() -> bool:
+            assert cell.poll() is None, (tmp_path / "cell.log").read_text()
+            try:
+                return client.get("/healthz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        assert wait_for(serving)
+        assert client.get("/healthz").json()["cell"] == {"index": 5, "tag": "0005"}
+        keyed = {"Authorization": f"Bearer {key}"}
+        made = client.post("/sessions", json={}, headers=keyed)
+        assert made.status_code == 201, made.text
+        session_id = made.json()["session_id"]
+        assert session_id.startswith("0005")
+
+        hook = [base_url if arg == "http://127.0.0.1:8000" else arg for arg in hook]
+        drained = subprocess.run(
+            hook, env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert drained.returncode == 0, drained.stderr
+        assert client.get("/readyz").json()["status"] == "draining"
+        assert client.post("/sessions", json={}, headers=keyed).status_code == 503
+        assert client.get(f"/sessions/{session_id}", headers=keyed).status_code == 200
+        client.close()
+    finally:
+        stop_process(cell)
+        log.close()
+    # stopped by SIGTERM as the kubelet stops it, within its time (not killed)
+    assert cell.returncode in (0, -signal.SIGTERM), (tmp_path / "cell.log").read_text()
+    assert kernel_processes(tmp_path / "connection") == []
 
 
 @pytest.mark.parametrize("kustomization", names(KUSTOMIZATIONS))
