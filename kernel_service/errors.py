@@ -27,6 +27,19 @@ class SessionNotFound(ServiceError):
         self.session_id = session_id
 
 
+class SessionLostWithCell(SessionNotFound):
+    code = "session_lost_with_cell"
+
+    def __init__(self, session_id: str, tag: str) -> None:
+        ServiceError.__init__(
+            self,
+            f"Session {session_id!r} was lost with its cell {tag!r}: the cell's state was "
+            "lost (a new volume, or its state directory removed), and with it the session, its "
+            "variables and files. Start a new session.",
+        )
+        self.session_id = session_id
+
+
 class WrongCell(ServiceError):
     """A session id chosen for a cell of a cluster that does not start with its tag."""
 

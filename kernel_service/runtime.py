@@ -109,6 +109,11 @@ class Runtime:
             self._locks.append(lock_directory(settings.work_dir))
             # the work root's stale entries are deleted at the start: it must be ours alone
             self.workspaces.claim_root(record.work_dir for record in store.sessions())
+            incarnation = store.meta("incarnation")  # of this state: drawn when it is new
+            if incarnation is None:
+                incarnation = self.registry.cell.new_incarnation()
+                store.set_meta("incarnation", incarnation)
+            self.registry.cell.incarnation = incarnation
             own = {kernel.uid for kernel in store.kernels() if kernel.uid is not None}
             uids = self.launcher.claim_uids(UidRange.parse(store.meta("uid_range")), own)
             if uids is not None:

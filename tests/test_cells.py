@@ -112,6 +112,26 @@ def test_drain_needs_a_key_where_keys_are_set(tmp_path: Path) -> None:
         assert server.client.get("/readyz").json()["status"] == "draining"
 
 
+def test_lost_with_its_cell(tmp_path: Path) -> None:
+    """A cell restarted on new state (a new volume) tells its earlier sessions from ids
+    that never existed: lost with the cell (410), not merely unknown (404)."""
+    with running_server(tmp_path / "a", cell=5) as server:
+        earlier = server.new_session()
+        assert earlier.startswith("0005")
+    with running_server(tmp_path / "b", cell=5) as server:  # the same cell, new state
+        lost = server.client.post("/execute", json={"code": "1", "session_id": earlier})
+        assert lost.status_code == 410, lost.text
+        assert lost.json()["code"] == "session_lost_with_cell"
+        assert "lost with its cell '0005'" in lost.json()["detail"]
+        made_here = server.new_session()
+        assert made_here[4:8] != earlier[4:8]  # another incarnation
+        never = "0005" + made_here[4:8] + "0" * 24  # this incarnation's form, never made
+        unknown = server.client.get(f"/sessions/{never}")
+        assert unknown.status_code == 404 and unknown.json()["code"] == "session_not_found"
+        chosen = server.client.get("/sessions/0005-never-made")
+        assert chosen.status_code == 404
+
+
 def test_the_drain_command_waits_for_running_executions(tmp_path: Path) -> None:
     with service_process(tmp_path, env={"KERNEL_SERVICE_CELL": "2"}) as (_, base_url):
         client = httpx.Client(base_url=base_url, timeout=120)

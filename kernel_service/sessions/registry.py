@@ -66,7 +66,7 @@ class SessionRegistry:
         try:
             return self._sessions[session_key(session_id, owner)]
         except KeyError:
-            raise SessionNotFound(session_id) from None
+            raise self.cell.not_found(session_id) from None
 
     def holds(self, key: str) -> bool:
         """Whether a live session is filed under `key` (`Session.key`)."""
