@@ -83,8 +83,8 @@ class Front:
 
 
 def _check_address(address: str) -> None:
-    host, _, port = address.rpartition(":")
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{address!r} is not host:port (a port from 1 to 65535)")
     if any(c.isspace() or c in "'\"#\\" for c in host):
         raise ValueError(f"{address!r} is not host:port")
@@ -211,6 +211,9 @@ def _defaults(front: Front) -> list[str]:
         "    # fast and are tried once more (never a request the cell may have begun)",
         "    timeout connect 500ms",
         "    retries 1",
+        "    # a connection the cell closed with nothing said (it died as the request came):",
+        "    # tried once more, not closed on the client (who may not send it again)",
+        "    retry-on conn-failure empty-response",
         "    timeout check 2s",
         "    timeout queue 1s",
         "    timeout http-request 10s",

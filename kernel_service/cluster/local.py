@@ -213,10 +213,28 @@ class _LocalCluster:
         # HAProxy's soft stop: it closes its listeners now, and ends once its connections
         # have (the cells' answers to requests in flight go out first)
         front = asyncio.create_task(self.haproxy.stop(signal.SIGUSR1, grace=90.0))
+        await self._revive_dead_cells()
         await asyncio.gather(*(process.stop() for process in self.processes))
         await front
         await self.status.stop()
         await self._client.aclose()
+
+    async def _revive_dead_cells(self) -> None:
+        """A cell that died and is not yet started again has left kernels (and their
+        reaper) running: started now, it adopts them, so that its stop ends them."""
+        if self.options.settings.keep_kernels:
+            return  # they are kept for the next start anyway
+        dead = [(c, p) for c, p in zip(self.cells, self.processes, strict=True) if p.pid is None]
+        if not dead:
+            return
+        log.info("starting %s again to end its kernels", ", ".join(c.name for c, _ in dead))
+        for _, process in dead:
+            process.wake()
+        deadline = loop_time() + _START_TIMEOUT
+        while dead and loop_time() < deadline:
+            states = [await probe(self._client, c, p.pid, 0) for c, p in dead]
+            dead = [(c, p) for (c, p), s in zip(dead, states, strict=True) if s.status == "down"]
+            await asyncio.sleep(0.1)
 
 
 def loop_time() -> float:

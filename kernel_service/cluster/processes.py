@@ -3,6 +3,7 @@ name, started again when it dies (as a StatefulSet would: same command, same dir
 ended with the cluster, or by the kernel if the cluster itself is killed."""
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -48,6 +49,7 @@ class Supervised:
         self._output = output or sys.stderr.buffer
         self._process: asyncio.subprocess.Process | None = None
         self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()  # ends a pause before a start
         self.exits = 0  # how many times it ended on its own
         self.restarts = 0
         self._task: asyncio.Task[None] | None = None
@@ -121,10 +123,24 @@ class Supervised:
             pause = min(pause, _MAX_PAUSE)
             how = f"signal {-code}" if code < 0 else f"status {code}"
             log.warning("%s exited (%s); starting it again in %g s", self.name, how, pause)
-            try:
-                await asyncio.wait_for(self._stopping.wait(), pause)
-            except TimeoutError:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken(), pause)
+            if not self._stopping.is_set():
                 self.restarts += 1
+
+    def wake(self) -> None:
+        """Start it now if it is waiting to be started again."""
+        self._wake.set()
+
+    async def _woken(self) -> None:
+        stopping = asyncio.create_task(self._stopping.wait())
+        woken = asyncio.create_task(self._wake.wait())
+        try:
+            await asyncio.wait((stopping, woken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            woken.cancel()
 
     async def _relay(self, fd: int) -> None:
         """Each line written to the pipe `fd`, under the process's name, until it closes."""
