@@ -125,9 +125,9 @@ def _cluster_command(args: argparse.Namespace) -> NoReturn:
         settings = commands.cluster_settings(args)
     except ValidationError as exc:
         _refuse(_bad_settings(exc, flags=set(vars(args)) - {"command"}))
-    if not settings.api_keys() and not settings.insecure and not _is_loopback(args.host):
+    if not settings.api_keys() and not settings.insecure and not _is_loopback(args.front_host):
         _refuse(
-            f"the cluster would listen on {args.host} without an API key: set "
+            f"the cluster would listen on {args.front_host} without an API key: set "
             "KERNEL_SERVICE_API_KEY, or pass --insecure if something else guards it"
         )
     logging.basicConfig(
@@ -138,8 +138,8 @@ def _cluster_command(args: argparse.Namespace) -> NoReturn:
 
     options = ClusterOptions(
         cells=args.cells,
-        host=args.host,
-        port=args.port,
+        host=args.front_host,
+        port=args.front_port,
         directory=args.dir,
         serve_flags=commands.serve_flags(args),
         settings=settings,

@@ -26,14 +26,15 @@ import psutil
 import pytest
 
 from kernel_service.cluster.haproxy import Cell, Front, render
+from kernel_service.cluster.local import find_haproxy
 from kernel_service_client.tools.spec import TOOL_NAME
 from tests.conftest import descendants, stop_process, wait_for
 from tests.test_jupyter_clients import execute as jupyter_execute
 from tests.test_mcp import http_client, text
 
-HAPROXY = "/usr/sbin/haproxy"
+HAPROXY = find_haproxy() or "haproxy"
 pytestmark = pytest.mark.skipif(
-    not os.path.exists(HAPROXY), reason="HAProxy is not installed (apt-get install haproxy)"
+    find_haproxy() is None, reason="HAProxy is not installed (apt-get install haproxy)"
 )
 CELLS = 3
 

@@ -68,8 +68,13 @@ def add_commands(commands: Any, tuning: argparse.ArgumentParser) -> None:
         help="run N cells behind HAProxy on this machine, in the foreground",
     )
     cluster.add_argument("--cells", type=_cell_count, default=2, help="how many cells (2)")
-    cluster.add_argument("--host", default="127.0.0.1", help="the front's address (127.0.0.1)")
-    cluster.add_argument("--port", type=int, default=8000, help="the front's port (8000)")
+    # not KERNEL_SERVICE_HOST and _PORT: those of the front, not of the cells
+    cluster.add_argument(
+        "--host", dest="front_host", default="127.0.0.1", help="the front's address (127.0.0.1)"
+    )
+    cluster.add_argument(
+        "--port", dest="front_port", type=int, default=8000, help="the front's port (8000)"
+    )
     cluster.add_argument(
         "--dir",
         type=Path,

@@ -47,7 +47,7 @@ class ClusterOptions:
 
 def run_cluster(options: ClusterOptions) -> int:
     """Run until SIGTERM or SIGINT; the exit status (0: stopped as asked)."""
-    haproxy = shutil.which("haproxy")
+    haproxy = find_haproxy()
     if haproxy is None:
         raise ClusterRefused(
             "HAProxy, the cluster's front, is not installed (Debian, Ubuntu: apt-get install "
@@ -68,6 +68,12 @@ def run_cluster(options: ClusterOptions) -> int:
     finally:
         if options.directory is None:  # its own: nothing in it outlives the cluster
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def find_haproxy() -> str | None:
+    """HAProxy's program: on the PATH, or where Debian puts it (/usr/sbin, often not on a
+    user's PATH)."""
+    return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
 
 
 def _claim(directory: Path) -> Path:
