@@ -13,10 +13,11 @@
 FROM python:3.11-slim-bookworm
 
 # A CJK font so plots can label in Chinese; tini reaps what kernels leave behind;
-# bubblewrap and e2fsprogs for the sandbox when run as root.
+# bubblewrap and e2fsprogs for the sandbox when run as root; HAProxy, the front of a
+# cluster of cells (`kernel-service cluster`, or a front pod: docs/scaling.md).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends fonts-wqy-microhei fontconfig tini \
-      bubblewrap e2fsprogs \
+      bubblewrap e2fsprogs haproxy \
  && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 10001 kernel

@@ -18,6 +18,8 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 
 from kernel_service import __version__
+from kernel_service.cluster.commands import COMMANDS as CLUSTER_COMMANDS
+from kernel_service.cluster.commands import add_commands as add_cluster_commands
 from kernel_service.config import Settings
 
 
@@ -29,15 +31,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
-    shared = argparse.ArgumentParser(add_help=False)  # how kernels run, for both commands
+    tuning = argparse.ArgumentParser(add_help=False)  # how kernels run, for every command
+    tuning.add_argument("--max-sessions", type=int, help="live sessions at most")
+    tuning.add_argument("--session-ttl", type=float, help="idle seconds before culling (0: never)")
+    tuning.add_argument("--default-timeout", type=float, help="execution timeout in seconds")
+    tuning.add_argument("--max-timeout", type=float, help="cap on a caller's timeout")
+    tuning.add_argument("--log-level", help="debug, info, warning, error")
+    shared = argparse.ArgumentParser(add_help=False, parents=[tuning])  # and where (one service)
     shared.add_argument("--connection-dir", type=Path, help="where connection files go")
     shared.add_argument("--work-dir", type=Path, help="parent of the sessions' work dirs")
     shared.add_argument("--state-dir", type=Path, help="where the session registry is kept")
-    shared.add_argument("--max-sessions", type=int, help="live sessions at most")
-    shared.add_argument("--session-ttl", type=float, help="idle seconds before culling (0: never)")
-    shared.add_argument("--default-timeout", type=float, help="execution timeout in seconds")
-    shared.add_argument("--max-timeout", type=float, help="cap on a caller's timeout")
-    shared.add_argument("--log-level", help="debug, info, warning, error")
     serve = commands.add_parser("serve", parents=[shared], help="run the HTTP service")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
@@ -73,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     drain.add_argument(
         "--wait", type=float, default=0.0, help="seconds to wait for executions to end (0: none)"
     )
+    add_cluster_commands(commands, tuning)
     return parser
 
 
@@ -82,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         from kernel_service.drain import drain
 
         sys.exit(drain(args.url, args.api_key or _first_key(), args.wait))
+    if args.command in CLUSTER_COMMANDS:
+        _cluster_command(args)
     overrides: dict[str, Any] = {
         key: value for key, value in vars(args).items() if key != "command" and value is not None
     }
@@ -107,6 +113,40 @@ def main(argv: list[str] | None = None) -> None:
     except SandboxUnavailable as exc:
         _refuse(f"the sandbox is not available: {exc}")
     except (DirectoryInUse, UidRangeInUse, _PortInUse, ForeignWorkRoot) as exc:
+        _refuse(str(exc))
+
+
+def _cluster_command(args: argparse.Namespace) -> NoReturn:
+    from kernel_service.cluster import commands
+
+    if args.command == "proxy-config":
+        sys.exit(commands.print_proxy_config(args))
+    try:
+        settings = commands.cluster_settings(args)
+    except ValidationError as exc:
+        _refuse(_bad_settings(exc, flags=set(vars(args)) - {"command"}))
+    if not settings.api_keys() and not settings.insecure and not _is_loopback(args.front_host):
+        _refuse(
+            f"the cluster would listen on {args.front_host} without an API key: set "
+            "KERNEL_SERVICE_API_KEY, or pass --insecure if something else guards it"
+        )
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="cluster | %(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from kernel_service.cluster.local import ClusterOptions, ClusterRefused, run_cluster
+
+    options = ClusterOptions(
+        cells=args.cells,
+        host=args.front_host,
+        port=args.front_port,
+        directory=args.dir,
+        serve_flags=commands.serve_flags(args),
+        settings=settings,
+    )
+    try:
+        sys.exit(run_cluster(options))
+    except ClusterRefused as exc:
         _refuse(str(exc))
 
 

@@ -10,6 +10,7 @@ ROOT = Path(__file__).parent.parent
 # Top to bottom: each may import those on its line and after it, never those before it.
 LAYERS = [
     {"__main__", "cli", "config_doc", "drain"},
+    {"cluster"},
     {"api"},
     {"runtime"},
     {"sessions"},
