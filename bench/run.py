@@ -32,6 +32,7 @@ import platform
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench import latency, load, mixed_load
+from bench import cluster, latency, load, mixed_load
 from bench.floor import Floor
 from bench.peers import run_peers
 from bench.report import METHOD, STALL_LIMIT, TIMEOUT, Column, table
@@ -51,6 +52,7 @@ from kernel_service.config import Settings
 
 SECTIONS = (
     "floor", "http", "sessions", "timeout", "memory", "throughput", "scale", "load", "peers",
+    "cluster",
 )  # fmt: skip
 RESULTS = Path(__file__).with_name("results.md")
 
@@ -281,6 +283,13 @@ def _load_problems(column: Column, result: mixed_load.MixedLoad) -> None:
         )
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def _briefly(exc: Exception) -> str:
     """An exception in a line: its message's first and last lines (a log's tail can follow)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
@@ -320,6 +329,7 @@ async def main_async(args: argparse.Namespace) -> int:
     started = time.monotonic()
     columns: list[Column] = []
     peers = []
+    cells: cluster.ClusterResult | None = None
     try:
         for name in args.launchers:
             columns.append(await bench.column(name))
@@ -338,11 +348,24 @@ async def main_async(args: argparse.Namespace) -> int:
                 _say(f"{section} failed: {exc}")
         if "peers" in bench.sections:
             peers = await run_peers(root / "peers", int(TIMEOUT), root / "peers-install.log")
+        if "cluster" in bench.sections:
+            _say("cluster: 3 cells behind HAProxy, then 1")
+            try:
+                cells = await cluster.run(root / "cluster", _free_port(), args.rounds)
+            except Exception as exc:
+                cells = cluster.ClusterResult(problems=[_briefly(exc)])
+                _say(f"cluster failed: {exc}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     lines, verdicts = table(columns, peers, vars(args))
+    if cells is not None:
+        cell_lines, cell_verdicts = cluster.lines(cells)
+        lines += ["", *cell_lines]
+        verdicts += cell_verdicts
     command = "scripts/bench" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     problems = [f"- {c.name}: {p}" for c in columns for p in c.problems]
+    if cells is not None:
+        problems += [f"- cluster: {p}" for p in cells.problems]
     for peer in peers:
         problems += [f"- {peer.name}: {e}" for e in peer.errors]
     report = [

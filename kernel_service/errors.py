@@ -40,6 +40,21 @@ class SessionLostWithCell(SessionNotFound):
         self.session_id = session_id
 
 
+class SessionOfAnotherCell(SessionNotFound):
+    code = "misdirected"
+
+    def __init__(self, session_id: str, its_tag: str, this_tag: str) -> None:
+        ServiceError.__init__(
+            self,
+            f"Session {session_id[:128]!r} is held by cell {its_tag!r}, not by this one "
+            f"({this_tag!r}): send requests to the cluster's proxy, which routes by that tag. "
+            "A proxy sends here what it could not route: a POST /execute whose session_id "
+            "comes after the first 64 KiB of its body; put session_id first, or use "
+            "POST /sessions/{id}/execute.",
+        )
+        self.session_id = session_id
+
+
 class WrongCell(ServiceError):
     """A session id chosen for a cell of a cluster that does not start with its tag."""
 

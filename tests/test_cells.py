@@ -53,6 +53,33 @@ def test_a_chosen_id_must_carry_the_cells_tag(cell: Server) -> None:
     cell.client.delete(f"/sessions/{chosen}")
 
 
+def test_execute_by_path_and_another_cells_ids(cell: Server) -> None:
+    session_id = cell.new_session()
+    try:
+        by_path = cell.client.post(f"/sessions/{session_id}/execute", json={"code": "y = 6; y"})
+        assert by_path.json()["result"] == "6", by_path.text
+        same = {"code": "y", "session_id": session_id}
+        assert (
+            cell.client.post(f"/sessions/{session_id}/execute", json=same).json()["result"] == "6"
+        )
+        other = {"code": "y", "session_id": TAG + "0" * 28}
+        conflict = cell.client.post(f"/sessions/{session_id}/execute", json=other)
+        assert conflict.status_code == 400 and conflict.json()["code"] == "invalid_request"
+        assert "leave `session_id` out of the body" in conflict.json()["detail"]
+        # a request for another cell's session reached this one: it says where it belongs
+        elsewhere = "0004" + session_id[4:]
+        for misdirected in (
+            cell.client.post("/execute", json={"code": "y", "session_id": elsewhere}),
+            cell.client.post(f"/sessions/{elsewhere}/execute", json={"code": "y"}),
+            cell.client.get(f"/sessions/{elsewhere}"),
+        ):
+            assert misdirected.status_code == 421, misdirected.text
+            assert misdirected.json()["code"] == "misdirected"
+            assert "held by cell '0004'" in misdirected.json()["detail"]
+    finally:
+        cell.client.delete(f"/sessions/{session_id}")
+
+
 def test_mcp_session_ids_carry_the_tag_both_ways(cell: Server) -> None:
     opened = cell.client.post("/mcp", json=INITIALIZE, headers=MCP_HEADERS)
     assert opened.status_code == 200, opened.text

@@ -193,13 +193,23 @@ def test_new_sessions_spread_and_requests_follow_their_session(
     assert {s[:4] for s in made} == {f"{i:04x}" for i in range(CELLS)}
     for number, session_id in enumerate(made):
         run(client, f"x = {number}", session_id)
+    padded = "#" * 200_000 + "\nx"  # longer than the front reads of a body (64 KiB)
     for number, session_id in enumerate(made):
-        # by the body's session_id, by the path, and past 64 KiB of code before the id
+        # by the body's session_id, by the path
         assert run(client, "x", session_id)["result"] == str(number)
         info = client.get(f"/sessions/{session_id}").json()
         assert info["execution_count"] == 2, info
-        padded = "#" * 200_000 + "\nx"
-        assert run(client, padded, session_id)["result"] == str(number)
+        # long code: by the path of POST /sessions/{id}/execute, or an id before the code
+        by_path = client.post(f"/sessions/{session_id}/execute", json={"code": padded})
+        assert by_path.json()["result"] == str(number), by_path.text
+        first = client.post("/execute", json={"session_id": session_id, "code": padded})
+        assert first.json()["result"] == str(number), first.text
+        # an id past what the front reads: a new session's request, for any cell; one
+        # not the session's says so, and where to send it
+        late = client.post("/execute", json={"code": padded, "session_id": session_id})
+        if late.status_code != 200:
+            assert late.status_code == 421 and late.json()["code"] == "misdirected", late.text
+            assert f"held by cell {session_id[:4]!r}" in late.json()["detail"]
     # a chosen id goes to the cell its tag names
     chosen = client.post("/sessions", json={"session_id": "0002-chosen"})
     assert chosen.status_code == 201, chosen.text

@@ -143,11 +143,13 @@ def parse(model: type[M], response: httpx.Response) -> M:
 
 
 def is_session_gone(response: httpx.Response) -> bool:
-    """A 404 that says the session does not exist (not any 404)."""
-    if response.status_code != 404:
+    """A 404 that says the session does not exist (not any 404), or a 410 that says it was
+    lost with its cell (a cell of a cluster whose state was lost)."""
+    gone = {404: "session_not_found", 410: "session_lost_with_cell"}.get(response.status_code)
+    if gone is None:
         return False
     try:
-        return bool(response.json().get("code") == "session_not_found")
+        return bool(response.json().get("code") == gone)
     except ValueError:
         return False
 

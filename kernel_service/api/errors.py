@@ -30,6 +30,7 @@ from kernel_service.errors import (
     SessionExists,
     SessionLostWithCell,
     SessionNotFound,
+    SessionOfAnotherCell,
     StateFull,
     SymlinkRefused,
     TooManySessions,
@@ -59,6 +60,18 @@ class InvalidJupyterRequest(ServiceError):
     def __init__(self, reason: str) -> None:
         super().__init__(f"Invalid request: {reason}.")
         self.reason = reason
+
+
+class ConflictingSessionIds(ServiceError):
+    """POST /sessions/{id}/execute whose body names another session."""
+
+    code = "invalid_request"
+
+    def __init__(self, in_path: str, in_body: str) -> None:
+        super().__init__(
+            f"The path names session {in_path[:128]!r} and the body {in_body[:128]!r}: leave "
+            "`session_id` out of the body (the path says which session)."
+        )
 
 
 class NoSuchKernelSpec(ServiceError):
@@ -106,6 +119,7 @@ STATUS_OF: dict[type[ServiceError], int] = {
     WrongCell: 400,
     Draining: 503,
     SessionLostWithCell: 410,
+    SessionOfAnotherCell: 421,
     KernelUnavailable: 503,
     StateFull: 507,
     InvalidFilePath: 400,
@@ -117,6 +131,7 @@ STATUS_OF: dict[type[ServiceError], int] = {
     InvalidUpload: 422,
     WorkspaceFull: 507,
     InvalidJupyterRequest: 400,
+    ConflictingSessionIds: 400,
     NoSuchKernelSpec: 404,
     NoJupyterSession: 404,
     RefusedOrigin: 403,

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.types import Receive
 
 from kernel_service import __version__
-from kernel_service.api.errors import RefusedOrigin
+from kernel_service.api.errors import ConflictingSessionIds, RefusedOrigin
 from kernel_service.api.streaming import STREAM_RESPONSE, execution_events, wants_stream
 from kernel_service.config import Settings
 from kernel_service.errors import CodeTooLarge, SessionNotFound
@@ -193,6 +193,19 @@ async def create_session(
     response = _json(session.info())
     response.status_code = status.HTTP_201_CREATED
     return response
+
+
+@router.post(
+    "/sessions/{session_id}/execute",
+    response_model=ExecutionResult,
+    responses={**_errors(400, 404, 413, 422, 429, 503, 507), **STREAM_RESPONSE},
+)
+async def execute_in(session_id: SessionId, body: ExecuteRequest, request: Request) -> Response:
+    """`POST /execute` in the session the path names: the same body and answer, in a form a
+    proxy routes by its path alone, without reading the body (docs/scaling.md)."""
+    if body.session_id is not None and body.session_id != session_id:
+        raise ConflictingSessionIds(session_id, body.session_id)
+    return await execute(body.model_copy(update={"session_id": session_id}), request)
 
 
 @router.get("/sessions", response_model=SessionList, responses=_errors())

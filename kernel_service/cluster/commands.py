@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kernel_service.cluster.haproxy import MAX_CELLS, MIB, Cell, Front, render
+from kernel_service.cluster.haproxy import DEFAULT_BODY_BUFFER, MAX_CELLS, Cell, Front, render
 from kernel_service.config import Settings
 
 COMMANDS = ("proxy-config", "cluster")
@@ -47,8 +47,8 @@ def add_commands(commands: Any, tuning: argparse.ArgumentParser) -> None:
     config.add_argument(
         "--body-buffer",
         type=int,
-        default=MIB,
-        help="bytes of a request body read to find its session (default 1 MiB)",
+        default=DEFAULT_BODY_BUFFER,
+        help="bytes of a request body read to find its session (default 64 KiB)",
     )
     config.add_argument(
         "--server-timeout",

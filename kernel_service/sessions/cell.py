@@ -19,9 +19,15 @@ import re
 import secrets
 import uuid
 
-from kernel_service.errors import SessionLostWithCell, SessionNotFound, WrongCell
+from kernel_service.errors import (
+    SessionLostWithCell,
+    SessionNotFound,
+    SessionOfAnotherCell,
+    WrongCell,
+)
 
 TAG_LENGTH = 4
+_TAG = re.compile(r"[0-9a-fA-F]{4}")
 _MADE_ID = re.compile(r"[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -60,8 +66,11 @@ class Cell:
             raise WrongCell(session_id, self.tag)
 
     def not_found(self, session_id: str) -> SessionNotFound:
-        """The error for a session id not here: lost with this cell's earlier state when it
-        is an id this cell made in an earlier incarnation."""
+        """The error for a session id not here: another cell's when its tag is another's
+        (the request came the wrong way); lost with this cell's earlier state when it is an
+        id this cell made in an earlier incarnation."""
+        if self.tag is not None and _TAG.match(session_id) and not session_id.startswith(self.tag):
+            return SessionOfAnotherCell(session_id, session_id[:TAG_LENGTH].lower(), self.tag)
         if (
             self.tag is not None
             and self.incarnation is not None
