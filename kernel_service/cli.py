@@ -125,10 +125,12 @@ def _cluster_command(args: argparse.Namespace) -> NoReturn:
         settings = commands.cluster_settings(args)
     except ValidationError as exc:
         _refuse(_bad_settings(exc, flags=set(vars(args)) - {"command"}))
-    if not settings.api_keys() and not settings.insecure and not _is_loopback(args.front_host):
+    if not settings.api_keys() and not _is_loopback(args.front_host):
+        # the cells listen on loopback; without keys each takes only requests named for
+        # this machine (its Host check), so a front elsewhere could not reach them
         _refuse(
             f"the cluster would listen on {args.front_host} without an API key: set "
-            "KERNEL_SERVICE_API_KEY, or pass --insecure if something else guards it"
+            "KERNEL_SERVICE_API_KEY (a cluster's front on another address always needs keys)"
         )
     logging.basicConfig(
         level=settings.log_level.upper(),

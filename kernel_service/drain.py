@@ -10,6 +10,8 @@ import httpx
 
 # How often the service is asked whether executions still run (seconds).
 _POLL = 0.5
+# Polls in a row it must fail to answer (a busy cell may miss one) to be taken as stopped.
+_FAILURES = 5
 
 
 def drain(url: str, api_key: str | None, wait: float) -> int:
@@ -24,16 +26,33 @@ def drain(url: str, api_key: str | None, wait: float) -> int:
             print(f"kernel-service drain: {url} answered {answer.status_code}: {answer.text}",
                   file=sys.stderr)  # fmt: skip
             return 2
+        executing = _executing(answer)
+        if executing is None:
+            print(f"kernel-service drain: {url} is not a kernel-service: {answer.text[:200]}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         deadline = time.monotonic() + wait
-        executing = int(answer.json()["executing"])
-        while executing and time.monotonic() < deadline:
+        failures = 0  # polls in a row the service did not answer
+        while executing and time.monotonic() < deadline and failures < _FAILURES:
             time.sleep(_POLL)
             try:
-                executing = int(client.get("/healthz").json()["executing"])
-            except (httpx.HTTPError, ValueError, KeyError):
-                return 0  # the service stopped meanwhile: nothing of it runs
+                polled = _executing(client.get("/healthz"))
+            except httpx.HTTPError:
+                polled = None
+            failures = failures + 1 if polled is None else 0
+            executing = executing if polled is None else polled
+        if failures >= _FAILURES:
+            return 0  # the service stopped meanwhile: nothing of it runs
         if executing:
             print(f"kernel-service drain: {executing} executions still run", file=sys.stderr)
             return 1
         print(f"kernel-service drain: {url} makes no new sessions; no execution runs")
         return 0
+
+
+def _executing(answer: httpx.Response) -> int | None:
+    """How many executions a service's answer says run (None: not a kernel-service's)."""
+    try:
+        return int(answer.json()["executing"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -327,8 +327,15 @@ def test_draining_a_cell_sends_new_sessions_elsewhere(
 ) -> None:
     kept = client.post("/sessions", json={"session_id": "0001-kept"}).json()["session_id"]
     run(client, "kept = 'here'", kept)
-    through_front = client.post("/drain")
-    assert through_front.status_code == 403 and through_front.json()["code"] == "drain_a_cell"
+    # never through the front, however the path is spelt (cells decode it): refused, or
+    # a path no cell drains for
+    for spelt in ("/drain", "/%64rain", "/%2Fdrain", "//drain", "/drain/", "/DRAIN"):
+        through_front = client.post(spelt)
+        assert through_front.status_code in (403, 404, 405), (spelt, through_front.text)
+        if spelt in ("/drain", "/%64rain", "/drain/"):
+            assert through_front.json()["code"] == "drain_a_cell", spelt
+    assert client.get("/readyz").json()["cells_ready"] == CELLS
+    assert all(c["status"] == "up" for c in cluster.health()["cells"])
     address = cluster.cell("0001")["address"]
     assert httpx.post(f"http://{address}/drain", timeout=30).status_code == 200
     assert wait_for(lambda: cluster.cell("0001")["status"] == "draining", 30)
@@ -345,6 +352,33 @@ def test_draining_a_cell_sends_new_sessions_elsewhere(
     client.delete(f"/sessions/{kept}")
     sessions = client.get("/healthz").json()["cells"]
     assert all(c["sessions"] == 0 for c in sessions if c["tag"] != "0001"), sessions
+    # a drained cell stays so until it is started again (as Kubernetes would, after its
+    # preStop): so that the next tests find every cell taking sessions
+    os.kill(cluster.cell("0001")["pid"], signal.SIGKILL)
+    assert wait_for(lambda: client.get("/readyz").json().get("cells_ready") == CELLS, 120)
+
+
+def test_a_client_that_hangs_up_interrupts_its_execution(
+    cluster: Cluster, client: httpx.Client
+) -> None:
+    """The front tells the cell when a client goes (abortonclose), so the cell interrupts
+    the execution and drops the session it made for it, as if the client were its own."""
+    before = cluster.health()["sessions"]
+    with pytest.raises(httpx.ReadTimeout):
+        # no session named: one is made for this call alone; its id never reaches us
+        client.post(
+            "/execute",
+            json={"code": "import time; time.sleep(600)"},
+            timeout=httpx.Timeout(60, read=3),
+        )  # the workload sleeps: the client gives up on it
+    assert wait_for(lambda: cluster.health()["sessions"] == before, 60), cluster.health()
+    assert all(c["executing"] == 0 for c in cluster.health()["cells"])
+
+
+def test_a_chosen_id_for_no_cell_is_refused(client: httpx.Client) -> None:
+    refused = client.post("/sessions", json={"session_id": "cafe-mine"})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["code"] == "wrong_cell" and "tag cafe" in refused.json()["detail"]
 
 
 def test_a_killed_cell_is_unavailable_fast_then_back_with_its_sessions(
@@ -361,7 +395,9 @@ def test_a_killed_cell_is_unavailable_fast_then_back_with_its_sessions(
     waited = time.monotonic() - asked
     assert answer.status_code in (502, 503), answer.text
     assert answer.json()["code"] == "cell_unavailable"
-    assert waited < 2.0, waited
+    # at once, not after a timeout: the bench measures the figure (within 2 s); here a
+    # loaded machine gets room
+    assert waited < 10.0, waited
     refused = client.get(f"/sessions/{victim}")
     assert refused.status_code == 503 and refused.json()["code"] == "cell_unavailable"
     assert run(client, "w", other)["result"] == "'fine'"  # the other cells serve on

@@ -109,7 +109,8 @@ def test_the_cells_take_their_index_probes_drain_and_resources(kustomization: Pa
 
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": 8000} and env["KERNEL_SERVICE_PORT"]["value"] == "8000"
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    # Ready while it serves its sessions, full or not: placement is the proxy's
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
 
@@ -306,6 +307,18 @@ def test_the_proxy_names_every_cell_there_is(kustomization: Path, tmp_path: Path
     assert addresses == {(CELL_ADDRESS % namespace).format(index=i) for i in range(count)}
     tags = re.search(r"acl known_tag var\(txn\.tag\) -m str (.+)", config)
     assert tags and tags[1].split() == [f"{i:04x}" for i in range(count)]
+    # every port the proxy's pod declares, probes and the Service reach, HAProxy listens on
+    proxy = one(objects, "Deployment", "kernel-proxy")["spec"]["template"]["spec"]
+    [haproxy] = proxy["containers"]
+    declared = {p["name"]: p["containerPort"] for p in haproxy["ports"]}
+    probed = [
+        haproxy[probe].get("tcpSocket", haproxy[probe].get("httpGet"))["port"]
+        for probe in ("readinessProbe", "livenessProbe")
+    ]
+    front = one(objects, "Service", "kernel-service")["spec"]["ports"]
+    reached = [declared.get(port, port) for port in [*probed, *(p["targetPort"] for p in front)]]
+    bound = {int(port) for port in re.findall(r"^\s*bind \S+:(\d+)", config, re.M)}
+    assert set(declared.values()) | set(reached) <= bound, (declared, reached, bound)
 
     if shutil.which("haproxy") is None:
         pytest.skip("haproxy is not installed: its configuration is not checked by HAProxy")

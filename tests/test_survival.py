@@ -332,6 +332,18 @@ def test_a_work_root_of_an_earlier_version_is_taken_and_its_strays_removed(
         )
         assert answer.json()["result"] == "2", answer.text
         assert marker.is_file() and not stray.exists()
+    # in a root that is the service's, what is not a work directory is never removed:
+    # a file, a symbolic link (nor what it points at), lost+found
+    outside = tmp_path / "outside"
+    (outside / "precious").mkdir(parents=True)
+    (tmp_path / "work" / "notes.txt").write_text("mine")
+    (tmp_path / "work" / "link").symlink_to(outside)
+    (tmp_path / "work" / "lost+found").mkdir()
+    with service_process(tmp_path):
+        pass
+    assert (tmp_path / "work" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "work" / "link").is_symlink() and (outside / "precious").is_dir()
+    assert (tmp_path / "work" / "lost+found").is_dir() and marker.is_file()
 
 
 def test_the_reaper_ends_orphans_even_if_the_state_dir_is_removed(tmp_path: Path) -> None:

@@ -162,7 +162,9 @@ class ExecutionResult(BaseModel):
 # ---------------------------------------------------------------- requests and session views
 
 
-class ExecuteRequest(BaseModel):
+class ExecuteInSessionRequest(BaseModel):
+    """POST /sessions/{id}/execute: the path names the session."""
+
     model_config = ConfigDict(extra="forbid")
 
     code: str = Field(
@@ -170,9 +172,6 @@ class ExecuteRequest(BaseModel):
         strict=True,
         # checked by the validator below, with a clearer message than a pattern's
         json_schema_extra={"pattern": _NOT_BLANK},
-    )
-    session_id: str | None = Field(
-        None, description="Session to run in; a new session is created when null."
     )
     timeout: float | None = Field(
         None,
@@ -197,6 +196,14 @@ class ExecuteRequest(BaseModel):
         except UnicodeEncodeError:
             raise ValueError("code is not valid Unicode text (it holds a lone surrogate)") from None
         return code
+
+
+class ExecuteRequest(ExecuteInSessionRequest):
+    """POST /execute."""
+
+    session_id: str | None = Field(
+        None, description="Session to run in; a new session is created when null."
+    )
 
 
 class CreateSessionRequest(BaseModel):

@@ -62,18 +62,6 @@ class InvalidJupyterRequest(ServiceError):
         self.reason = reason
 
 
-class ConflictingSessionIds(ServiceError):
-    """POST /sessions/{id}/execute whose body names another session."""
-
-    code = "invalid_request"
-
-    def __init__(self, in_path: str, in_body: str) -> None:
-        super().__init__(
-            f"The path names session {in_path[:128]!r} and the body {in_body[:128]!r}: leave "
-            "`session_id` out of the body (the path says which session)."
-        )
-
-
 class NoSuchKernelSpec(ServiceError):
     code = "no_such_kernel"
 
@@ -131,7 +119,6 @@ STATUS_OF: dict[type[ServiceError], int] = {
     InvalidUpload: 422,
     WorkspaceFull: 507,
     InvalidJupyterRequest: 400,
-    ConflictingSessionIds: 400,
     NoSuchKernelSpec: 404,
     NoJupyterSession: 404,
     RefusedOrigin: 403,

@@ -49,7 +49,13 @@ from kernel_service.api.mcp_guards import (
     loopback_only,
 )
 from kernel_service.config import Settings
-from kernel_service.errors import CodeTooLarge, ServiceError, SessionNotFound, TooManySessions
+from kernel_service.errors import (
+    CodeTooLarge,
+    ServiceError,
+    SessionNotFound,
+    SessionOfAnotherCell,
+    TooManySessions,
+)
 from kernel_service.runtime import Runtime
 from kernel_service.sessions.registry import SessionRegistry
 from kernel_service.sessions.session import Session
@@ -325,6 +331,13 @@ def _tool_result(result: ExecutionResult, notice: str | None) -> CallToolResult:
 def _message_of(exc: ServiceError) -> str:
     """What the error says, and what to do next in the tool's words where that helps."""
     match exc:
+        case SessionOfAnotherCell():
+            return (
+                f"Session {exc.session_id!r} is on another cell of this cluster than this MCP "
+                f"conversation, and {TOOL_NAME} reaches only the sessions of its own cell. "
+                f"Call {TOOL_NAME} without session_id to run in this conversation's own "
+                "session (or use the REST API for that session)."
+            )
         case SessionNotFound():
             advice = (
                 f"Call {TOOL_NAME} without session_id to run in this conversation's own session."

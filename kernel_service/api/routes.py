@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.types import Receive
 
 from kernel_service import __version__
-from kernel_service.api.errors import ConflictingSessionIds, RefusedOrigin
+from kernel_service.api.errors import RefusedOrigin
 from kernel_service.api.streaming import STREAM_RESPONSE, execution_events, wants_stream
 from kernel_service.config import Settings
 from kernel_service.errors import CodeTooLarge, SessionNotFound
@@ -25,6 +25,7 @@ from kernel_service_client.models import (
     IMAGE_MIMES,
     CreateSessionRequest,
     ErrorBody,
+    ExecuteInSessionRequest,
     ExecuteRequest,
     ExecutionResult,
     Health,
@@ -198,14 +199,16 @@ async def create_session(
 @router.post(
     "/sessions/{session_id}/execute",
     response_model=ExecutionResult,
-    responses={**_errors(400, 404, 413, 422, 429, 503, 507), **STREAM_RESPONSE},
+    responses={**_errors(404, 413, 422, 429, 503, 507), **STREAM_RESPONSE},
 )
-async def execute_in(session_id: SessionId, body: ExecuteRequest, request: Request) -> Response:
-    """`POST /execute` in the session the path names: the same body and answer, in a form a
-    proxy routes by its path alone, without reading the body (docs/scaling.md)."""
-    if body.session_id is not None and body.session_id != session_id:
-        raise ConflictingSessionIds(session_id, body.session_id)
-    return await execute(body.model_copy(update={"session_id": session_id}), request)
+async def execute_in(
+    session_id: SessionId, body: ExecuteInSessionRequest, request: Request
+) -> Response:
+    """`POST /execute` in the session the path names: the same body (but `session_id`) and
+    answer, in a form a proxy routes by its path alone, without reading the body
+    (docs/scaling.md)."""
+    named = ExecuteRequest.model_construct(**dict(body), session_id=session_id)
+    return await execute(named, request)
 
 
 @router.get("/sessions", response_model=SessionList, responses=_errors())
@@ -330,10 +333,11 @@ async def readyz(registry: Registry, settings: Config) -> Response:
 @router.post("/drain", response_model=Health, responses=_errors(403))
 async def drain(request: Request, registry: Registry, settings: Config) -> Health:
     """From now on the service makes no new sessions (503 `draining`); its own go on. For a
-    cell about to be stopped or moved (`kernel-service drain`, a preStop hook). Needs a key
-    where keys are set; without keys, a client on this machine."""
+    cell about to be stopped or moved (`kernel-service drain`, a preStop hook). Only a client
+    on this machine may (an operator's act, not any key holder's: a key is a tenant's), with
+    a key where keys are set; through a proxy on another host, never."""
     client = request.client.host if request.client else ""
-    if not settings.api_keys() and not _on_this_machine(client):
+    if not _on_this_machine(client):
         raise RefusedOrigin(f"POST /drain came from {client!r}, not from this machine")
     registry.cell.draining = True
     log.info("draining: no new sessions from now on")

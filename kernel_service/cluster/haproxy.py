@@ -212,12 +212,17 @@ def _defaults(front: Front) -> list[str]:
         "    option http-server-close",
         "    option forwardfor",
         "    # a cell that is down is known within 2 s: refused or silent connections give up",
-        "    # fast and are tried once more (never a request the cell may have begun)",
+        "    # fast and are tried once more, on the same cell",
         "    timeout connect 500ms",
         "    retries 1",
-        "    # a connection the cell closed with nothing said (it died as the request came):",
-        "    # tried once more, not closed on the client (who may not send it again)",
+        "    # a connection the cell closed with nothing said (it died as the request came, or",
+        "    # while running it): tried once more, not closed on the client. The cell is then",
+        "    # down (refused: 503), unless it was started again within the moment: then it runs",
+        "    # the request, which it may have begun, again (a restart takes seconds)",
         "    retry-on conn-failure empty-response",
+        "    # a client that hangs up: the cell sees it too, and interrupts the execution",
+        "    # (KERNEL_SERVICE_INTERRUPT_ON_DISCONNECT) as when the client is its own",
+        "    option abortonclose",
         "    timeout check 2s",
         "    timeout queue 1s",
         "    timeout http-request 10s",
@@ -246,8 +251,15 @@ def _frontend(front: Front) -> list[str]:
         "POST /drain drains one cell: send it to that cell's own address, not to the front "
         "(kernel-service drain --url http://CELL).",
     )
+    wrong_cell = _error(
+        400,
+        "wrong_cell",
+        "No cell of this cluster has the tag %[var(txn.tag)] that begins this session id: a "
+        "session id you choose must begin with the tag (4 hex digits) of a cell "
+        "(GET /healthz on a cell tells its own); or leave it out to be given one.",
+    ).replace(" string ", " lf-string ", 1)
     ready = '{"status":"ready","cells_ready":%[nbsrv(placement)]}'
-    full = '{"status":"full","cells_ready":0}'
+    full = '{"status":"unavailable","cells_ready":0}'
     lines = [
         "",
         "frontend front",
@@ -266,8 +278,13 @@ def _frontend(front: Front) -> list[str]:
         ),
         "    http-request set-var(txn.tag) var(txn.session),bytes(0,4),lower "
         "if { var(txn.session) -m reg ^[0-9A-Fa-f]{4} }",
+        "    # a new session with an id of its choosing, for a cell there is not",
+        f"    http-request return status 400 {wrong_cell} if has_tag !known_tag "
+        "{ method POST } { path /sessions }",
         f"    http-request return status 404 {not_found} if has_tag !known_tag",
-        f"    http-request return status 403 {drain} if {{ path /drain }}",
+        "    # a cell is drained from its own machine, never through the front (the path as a",
+        "    # cell reads it: percent-decoded, slashes repeated or trailing)",
+        f"    http-request return status 403 {drain} if {{ path,url_dec -m reg -i ^/+drain/*$ }}",
         "    # the cluster takes new sessions while one of its cells does",
         "    http-request return status 200 content-type application/json "
         f"lf-string '{ready}' if {{ path /readyz }} {{ nbsrv(placement) gt 0 }}",

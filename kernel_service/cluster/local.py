@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 # In a directory the cluster made: so that a later cluster may take it again.
 MARKER = ".kernel-service-cluster"
 _START_TIMEOUT = 180.0  # seconds for every cell to answer (each preloads its modules once)
-_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
 class ClusterRefused(Exception):
@@ -117,13 +116,12 @@ class _LocalCluster:
     def __init__(self, options: ClusterOptions, directory: Path, haproxy: str) -> None:
         self.options = options
         self.directory = directory
-        # Cells listen where the front does (so that what a cell guards for its address,
-        # such as the Host of requests on loopback, holds for the front's), on ports of
-        # their own; HAProxy reaches them on loopback when that is a wildcard.
-        self.cell_host = options.host
-        reach = _WILDCARDS.get(options.host, options.host)
+        # Cells listen on loopback only, on ports of their own: the front is the one way in
+        # (a cell's own address would bypass what the front refuses, such as POST /drain)
+        self.cell_host = "::1" if options.host == "::1" else "127.0.0.1"
         self.cells = [
-            Cell(index, _address(reach, _free_port(reach))) for index in range(options.cells)
+            Cell(index, _address(self.cell_host, _free_port(self.cell_host)))
+            for index in range(options.cells)
         ]
         self.processes = [self._cell_process(cell) for cell in self.cells]
         self.status = StatusServer(self._report)
@@ -137,6 +135,8 @@ class _LocalCluster:
         config.write_text(render(self.front))
         self.haproxy = Supervised("haproxy", [haproxy, "-db", "-f", str(config)], dict(os.environ))
         self._client = httpx.AsyncClient(timeout=PROBE_TIMEOUT)
+        self._served = False  # the cells all answered and the front started
+        self._hurry = asyncio.Event()  # a second stop signal
 
     def _cell_process(self, cell: Cell) -> Supervised:
         home = self.directory / cell.name
@@ -170,8 +170,12 @@ class _LocalCluster:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per probe otherwise
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def stopping() -> None:  # a second signal: stop without waiting for cells to revive
+            (self._hurry if stop.is_set() else stop).set()
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, stopping)
         log.info("starting %d cells in %s", len(self.cells), self.directory)
         try:
             await self.status.start()
@@ -180,6 +184,7 @@ class _LocalCluster:
             if not await self._until_cells_answer(stop):
                 return 0 if stop.is_set() else 1
             self.haproxy.start()
+            self._served = True
             url = f"http://{self.front.listen}"
             log.info(
                 "the cluster serves at %s (%d cells; GET /healthz: their state)",
@@ -228,8 +233,8 @@ class _LocalCluster:
     async def _revive_dead_cells(self) -> None:
         """A cell that died and is not yet started again has left kernels (and their
         reaper) running: started now, it adopts them, so that its stop ends them."""
-        if self.options.settings.keep_kernels:
-            return  # they are kept for the next start anyway
+        if self.options.settings.keep_kernels or not self._served:
+            return  # kept for the next start anyway; or a cell that never started has none
         dead = [(c, p) for c, p in zip(self.cells, self.processes, strict=True) if p.pid is None]
         if not dead:
             return
@@ -237,10 +242,15 @@ class _LocalCluster:
         for _, process in dead:
             process.wake()
         deadline = loop_time() + _START_TIMEOUT
-        while dead and loop_time() < deadline:
+        exits = {id(p): p.exits for _, p in dead}
+        while dead and loop_time() < deadline and not self._hurry.is_set():
             states = [await probe(self._client, c, p.pid, 0) for c, p in dead]
-            dead = [(c, p) for (c, p), s in zip(dead, states, strict=True) if s.status == "down"]
-            await asyncio.sleep(0.1)
+            dead = [
+                (c, p)
+                for (c, p), s in zip(dead, states, strict=True)
+                if s.status == "down" and p.exits == exits[id(p)]  # died again: given up
+            ]
+            await asyncio.sleep(0.1)  # polling the cells' probes until they answer
 
 
 def loop_time() -> float:

@@ -58,7 +58,7 @@ class Cell:
         """The id `tagged` made of `seen_id`, or None when it names another cell."""
         if self.tag is None:
             return seen_id
-        return seen_id[TAG_LENGTH:] if seen_id.startswith(self.tag) else None
+        return seen_id[TAG_LENGTH:] if seen_id[:TAG_LENGTH].lower() == self.tag else None
 
     def check(self, session_id: str) -> None:
         """Raises WrongCell for a chosen id that does not start with this cell's tag."""
@@ -69,13 +69,13 @@ class Cell:
         """The error for a session id not here: another cell's when its tag is another's
         (the request came the wrong way); lost with this cell's earlier state when it is an
         id this cell made in an earlier incarnation."""
-        if self.tag is not None and _TAG.match(session_id) and not session_id.startswith(self.tag):
-            return SessionOfAnotherCell(session_id, session_id[:TAG_LENGTH].lower(), self.tag)
+        its_tag = session_id[:TAG_LENGTH].lower()
+        if self.tag is not None and _TAG.match(session_id) and its_tag != self.tag:
+            return SessionOfAnotherCell(session_id, its_tag, self.tag)
         if (
             self.tag is not None
             and self.incarnation is not None
             and _MADE_ID.fullmatch(session_id)
-            and session_id.startswith(self.tag)
             and session_id.replace("-", "")[TAG_LENGTH : 2 * TAG_LENGTH] != self.incarnation
         ):
             return SessionLostWithCell(session_id, self.tag)

@@ -72,7 +72,8 @@ class Workspaces:
                 f"the work directory {self.root} holds {len(foreign)} entries kernel-service "
                 f"did not make ({shown}); the service deletes what in it no session owns, so "
                 "give it a directory of its own, new or empty (KERNEL_SERVICE_WORK_DIR, "
-                "--work-dir)"
+                "--work-dir). If they are an earlier kernel-service's leftovers, remove them, "
+                f"or create the file {MARKER} there to hand the service the directory whole"
             )
         marker.write_text(_MARKER_TEXT)
 
@@ -127,12 +128,17 @@ class Workspaces:
         return stale
 
     def _stale(self, keep: set[Path]) -> list[Path]:
-        """What no session of `keep` owns in the root (taken by claim_root: all of it the
-        service's), but the filesystem's lost+found."""
+        """The work directories in the root (taken by claim_root: the service's) that no
+        session of `keep` owns, and images without their directory; never the root's mark,
+        the filesystem's lost+found, a symbolic link or another file."""
         stale = [
             p
-            for p in self.root.glob("*")
-            if p.resolve() not in keep and p.name != _LOST_AND_FOUND and not p.is_symlink()
+            for p in self.root.iterdir()
+            if not p.name.startswith(".")
+            and p.name != _LOST_AND_FOUND
+            and p.is_dir()
+            and not p.is_symlink()
+            and p.resolve() not in keep
         ]
         stale += [
             p.parent / p.name[1:-4]
