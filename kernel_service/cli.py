@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -256,13 +255,11 @@ def _serve_mcp(settings: Settings) -> None:
 def _check_port(host: str, port: int) -> None:
     """Raises _PortInUse if the port cannot be listened on now (the server binds it only
     once kernels are carried on: a refusal then would come late and long)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        with socket.create_server((host, port), family=family):
-            pass
-    except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise _PortInUse(f"cannot listen on {host}:{port}: {reason}") from None
+    from kernel_service.cluster.local import listen_refusal
+
+    refusal = listen_refusal(host, port)
+    if refusal is not None:
+        raise _PortInUse(refusal)
 
 
 def _is_loopback(host: str) -> bool:

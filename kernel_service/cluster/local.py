@@ -91,13 +91,20 @@ def _claim(directory: Path) -> Path:
 
 
 def _check_port(host: str, port: int) -> None:
+    refusal = listen_refusal(host, port)
+    if refusal is not None:
+        raise ClusterRefused(refusal)
+
+
+def listen_refusal(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on now (None: it can)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.create_server((host, port), family=family):
-            pass
+            return None
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ClusterRefused(f"cannot listen on {host}:{port}: {reason}") from None
+        return f"cannot listen on {host}:{port}: {reason}"
 
 
 def _free_port(host: str) -> int:
