@@ -51,7 +51,7 @@ class StatusServer:
         while not self._server.started:
             if self._task.done():
                 await self._task  # its failure, raised
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # polling uvicorn's `started` (it has no event for it)
 
     async def stop(self) -> None:
         self._server.should_exit = True
