@@ -44,7 +44,10 @@ def drain(url: str, api_key: str | None, wait: float) -> int:
         if failures >= _FAILURES:
             return 0  # the service stopped meanwhile: nothing of it runs
         if executing:
-            print(f"kernel-service drain: {executing} executions still run", file=sys.stderr)
+            ran = (
+                "1 execution still runs" if executing == 1 else f"{executing} executions still run"
+            )
+            print(f"kernel-service drain: {ran}", file=sys.stderr)
             return 1
         print(f"kernel-service drain: {url} makes no new sessions; no execution runs")
         return 0

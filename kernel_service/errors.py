@@ -35,7 +35,7 @@ class SessionLostWithCell(SessionNotFound):
             self,
             f"Session {session_id!r} was lost with its cell {tag!r}: the cell's state was "
             "lost (a new volume, or its state directory removed), and with it the session, its "
-            "variables and files. Start a new session.",
+            "variables and files.",
         )
         self.session_id = session_id
 
@@ -76,7 +76,8 @@ class Draining(ServiceError):
     def __init__(self) -> None:
         super().__init__(
             "This service is draining (about to stop or move): it makes no new sessions; its "
-            "sessions go on. Try again: a cluster's proxy sends new sessions to another cell."
+            "sessions go on. Try again later, or (in a cluster) through its proxy, which sends "
+            "new sessions to a cell that takes them."
         )
 
 

@@ -90,6 +90,8 @@ def test_the_configuration_is_haproxys_for_addresses_and_names(tmp_path: Path) -
         (["--cells", "2", "--cell-address", "x{index}"], "not host:port"),
         (["--cells", "0", "--cell-address", "x{index}:1"], "from 1 to 65536"),
         (["--cells", "1", "--cell-address", "x:1", "--listen", "8000"], "not host:port"),
+        (["--cells", "1", "--cell-address", "x:1", "--server-timeout", "0"], "more than 0"),
+        (["--cells", "1", "--cell-address", "x:1", "--tunnel-timeout", "-1"], "more than 0"),
     ],
 )
 def test_proxy_config_refuses_what_it_cannot_make(args: list[str], says: str) -> None:

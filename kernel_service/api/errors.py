@@ -180,6 +180,8 @@ def detail_of(exc: ServiceError, jupyter: bool = False) -> str:
 
 def _jupyter_advice(exc: ServiceError) -> str | None:
     match exc:
+        case SessionOfAnotherCell():
+            return None
         case SessionNotFound():
             return "Start a new kernel: POST /api/kernels."
         case TooManySessions():
@@ -194,6 +196,8 @@ def _jupyter_advice(exc: ServiceError) -> str | None:
 
 def _advice(exc: ServiceError) -> str | None:
     match exc:
+        case SessionOfAnotherCell():
+            return None  # it exists, on another cell: its message says where to send it
         case SessionNotFound():
             return "Create a new one: POST /sessions, or POST /execute without session_id."
         case TooManySessions():

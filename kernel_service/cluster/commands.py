@@ -82,12 +82,6 @@ def add_commands(commands: Any, tuning: argparse.ArgumentParser) -> None:
         "made (default: a temporary one, removed at the end)",
     )
     cluster.add_argument(
-        "--insecure",
-        action="store_true",
-        default=None,
-        help="allow a non-loopback --host without an API key",
-    )
-    cluster.add_argument(
         "--keep-kernels",
         action="store_true",
         default=None,
@@ -128,7 +122,7 @@ def cluster_settings(args: argparse.Namespace) -> Settings:
     """The cells' settings (raises pydantic's ValidationError)."""
     given = {
         key: getattr(args, key)
-        for key in (*_CELL_FLAGS, "keep_kernels", "insecure")
+        for key in (*_CELL_FLAGS, "keep_kernels")
         if getattr(args, key) is not None
     }
     return Settings(**given)
@@ -142,5 +136,4 @@ def serve_flags(args: argparse.Namespace) -> tuple[str, ...]:
         if value is not None:
             flags += [f"--{key.replace('_', '-')}", str(value)]
     flags += ["--keep-kernels"] if args.keep_kernels else []
-    flags += ["--insecure"] if args.insecure else []
     return tuple(flags)

@@ -84,6 +84,9 @@ class Front:
             raise ValueError(
                 f"the body buffer must be at least 16384 bytes, got {self.body_buffer}"
             )
+        for name, seconds in (("server", self.server_timeout), ("tunnel", self.tunnel_timeout)):
+            if not seconds > 0:  # also NaN
+                raise ValueError(f"the {name} timeout must be more than 0 seconds, got {seconds}")
 
 
 def _check_address(address: str) -> None:
@@ -311,13 +314,14 @@ def _backends(front: Front) -> list[str]:
     lines: list[str] = []
     for cell in front.cells:
         unavailable = (
-            f"{cell.name} (tag {cell.tag}), which holds this session, is not answering. Its "
-            "sessions and their variables live on while it restarts: try again in a few "
-            "seconds."
+            f"{cell.name} (tag {cell.tag}), which holds this session, is not answering: try "
+            "again once it is back. Its sessions go on then; whether with their variables "
+            "depends on whether its kernels outlived it (the next execution says if not)."
         )
         ended = (
-            f"{cell.name} (tag {cell.tag}) ended before it answered. The session's kernel "
-            "lives on while its cell restarts: ask again in a few seconds."
+            f"{cell.name} (tag {cell.tag}) ended before it answered: try again once it is "
+            "back. The session goes on then; the next execution says what was lost, if "
+            "anything."
         )
         lines += [
             "",
