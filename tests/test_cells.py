@@ -2,6 +2,7 @@
 its tag), chosen ids must carry its tag, /readyz tells a proxy whether to send it new
 sessions, and a drained cell makes none while its own sessions go on."""
 
+import asyncio
 import subprocess
 import sys
 import uuid
@@ -11,8 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kernel_service_client.tools.spec import TOOL_NAME
 from tests.conftest import HOLD, Server, running_server, service_process, wait_for
-from tests.test_mcp import INITIALIZE
+from tests.test_mcp import INITIALIZE, http_client, text
 
 TAG = "0003"
 MCP_HEADERS = {"Accept": "application/json, text/event-stream"}
@@ -73,6 +75,21 @@ def test_execute_by_path_and_another_cells_ids(cell: Server) -> None:
             assert "held by cell '0004'" in misdirected.json()["detail"]
     finally:
         cell.client.delete(f"/sessions/{session_id}")
+
+
+def test_mcp_says_when_a_session_is_on_another_cell(cell: Server) -> None:
+    """An MCP conversation lives on one cell: its tool cannot reach another cell's session,
+    and says so (not "send it to the proxy", which the client did)."""
+
+    async def scenario() -> str:
+        async with http_client(f"{cell.base_url}/mcp") as mcp:
+            answer = await mcp.call_tool(TOOL_NAME, {"code": "1", "session_id": "0004" + "0" * 28})
+            assert answer.is_error
+            return text(answer)
+
+    said = asyncio.run(scenario())
+    assert "is on another cell of this cluster than this MCP conversation" in said, said
+    assert "without session_id" in said
 
 
 def test_mcp_session_ids_carry_the_tag_both_ways(cell: Server) -> None:

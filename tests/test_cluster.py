@@ -28,7 +28,7 @@ import pytest
 from kernel_service.cluster.haproxy import Cell, Front, render
 from kernel_service.cluster.local import find_haproxy
 from kernel_service_client.tools.spec import TOOL_NAME
-from tests.conftest import descendants, stop_process, wait_for
+from tests.conftest import HOLD, descendants, stop_process, wait_for
 from tests.test_jupyter_clients import execute as jupyter_execute
 from tests.test_mcp import http_client, text
 
@@ -227,11 +227,8 @@ def test_new_sessions_spread_and_requests_follow_their_session(
 def test_a_stream_comes_through_as_it_is_made(cluster: Cluster, client: httpx.Client) -> None:
     session_id = client.post("/sessions").json()["session_id"]
     let_end = cluster.work_dir(session_id) / "let-end"
-    # the kernel waits for the test's file (its sleep is the kernel's, not the test's)
-    code = (
-        "import os, time\nprint('begun', flush=True)\n"
-        "while not os.path.exists('let-end'):\n    time.sleep(0.01)\nprint('ended')"
-    )
+    # the kernel waits for the test's file (HOLD: its sleep is the kernel's, not the test's)
+    code = "print('begun', flush=True)\n" + HOLD
     events: list[str] = []
     with client.stream(
         "POST", "/execute", json={"code": code, "session_id": session_id, "stream": True}
