@@ -100,6 +100,17 @@ class Settings(BaseSettings):
         description="Kernels kept started and ready for new sessions (0: none); each is "
         "used by one session only, and the pool refills in the background.",
     )
+    kernels: str = Field(
+        "",
+        description="The Jupyter kernelspecs offered besides Python's (comma-separated names: "
+        "bash, deno, ir, or any installed one); empty: every one installed here "
+        "(docs/languages.md).",
+    )
+    pool_sizes: str = Field(
+        "",
+        description="Warm pools for other languages: `language=size` pairs, comma-separated "
+        "(e.g. `bash=1,r=1`); Python's is pool_size. None by default: they start on demand.",
+    )
     api_key: SecretStr | None = Field(
         None,
         description="One or more API keys, comma-separated; when set, every endpoint but "
@@ -219,6 +230,26 @@ class Settings(BaseSettings):
             raise ValueError(
                 "KERNEL_SERVICE_DEFAULT_TIMEOUT must not exceed KERNEL_SERVICE_MAX_TIMEOUT"
             )
+        return self
+
+    def language_pool_sizes(self) -> dict[str, int]:
+        """`pool_sizes` read: language (or kernelspec) name → kernels kept ready."""
+        sizes: dict[str, int] = {}
+        for pair in filter(None, (p.strip() for p in self.pool_sizes.split(","))):
+            name, _, size = pair.partition("=")
+            if not name.strip() or not size.strip().isdigit():
+                raise ValueError(
+                    f"KERNEL_SERVICE_POOL_SIZES: {pair!r} is not `language=size` (e.g. bash=1)"
+                )
+            sizes[name.strip().lower()] = int(size)
+        return sizes
+
+    def offered_kernels(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.kernels.split(",") if name.strip())
+
+    @model_validator(mode="after")
+    def _pool_sizes_are_read(self) -> "Settings":
+        self.language_pool_sizes()  # its ValueError names the setting
         return self
 
     def api_keys(self) -> list[str]:

@@ -127,6 +127,42 @@ class KernelUnavailable(ServiceError):
         self.reason = reason
 
 
+class UnknownLanguage(ServiceError):
+    code = "unknown_language"
+
+    def __init__(self, asked: str, offered: list[str]) -> None:
+        super().__init__(
+            f"No language or kernel {asked[:64]!r} here: choose one of "
+            f"{', '.join(offered)} (Python when none is given)."
+        )
+        self.asked = asked
+        self.offered = offered
+
+
+class LanguageUnavailable(ServiceError):
+    code = "language_unavailable"
+
+    def __init__(self, language: str, problem: str) -> None:
+        super().__init__(
+            f"{language!r} cannot run on this service: {problem}. An operator can install it; "
+            "until then, use another language."
+        )
+        self.language = language
+        self.problem = problem
+
+
+class LanguageMismatch(ServiceError):
+    code = "language_mismatch"
+
+    def __init__(self, session_id: str, has: str, asked: str) -> None:
+        super().__init__(
+            f"Session {session_id!r} runs {has}, not {asked[:64]}: a session keeps the "
+            f"language it was made with. Leave `language` out to run {has} in it, or use "
+            f"another session for {asked[:64]}."
+        )
+        self.session_id = session_id
+
+
 class ImageNotFound(ServiceError):
     code = "image_not_found"
 

@@ -18,7 +18,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from kernel_service.execution.collector import is_rich_mime
-from kernel_service.kernel import ExitCause, Kernel, KernelFactory
+from kernel_service.kernel import ExitCause, Kernel, KernelFactory, KernelKind
 from kernel_service_client.models import (
     DisplayDataOutput,
     ErrorOutput,
@@ -83,13 +83,14 @@ def _utf8_len(text: str) -> int:
 class Metrics:
     """Counters fed by the runtime's parts, and their exposition."""
 
-    def __init__(self) -> None:
+    def __init__(self, languages: Iterable[str] = ("python",)) -> None:
+        """`languages`: the languages sessions may use, whose series start at zero."""
         self.registry = CollectorRegistry()
         registry = self.registry
         self._executions = Counter(
             "kernel_service_executions",
-            "Executions answered, by status (ok, error, timeout).",
-            ["status"],
+            "Executions answered, by status (ok, error, timeout) and language.",
+            ["status", "language"],
             registry=registry,
         )
         self._duration = Histogram(
@@ -124,8 +125,8 @@ class Metrics:
         )
         self._created = Counter(
             "kernel_service_sessions_created",
-            "Sessions made, by kernel: warm (from the pool) or started for it.",
-            ["kernel"],
+            "Sessions made, by kernel (warm: from a pool; or started for it) and language.",
+            ["kernel", "language"],
             registry=registry,
         )
         self._closed = Counter(
@@ -136,7 +137,11 @@ class Metrics:
         )
         # Every series from the start, at 0: a rate needs the zero before the first event.
         # Each execution's series, looked up once (labels() checks its values at each call).
-        self._by_status = {status: self._executions.labels(status) for status in get_args(Status)}
+        self._by_status = {
+            (status, language): self._executions.labels(status, language)
+            for status in get_args(Status)
+            for language in languages
+        }
         self._text_bytes = self._output_bytes.labels("text")
         self._rich_bytes = self._output_bytes.labels("rich")
         for launch in get_args(Launch):
@@ -145,7 +150,8 @@ class Metrics:
         for cause in get_args(ExitCause):
             self._deaths.labels(cause)
         for kernel in ("warm", "started"):
-            self._created.labels(kernel)
+            for language in languages:
+                self._created.labels(kernel, language)
         for reason in get_args(CloseReason):
             self._closed.labels(reason)
 
@@ -166,16 +172,21 @@ class Metrics:
 
     # ------------------------------------------------------------ events
 
-    def execution(self, result: ExecutionResult, size: OutputSize) -> None:
-        self._by_status[result.status].inc()
+    def execution(self, result: ExecutionResult, size: OutputSize, language: str) -> None:
+        series = self._by_status.get((result.status, language))
+        if series is None:  # a language named by its kernelspec alone: made at first use
+            series = self._by_status[result.status, language] = self._executions.labels(
+                result.status, language
+            )
+        series.inc()
         self._duration.observe(result.duration_ms / 1000)
         self._text_bytes.inc(size.text)
         self._rich_bytes.inc(size.rich)
         if result.state_lost:
             self._state_lost.inc()
 
-    def session_created(self, warm: bool) -> None:
-        self._created.labels("warm" if warm else "started").inc()
+    def session_created(self, warm: bool, language: str) -> None:
+        self._created.labels("warm" if warm else "started", language).inc()
 
     def session_closed(self, reason: CloseReason) -> None:
         self._closed.labels(reason).inc()
@@ -183,9 +194,9 @@ class Metrics:
     def counting_starts(self, start_kernel: KernelFactory, launch: Launch) -> KernelFactory:
         """`start_kernel`, with its starts counted and the end of each kernel it made."""
 
-        async def start(work_dir: Path) -> Kernel:
+        async def start(work_dir: Path, kind: KernelKind) -> Kernel:
             try:
-                kernel = await start_kernel(work_dir)
+                kernel = await start_kernel(work_dir, kind)
             except asyncio.CancelledError:
                 self._starts.labels(launch, "cancelled").inc()
                 raise

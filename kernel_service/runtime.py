@@ -15,9 +15,11 @@ from typing import Any
 
 from kernel_service import __version__
 from kernel_service.config import MIB, Settings
-from kernel_service.errors import StateFull
+from kernel_service.errors import ServiceError, StateFull
 from kernel_service.kernel import (
     Kernel,
+    KernelCatalog,
+    KernelKind,
     KernelLauncher,
     KernelOptions,
     KernelStartError,
@@ -29,6 +31,7 @@ from kernel_service.kernel.forkserver import (
     SandboxedForkLauncher,
     zygote_env,
 )
+from kernel_service.kernel.kernelspecs import BRIDGE_FILE, PYTHON
 from kernel_service.kernel.options import STARTUP_FILE, kernel_env
 from kernel_service.kernel.programs import reaper
 from kernel_service.kernel.programs.fonts import prepare_font_cache
@@ -65,31 +68,40 @@ class Runtime:
             ),
         )
         self.launcher = launcher or make_launcher(settings, self.options)
+        self.catalog = offered_kernels(settings, self.launcher)
         self.workspaces = Workspaces(
             settings.work_dir,
             settings.sandbox_work_dir_mb * MIB if settings.sandbox != "none" else 0,
         )
-        self.metrics = Metrics()
+        self.metrics = Metrics(language.name for language in self.catalog.languages)
         self.store: StateStore | None = None  # while running
         self._claimed: StateStore | None = None  # claimed, not running yet
         self.uids: UidRange | None = None  # the kernels' (sandboxed), once claimed
         self._locks: list[int] = []  # on the connection and work directories, while claimed
         start_kernel = self._start_kernel
-        self.pool = KernelPool(
-            settings.pool_size,
-            self.metrics.counting_starts(start_kernel, "pool"),
-            self.workspaces,
-        )
+        pooled = self.metrics.counting_starts(start_kernel, "pool")
+        self.pools = {
+            kind.name: KernelPool(size, pooled, self.workspaces, kind)
+            for kind, size in pool_sizes(settings, self.catalog).items()
+        }
         # the registry counts its own starts: new sessions' and replacements'
         self.registry = SessionRegistry(
-            settings, start_kernel, self.workspaces, self.pool, self.metrics
+            settings,
+            start_kernel,
+            self.workspaces,
+            pools=self.pools,
+            metrics=self.metrics,
+            catalog=self.catalog,
         )
-        self.metrics.watch(self.registry.statuses, lambda: len(self.pool))
+        self.metrics.watch(self.registry.statuses, self.warm_kernels)
         # fixed from here on
         self.isolation: dict[str, Any] = {
             **self.launcher.describe(),
             "work_dir": self.workspaces.describe(),
         }
+
+    def warm_kernels(self) -> int:
+        return sum(len(pool) for pool in self.pools.values())
 
     def claim(self) -> None:
         """Take what this service process holds while it runs: its state, connection and
@@ -153,14 +165,17 @@ class Runtime:
         )
         if self.launcher.isolation == "none":
             log.warning("kernels run UNSANDBOXED: user code has the service user's rights")
+        for line in self.catalog.report():
+            log.warning("kernel not available: %s", line)
         culler = asyncio.create_task(self.registry.run_culler(), name="culler")
-        self.pool.start()
+        for pool in self.pools.values():
+            pool.start()
         try:
             yield
         finally:
             culler.cancel()
             await asyncio.wait([culler])
-            await self.pool.close()
+            await asyncio.gather(*(pool.close() for pool in self.pools.values()))
             await self._stop(store, reaper)
 
     async def _carry_on(self, store: StateStore) -> None:
@@ -212,18 +227,18 @@ class Runtime:
         self._locks.clear()
         self.launcher.release_uids()
 
-    async def _start_kernel(self, work_dir: Path) -> Kernel:
-        """A ready kernel, recorded in the state store. One that runs but never answers is
-        ended and launched once more."""
+    async def _start_kernel(self, work_dir: Path, kind: KernelKind) -> Kernel:
+        """A ready kernel of `kind`, recorded in the state store. One that runs but never
+        answers is ended and launched once more."""
         try:
-            return await self._start_recorded(work_dir)
+            return await self._start_recorded(work_dir, kind)
         except KernelStartError as exc:
             if not exc.stuck:
                 raise
             log.warning("a kernel never answered; launching another: %s", exc)
-        return await self._start_recorded(work_dir)
+        return await self._start_recorded(work_dir, kind)
 
-    async def _start_recorded(self, work_dir: Path) -> Kernel:
+    async def _start_recorded(self, work_dir: Path, kind: KernelKind) -> Kernel:
         """A ready kernel whose record is written. The record is handed to the store as soon
         as the process exists, written while the kernel gets ready, and its outcome awaited
         before the kernel is handed out: StateFull ends the kernel."""
@@ -237,7 +252,7 @@ class Runtime:
             kernel.process.on_exit(lambda _: store.remove_kernel(kernel.kernel_id))
 
         try:
-            kernel = await Kernel.start(self.launcher, self.options, work_dir, record)
+            kernel = await Kernel.start(self.launcher, self.options, work_dir, record, kind)
         except BaseException:
             for outcome in written:  # moot now: its kernel is ended, and forgotten
                 outcome.cancel()
@@ -248,6 +263,43 @@ class Runtime:
             await kernel.shutdown()
             raise
         return kernel
+
+
+def offered_kernels(settings: Settings, launcher: KernelLauncher) -> KernelCatalog:
+    """The kernels installed here that the settings offer; one that needs its memory
+    bounded by a cgroup (no RLIMIT_AS) is not offered where the sandbox has no memory
+    cgroup. Raises ValueError for a kernel asked for that is not installed."""
+    catalog = KernelCatalog.discover(settings.offered_kernels())
+    if settings.sandbox == "none" or launcher.bounds_memory_by_cgroup():
+        return catalog
+    kinds = {
+        name: kind
+        if kind.address_space_limit or kind.problem
+        else kind.unavailable(
+            "its runtime reserves more address space than any RLIMIT_AS allows, and this "
+            "host gives the sandbox no memory cgroup to bound it instead"
+        )
+        for name, kind in catalog.kinds.items()
+    }
+    return KernelCatalog(kinds, catalog.languages)
+
+
+def pool_sizes(settings: Settings, catalog: KernelCatalog) -> dict[KernelKind, int]:
+    """The warm pools: Python's (`pool_size`), and each other language's (`pool_sizes`)
+    that can run here. Raises ValueError naming a language not offered."""
+    sizes: dict[KernelKind, int] = {}
+    if settings.pool_size > 0:
+        sizes[catalog.kinds[PYTHON]] = settings.pool_size
+    for name, size in settings.language_pool_sizes().items():
+        try:
+            kind, _ = catalog.resolve(name)
+        except ServiceError as exc:
+            raise ValueError(f"KERNEL_SERVICE_POOL_SIZES: {exc}") from exc
+        if kind.is_python:
+            raise ValueError("KERNEL_SERVICE_POOL_SIZES: Python's pool is KERNEL_SERVICE_POOL_SIZE")
+        if size > 0:
+            sizes[kind] = size
+    return sizes
 
 
 def _record_of(kernel: Kernel) -> KernelRecord:
@@ -300,10 +352,11 @@ def make_launcher(settings: Settings, options: KernelOptions) -> KernelLauncher:
         tmp_bytes=settings.sandbox_tmp_mb * MIB,
         cpus=settings.sandbox_cpus,
     )
-    for warning in host_headroom(settings.max_sessions + settings.pool_size, limits):
+    pooled = settings.pool_size + sum(settings.language_pool_sizes().values())
+    for warning in host_headroom(settings.max_sessions + pooled, limits):
         log.warning("%s", warning)
     uids = (settings.sandbox_uid_base, settings.sandbox_uid_count)
-    read_only = default_read_only_paths(STARTUP_FILE)
+    read_only = default_read_only_paths(STARTUP_FILE, BRIDGE_FILE)
     launcher = (
         SandboxedForkLauncher(server, limits, *uids, read_only)
         if server

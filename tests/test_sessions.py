@@ -249,7 +249,8 @@ def store_held(server: Server) -> Iterator[Callable[[], None]]:
 
 
 def warm_kernels(server: Server) -> int:
-    return len(server.app.state.runtime.pool)
+    warm: int = server.app.state.runtime.warm_kernels()
+    return warm
 
 
 def test_an_interrupt_while_the_execution_is_being_recorded_is_kept(tmp_path: Path) -> None:

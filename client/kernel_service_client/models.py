@@ -168,7 +168,8 @@ class ExecuteInSessionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     code: str = Field(
-        description="Python source to run in the session's kernel (not empty or only blanks).",
+        description="Source to run in the session's kernel, in its language (not empty or "
+        "only blanks).",
         strict=True,
         # checked by the validator below, with a clearer message than a pattern's
         json_schema_extra={"pattern": _NOT_BLANK},
@@ -204,6 +205,13 @@ class ExecuteRequest(ExecuteInSessionRequest):
     session_id: str | None = Field(
         None, description="Session to run in; a new session is created when null."
     )
+    language: str | None = Field(
+        None,
+        max_length=64,
+        description="The language of `code`, for a new session: python (the default), "
+        "bash, javascript, typescript, r, or an installed kernelspec's name (GET "
+        "/kernelspecs lists them). For an existing session it must be its own, or null.",
+    )
 
 
 class CreateSessionRequest(BaseModel):
@@ -213,6 +221,12 @@ class CreateSessionRequest(BaseModel):
         None,
         pattern=SESSION_ID_PATTERN,
         description="Client-chosen id (letters, digits, '_', '.', '-'; at most 128).",
+    )
+    language: str | None = Field(
+        None,
+        max_length=64,
+        description="The session's language: python (the default), bash, javascript, "
+        "typescript, r, or an installed kernelspec's name (GET /kernelspecs lists them).",
     )
 
 
@@ -230,6 +244,10 @@ class SessionInfo(BaseModel):
         description="What the session's next execution will say first: why its kernel was "
         "replaced, or that an execution was cut short by a restart of the service.",
     )
+    language: str = Field(
+        "python", description="The language its code is in: python, bash, javascript, ..."
+    )
+    kernel: str = Field("python3", description="The Jupyter kernelspec that runs it.")
 
 
 class SessionList(BaseModel):
@@ -250,6 +268,10 @@ class Health(BaseModel):
     sandbox: str = Field(description="The isolation of kernels: `bubblewrap` or `none`.")
     isolation: dict[str, Any] = Field(description="What is isolated and the limits in force.")
     executing: int = Field(0, description="Sessions running or queueing an execution now.")
+    languages: list[str] = Field(
+        ["python"],
+        description="The languages sessions may use here (GET /kernelspecs says more).",
+    )
     accepting: bool = Field(
         True, description="Whether it makes new sessions (not full, not draining)."
     )

@@ -25,6 +25,8 @@ from kernel_service.errors import (
     InvalidFilePath,
     IsADirectory,
     KernelUnavailable,
+    LanguageMismatch,
+    LanguageUnavailable,
     NotAFile,
     ServiceError,
     SessionExists,
@@ -35,6 +37,7 @@ from kernel_service.errors import (
     SymlinkRefused,
     TooManySessions,
     Unauthorized,
+    UnknownLanguage,
     WorkspaceFull,
     WrongCell,
 )
@@ -109,6 +112,9 @@ STATUS_OF: dict[type[ServiceError], int] = {
     SessionLostWithCell: 410,
     SessionOfAnotherCell: 421,
     KernelUnavailable: 503,
+    UnknownLanguage: 400,
+    LanguageUnavailable: 503,
+    LanguageMismatch: 409,
     StateFull: 507,
     InvalidFilePath: 400,
     SymlinkRefused: 400,
@@ -204,6 +210,8 @@ def _advice(exc: ServiceError) -> str | None:
             return "Delete a session you no longer need (DELETE /sessions/{id}) or try again later."
         case Unauthorized():
             return "Send the header `Authorization: Bearer <key>` (or `token <key>`)."
+        case UnknownLanguage() | LanguageUnavailable():
+            return "GET /kernelspecs lists the languages and whether each can run."
         case IsADirectory() | FileNotFound():
             return "GET /sessions/{id}/files lists the files."
         case FileChanged(partly_done=True):

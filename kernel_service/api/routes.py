@@ -132,7 +132,7 @@ async def _unless_client_leaves(receive: Receive, work: Coroutine[Any, Any, T]) 
 @router.post(
     "/execute",
     response_model=ExecutionResult,
-    responses={**_errors(404, 413, 422, 429, 503, 507), **STREAM_RESPONSE},
+    responses={**_errors(400, 404, 409, 413, 422, 429, 503, 507), **STREAM_RESPONSE},
 )
 async def execute(body: ExecuteRequest, request: Request) -> Response:
     """Run code in a session (a new one when `session_id` is null) and return all it produced."""
@@ -141,9 +141,11 @@ async def execute(body: ExecuteRequest, request: Request) -> Response:
     if size > settings.max_code_bytes:
         raise CodeTooLarge(size, settings.max_code_bytes)
     session = registry.get(body.session_id, owner) if body.session_id is not None else None
+    if session is not None:
+        registry.check_language(session, body.language)
     if wants_stream(body.stream, request.headers.get("accept")):
         if session is None:  # made before the stream begins: its errors are HTTP errors
-            session = await registry.create(owner=owner)
+            session = await registry.create(owner=owner, language=body.language)
         streamed = session
 
         def run_streamed(listener: OutputListener) -> Awaitable[ExecutionResult]:
@@ -159,7 +161,7 @@ async def execute(body: ExecuteRequest, request: Request) -> Response:
     async def run() -> Answer:
         nonlocal session
         if session is None:
-            session = await registry.create(owner=owner)
+            session = await registry.create(owner=owner, language=body.language)
         return await session.execute_answer(body.code, body.timeout)
 
     answer: Answer | None
@@ -185,12 +187,15 @@ async def execute(body: ExecuteRequest, request: Request) -> Response:
     "/sessions",
     status_code=status.HTTP_201_CREATED,
     response_model=SessionInfo,
-    responses=_errors(409, 413, 422, 429, 503),
+    responses=_errors(400, 409, 413, 422, 429, 503),
 )
 async def create_session(
     registry: Registry, owner: Owner, body: CreateSessionRequest | None = None
 ) -> Response:
-    session = await registry.create(body.session_id if body else None, owner)
+    """A new session, in Python or the language asked for, with its kernel ready."""
+    session = await registry.create(
+        body.session_id if body else None, owner, language=body.language if body else None
+    )
     response = _json(session.info())
     response.status_code = status.HTTP_201_CREATED
     return response
@@ -308,7 +313,8 @@ async def healthz(request: Request, registry: Registry, settings: Config) -> Hea
         version=__version__,
         sessions=len(registry),
         max_sessions=settings.max_sessions,
-        warm_kernels=len(registry.pool) if registry.pool is not None else 0,
+        warm_kernels=sum(len(pool) for pool in registry.pools.values()),
+        languages=registry.catalog.ready_languages(),
         sandbox=request.app.state.sandbox,
         isolation=request.app.state.isolation,
         executing=registry.executing(),

@@ -50,7 +50,9 @@ def connection_cap(settings: Settings, open_file_limit: int | None = None) -> in
     if open_file_limit is None:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         open_file_limit = soft if soft != resource.RLIM_INFINITY else 1 << 20
-    kernels = settings.max_sessions + settings.pool_size
+    kernels = (
+        settings.max_sessions + settings.pool_size + sum(settings.language_pool_sizes().values())
+    )
     reserved = _BASE_FILES + _FILES_PER_KERNEL * kernels
     return max(open_file_limit - reserved, open_file_limit // 4)
 

@@ -9,6 +9,7 @@ from kernel_service.kernel.kernel import (
     KernelStartError,
     Relay,
 )
+from kernel_service.kernel.kernelspecs import KernelCatalog, KernelKind
 from kernel_service.kernel.launcher import KernelLauncher, SubprocessLauncher
 from kernel_service.kernel.options import KernelOptions
 
@@ -16,7 +17,9 @@ __all__ = [
     "ExecuteOptions",
     "ExitCause",
     "Kernel",
+    "KernelCatalog",
     "KernelFactory",
+    "KernelKind",
     "KernelLauncher",
     "KernelOptions",
     "KernelStartError",

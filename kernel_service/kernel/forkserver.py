@@ -264,6 +264,8 @@ class ForkLauncher(SubprocessLauncher):
         self._server = server
 
     async def launch(self, spec: LaunchSpec) -> KernelProcess:
+        if not spec.kind.is_python:  # the zygote holds Python's kernel only
+            return await super().launch(spec)
         request = {
             "argv": spec.kernel_argv(),
             "work_dir": str(spec.work_dir),
@@ -302,6 +304,8 @@ class SandboxedForkLauncher(BubblewrapLauncher):
     async def _start(
         self, spec: LaunchSpec, sandbox: SandboxSpec, cgroup_procs: list[Path], seccomp_fd: int
     ) -> KernelProcess:
+        if not spec.kind.is_python:  # the zygote holds Python's kernel only
+            return await super()._start(spec, sandbox, cgroup_procs, seccomp_fd)
         # the root is built in a directory of the zygote child's own mount namespace
         await asyncio.to_thread(self._root.mkdir, mode=0o700, exist_ok=True)
         request = {

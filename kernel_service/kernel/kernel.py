@@ -22,6 +22,7 @@ from kernel_service.kernel.channels import Channel, KernelChannels
 from kernel_service.kernel.endings import ExitCause, KernelEnd
 from kernel_service.kernel.files import KernelFiles
 from kernel_service.kernel.interrupts import Interrupts
+from kernel_service.kernel.kernelspecs import PYTHON_KIND, KernelKind
 from kernel_service.kernel.launcher import (
     AdoptionError,
     KernelLauncher,
@@ -98,8 +99,10 @@ class Kernel:
         process: KernelProcess,
         files: KernelFiles,
         max_message_bytes: int,
+        kind: KernelKind = PYTHON_KIND,
     ) -> None:
         self.kernel_id = kernel_id
+        self.kind = kind
         self.process = process
         self.files = files
         self._channels = KernelChannels(
@@ -130,8 +133,9 @@ class Kernel:
         options: KernelOptions,
         work_dir: Path,
         on_launch: OnLaunch | None = None,
+        kind: KernelKind = PYTHON_KIND,
     ) -> "Kernel":
-        """Write a connection file, launch a kernel on it and wait until it answers.
+        """Write a connection file, launch a kernel of `kind` on it and wait until it answers.
 
         `on_launch` is called once the process exists, before the wait; if it raises, the
         kernel is ended and the error goes to the caller."""
@@ -145,7 +149,8 @@ class Kernel:
             files=files,
             work_dir=work_dir,
             env=kernel_env(options),
-            kernel_args=kernel_args(options),
+            kernel_args=kernel_args(options) if kind.is_python else [],
+            kind=kind,
         )
         try:
             # user code may have removed it; a mkdir is too small to hand to a thread
@@ -156,7 +161,7 @@ class Kernel:
             if isinstance(exc, OSError):
                 raise KernelStartError(f"the kernel process could not be started: {exc}") from exc
             raise
-        kernel = cls(kernel_id, process, files, options.max_message_bytes)
+        kernel = cls(kernel_id, process, files, options.max_message_bytes, kind)
         try:
             if on_launch is not None:
                 on_launch(kernel)
@@ -170,7 +175,11 @@ class Kernel:
 
     @classmethod
     async def adopt(
-        cls, record: RecordedKernel, launcher: KernelLauncher, options: KernelOptions
+        cls,
+        record: RecordedKernel,
+        launcher: KernelLauncher,
+        options: KernelOptions,
+        kind: KernelKind = PYTHON_KIND,
     ) -> "Kernel":
         """Take over a kernel that an earlier service process started: its process found
         alive, its connection file as recorded, and kernel_info answered (over the control
@@ -183,7 +192,7 @@ class Kernel:
         except ValueError as exc:
             raise AdoptionError(str(exc)) from exc
         process = launcher.adopt(record)
-        kernel = cls(record.kernel_id, process, files, options.max_message_bytes)
+        kernel = cls(record.kernel_id, process, files, options.max_message_bytes, kind)
         try:
             kernel._start_channels()
             await kernel._wait_ready(_ADOPT_TIMEOUT, control=True)
@@ -523,6 +532,6 @@ class Kernel:
         return f" Kernel log:\n{tail}" if tail else ""
 
 
-# Starts a ready kernel with the given work directory as its cwd and home (the runtime's
-# `_start_kernel`, wrapped by the metrics to count starts).
-KernelFactory = Callable[[Path], Awaitable[Kernel]]
+# Starts a ready kernel of a kind with the given work directory as its cwd and home (the
+# runtime's `_start_kernel`, wrapped by the metrics to count starts).
+KernelFactory = Callable[[Path, KernelKind], Awaitable[Kernel]]

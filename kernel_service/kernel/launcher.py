@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import psutil
 
 from kernel_service.kernel.files import KernelFiles
+from kernel_service.kernel.kernelspecs import BRIDGE_FILE, PYTHON_KIND, KernelKind
 from kernel_service.kernel.programs.reaper import start_ticks
 from kernel_service.kernel.uids import UidRange
 
@@ -40,14 +41,29 @@ class LaunchSpec:
     files: KernelFiles
     work_dir: Path
     env: dict[str, str]  # what the kernel needs; launchers add where home and PATH are
-    kernel_args: list[str] = field(default_factory=list)
+    kernel_args: list[str] = field(default_factory=list)  # ipykernel's (Python's only)
+    kind: KernelKind = PYTHON_KIND
 
-    def ipykernel_argv(self) -> list[str]:
-        # isolated: neither the work dir nor PYTHON* variables shape the kernel's start
-        return [sys.executable, "-I", "-m", "ipykernel_launcher", *self.kernel_argv()]
+    def command(self) -> list[str]:
+        """The kernel's whole command line: ipykernel's, the kernelspec's, or the bridge's
+        with the kernelspec's after it (see kernelspecs.py)."""
+        if self.kind.is_python:
+            # isolated: neither the work dir nor PYTHON* variables shape the kernel's start
+            return [sys.executable, "-I", "-m", "ipykernel_launcher", *self.kernel_argv()]
+        connection_file = str(self.files.connection_file)
+        if not self.kind.bridged:
+            return self.kind.command(connection_file)
+        return [
+            sys.executable, "-I", str(BRIDGE_FILE), connection_file, self.kind.interrupt_mode,
+            "--", *self.kind.argv,
+        ]  # fmt: skip
+
+    def kernel_env(self) -> dict[str, str]:
+        """What the kernel needs: the service's choice, then its kernelspec's."""
+        return {**self.env, **self.kind.env}
 
     def kernel_argv(self) -> list[str]:
-        """The kernel app's own arguments."""
+        """ipykernel's own arguments (for the zygote, which forks Python's kernels)."""
         return ["-f", str(self.files.connection_file), *self.kernel_args]
 
 
@@ -176,6 +192,10 @@ class KernelLauncher(ABC):
         its process is gone (or its pid is another process's now)."""
         return AdoptedKernelProcess(record.pid, record.start_ticks)
 
+    def bounds_memory_by_cgroup(self) -> bool:
+        """Whether its kernels' memory is bounded by a cgroup (not only by RLIMIT_AS)."""
+        return False
+
     def describe(self) -> dict[str, Any]:
         """What this launcher isolates and limits, for the start-up log and /healthz."""
         return {"sandbox": self.isolation}
@@ -189,13 +209,13 @@ class SubprocessLauncher(KernelLauncher):
     async def launch(self, spec: LaunchSpec) -> KernelProcess:
         # No JPY_PARENT_PID: the kernel outlives a service that is killed (see the module).
         env = {
-            **spec.env,
+            **spec.kernel_env(),
             "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
             "HOME": str(spec.work_dir),
             "IPYTHONDIR": str(spec.work_dir / ".ipython"),
         }
         popen = subprocess.Popen(  # noqa: ASYNC220 (a fork+exec: ~1 ms)
-            spec.ipykernel_argv(),
+            spec.command(),
             env=env,
             cwd=spec.work_dir,
             stdin=subprocess.DEVNULL,

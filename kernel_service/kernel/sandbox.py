@@ -99,6 +99,9 @@ class BubblewrapLauncher(KernelLauncher):
         except OSError as exc:
             raise SandboxUnavailable(f"the seccomp filter could not be built: {exc}") from exc
 
+    def bounds_memory_by_cgroup(self) -> bool:
+        return "memory" in self._cgroups.roots
+
     def describe(self) -> dict[str, Any]:
         limits, roots = self._limits, self._cgroups.roots
         return {
@@ -200,10 +203,12 @@ class BubblewrapLauncher(KernelLauncher):
         return sandbox_spec(
             self._limits,
             uid,
-            kernel_env=spec.env,
+            kernel_env=spec.kernel_env(),
             files_dir=spec.files.directory,
             work_dir=spec.work_dir,
-            read_only=self._read_only,
+            read_only=(*self._read_only, *spec.kind.read_only),
+            etc=spec.kind.etc,
+            address_space_limit=spec.kind.address_space_limit,
         )
 
     def seccomp_program(self) -> int:
@@ -228,7 +233,7 @@ class BubblewrapLauncher(KernelLauncher):
             argv = [
                 self._prlimit, *prlimit_options(sandbox), "--",
                 self._bwrap, "--args", str(args_fd), "--",
-                self._setpriv, *setpriv_options(sandbox), "--", *spec.ipykernel_argv(),
+                self._setpriv, *setpriv_options(sandbox), "--", *spec.command(),
             ]  # fmt: skip
             if cgroup_procs:
                 # joins the cgroups before anything forks, then becomes prlimit → bwrap

@@ -193,17 +193,22 @@ def sandbox_spec(
     files_dir: Path,
     work_dir: Path,
     read_only: tuple[Path, ...],
+    etc: tuple[str, ...] = (),
+    address_space_limit: bool = True,
 ) -> SandboxSpec:
     """The sandbox of one kernel: `files_dir` (its connection files) and `work_dir` (as
-    /workspace) writable, `read_only` (the Python environment) readable, `kernel_env` (what
-    the kernel needs) with a sandbox's own home, PATH and temporary directories. Reads the
-    host's /proc and the font cache: call it off the event loop."""
+    /workspace) writable, `read_only` (the Python environment, a runtime's files) and
+    `etc` (what of /etc its runtime needs beyond the few every kernel gets) readable,
+    `kernel_env` (what the kernel needs) with a sandbox's own home, PATH and temporary
+    directories. Without `address_space_limit` (a runtime that reserves far more address
+    space than it uses: V8) only its memory cgroup bounds its memory. Reads the host's
+    /proc and the font cache: call it off the event loop."""
     mounts: list[Mount] = [
         Bind("/usr", "/usr"),
         Symlink("usr/bin", "/bin"), Symlink("usr/sbin", "/sbin"),
         Symlink("usr/lib", "/lib"), Symlink("usr/lib64", "/lib64"),
         Dir("/etc"),
-        *(Bind(f"/etc/{name}", f"/etc/{name}", optional=True) for name in ETC_FILES),
+        *(Bind(f"/etc/{name}", f"/etc/{name}", optional=True) for name in (*ETC_FILES, *etc)),
         Proc("/proc"),
     ]  # fmt: skip
     mounts += [Mask(f"/proc/{name}") for name in PROC_MASKED]
@@ -220,19 +225,22 @@ def sandbox_spec(
     mounts += [*_parents(files_dir, 0o711), Bind(str(files_dir), str(files_dir), False)]
     mounts += [Dir(str(WORKSPACE)), Bind(str(work_dir), str(WORKSPACE), False)]
     mounts.append(RemountReadOnly("/"))
+    rlimits = {
+        "as": limits.memory_bytes,
+        "nproc": limits.processes,
+        "fsize": limits.file_bytes,
+        "nofile": limits.open_files,
+        "core": 0,
+    }
+    if not address_space_limit:
+        del rlimits["as"]
     return SandboxSpec(
         mounts=tuple(mounts),
         cwd=str(WORKSPACE),
         env=sandbox_env(kernel_env, uid),
         uid=uid,
         gid=uid,
-        rlimits={
-            "as": limits.memory_bytes,
-            "nproc": limits.processes,
-            "fsize": limits.file_bytes,
-            "nofile": limits.open_files,
-            "core": 0,
-        },
+        rlimits=rlimits,
     )
 
 
@@ -257,9 +265,10 @@ def font_caches(kernel_env: dict[str, str]) -> list[Path]:
     return sorted(matplotlib_dir.glob("fontlist-*.json"))
 
 
-def default_read_only_paths(startup_file: Path) -> tuple[Path, ...]:
-    """The Python environment the kernel runs in, and the one file of ours it executes."""
-    paths = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), startup_file.resolve()}
+def default_read_only_paths(*own_files: Path) -> tuple[Path, ...]:
+    """The Python environment the kernel runs in, and the files of ours it executes."""
+    paths = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()}
+    paths.update(path.resolve() for path in own_files)
     return tuple(sorted(p for p in paths if not p.is_relative_to("/usr")))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kernel_service.errors import KernelUnavailable, SessionNotFound
 from kernel_service.execution.results import STATE_LOST
-from kernel_service.kernel import Kernel, KernelFactory, KernelStartError
+from kernel_service.kernel import Kernel, KernelFactory, KernelKind, KernelStartError
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +22,13 @@ class KernelSlot:
         session_id: str,
         kernel: Kernel | None,
         work_dir: Path,
+        *,
+        kind: KernelKind,
         start_kernel: KernelFactory,
         on_new_kernel: Callable[[Kernel], None],
     ) -> None:
         self._session_id = session_id
+        self._kind = kind
         self._kernel = kernel
         self._work_dir = work_dir
         self._start_kernel = start_kernel
@@ -112,7 +115,7 @@ class KernelSlot:
         try:
             if old is not None:
                 await old.shutdown()
-            kernel = await self._start_kernel(self._work_dir)
+            kernel = await self._start_kernel(self._work_dir, self._kind)
         except BaseException:
             self._replacing = None
             raise

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from kernel_service.kernel import Kernel, KernelFactory
+from kernel_service.kernel import Kernel, KernelFactory, KernelKind
 from kernel_service.workdir.workspaces import Workspaces
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,14 @@ class WarmKernel:
 
 
 class KernelPool:
-    """Up to `size` ready kernels; `take()` gives one at once or None when it is empty."""
+    """Up to `size` ready kernels of one kind; `take()` gives one at once or None when it is
+    empty."""
 
-    def __init__(self, size: int, start_kernel: KernelFactory, workspaces: Workspaces) -> None:
+    def __init__(
+        self, size: int, start_kernel: KernelFactory, workspaces: Workspaces, kind: KernelKind
+    ) -> None:
         self.size = size
+        self.kind = kind
         self._start_kernel = start_kernel
         self._workspaces = workspaces
         self._ready: deque[WarmKernel] = deque()
@@ -94,12 +98,12 @@ class KernelPool:
         work_dir = self._workspaces.path(f"pool-{uuid.uuid4().hex}")
         try:
             work_dir = await self._workspaces.create(work_dir.name)
-            kernel = await self._start_kernel(work_dir)
+            kernel = await self._start_kernel(work_dir, self.kind)
         except asyncio.CancelledError:
             await asyncio.shield(self._workspaces.remove(work_dir))
             raise
         except Exception as exc:
-            log.warning("warm pool: a kernel did not start: %s", exc)
+            log.warning("warm pool (%s): a kernel did not start: %s", self.kind.name, exc)
             await self._workspaces.remove(work_dir)
             return None
         return WarmKernel(kernel, work_dir)

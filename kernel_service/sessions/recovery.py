@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from kernel_service.execution.results import STATE_LOST
-from kernel_service.kernel import Kernel, KernelLauncher, KernelOptions
+from kernel_service.kernel import Kernel, KernelKind, KernelLauncher, KernelOptions
 from kernel_service.kernel.launcher import AdoptionError
 from kernel_service.kernel.programs.reaper import end_kernel
 from kernel_service.sessions.registry import SessionRegistry
@@ -56,7 +56,10 @@ async def recover(
     reaped = store.meta("reaped")
     wanted = {s.kernel_id: s for s in sessions if s.kernel_id in kernels}
     outcomes = await asyncio.gather(
-        *(_adopt(kernels[kernel_id], launcher, options) for kernel_id in wanted)
+        *(
+            _adopt(kernels[kernel_id], launcher, options, registry.catalog.kind(s.kernel_name))
+            for kernel_id, s in wanted.items()
+        )
     )
     adopted: dict[str, Kernel] = {}
     reasons: dict[str, str] = {}
@@ -89,11 +92,11 @@ async def recover(
 
 
 async def _adopt(
-    record: KernelRecord, launcher: KernelLauncher, options: KernelOptions
+    record: KernelRecord, launcher: KernelLauncher, options: KernelOptions, kind: KernelKind
 ) -> Kernel | str:
-    """The adopted kernel, or why it could not be adopted."""
+    """The adopted kernel (of `kind`), or why it could not be adopted."""
     try:
-        return await Kernel.adopt(record, launcher, options)
+        return await Kernel.adopt(record, launcher, options, kind)
     except AdoptionError as exc:
         log.warning("kernel %s not adopted: %s", record.kernel_id, exc)
         return str(exc)

@@ -16,11 +16,18 @@ from kernel_service.config import Settings
 from kernel_service.errors import (
     Draining,
     KernelUnavailable,
+    LanguageMismatch,
     SessionExists,
     SessionNotFound,
     TooManySessions,
 )
-from kernel_service.kernel import Kernel, KernelFactory, KernelStartError
+from kernel_service.kernel import (
+    Kernel,
+    KernelCatalog,
+    KernelFactory,
+    KernelKind,
+    KernelStartError,
+)
 from kernel_service.metrics import CloseReason, Metrics
 from kernel_service.sessions.cell import Cell
 from kernel_service.sessions.pool import KernelPool
@@ -44,15 +51,20 @@ class SessionRegistry:
         settings: Settings,
         start_kernel: KernelFactory,
         workspaces: Workspaces,
-        pool: KernelPool | None = None,
+        *,
+        pools: dict[str, KernelPool] | None = None,
         metrics: Metrics | None = None,
+        catalog: KernelCatalog | None = None,
     ) -> None:
+        """`pools`: warm kernels by kernelspec name (Python's, and any other's configured);
+        `catalog`: the kernels offered (None: Python's alone)."""
         self._settings = settings
+        self.catalog = catalog or KernelCatalog.python_only()
         self.metrics = metrics or Metrics()
         self._start_kernel = self.metrics.counting_starts(start_kernel, "session")
         self._replace_kernel = self.metrics.counting_starts(start_kernel, "replacement")
         self.workspaces = workspaces
-        self.pool = pool
+        self.pools = pools or {}
         self.cell = Cell(settings.cell)  # the cell this service is, if it is one
         self.store: StateStore | None = None  # set while the service runs
         # Keyed by owner and id together: each API key has a namespace of its own.
@@ -90,12 +102,16 @@ class SessionRegistry:
         """The status of every live session, whoever owns it."""
         return [s.status for s in self._sessions.values()]
 
-    async def create(self, session_id: str | None = None, owner: str | None = None) -> Session:
-        """A new session with a ready kernel; on any failure nothing of it remains. Raises
-        Draining while the service makes no new sessions, WrongCell for a chosen id another
-        cell's tag starts."""
+    async def create(
+        self, session_id: str | None = None, owner: str | None = None, language: str | None = None
+    ) -> Session:
+        """A new session with a ready kernel for `language` (None: Python); on any failure
+        nothing of it remains. Raises Draining while the service makes no new sessions,
+        WrongCell for a chosen id another cell's tag starts, UnknownLanguage or
+        LanguageUnavailable for a language it cannot run."""
         if self.cell.draining:
             raise Draining()
+        kind, language = self.catalog.resolve(language)
         if session_id is None:
             session_id = self.cell.new_id()
         else:
@@ -104,17 +120,28 @@ class SessionRegistry:
         self._check_room(session_id, key, owner)
         self._reserved[key] = owner  # until it is recorded and listed
         try:
-            return await self._create(session_id, key, owner)
+            return await self._create(session_id, key, owner, kind, language)
         finally:
             self._reserved.pop(key, None)
 
-    async def _create(self, session_id: str, key: str, owner: str | None) -> Session:
-        warm = self.pool.take() if self.pool is not None else None
+    def check_language(self, session: Session, asked: str | None) -> None:
+        """Raise unless `asked` (None: whatever it is) is what `session` runs."""
+        if asked is None:
+            return
+        kind, language = self.catalog.resolve(asked)
+        if kind.name != session.kind.name:
+            raise LanguageMismatch(session.session_id, session.language, language)
+
+    async def _create(
+        self, session_id: str, key: str, owner: str | None, kind: KernelKind, language: str
+    ) -> Session:
+        pool = self.pools.get(kind.name)
+        warm = pool.take() if pool is not None else None
         if warm is not None:  # ready now: no await, so no failure to undo
             kernel, work_dir = warm.kernel, warm.work_dir
         else:
-            kernel, work_dir = await self._new_kernel(key, owner)
-        session = self._session(session_id, owner, kernel, work_dir)
+            kernel, work_dir = await self._new_kernel(key, kind)
+        session = self._session(session_id, owner, kernel, work_dir, kind=kind, language=language)
         try:
             await self._stored().add_session(
                 SessionRecord(
@@ -127,14 +154,16 @@ class SessionRegistry:
                     last_activity=session.last_activity,
                     execution_count=0,
                     notice=None,
+                    kernel_name=kind.name,
+                    language=language,
                 )
             )
         except BaseException:
             await session.close()
             raise
         self._sessions[key] = session
-        self.metrics.session_created(warm=warm is not None)
-        log.info("session %s created (kernel %s)", session_id, kernel.kernel_id)
+        self.metrics.session_created(warm=warm is not None, language=language)
+        log.info("session %s created (%s, kernel %s)", session_id, language, kernel.kernel_id)
         return session
 
     def _check_room(self, session_id: str, key: str, owner: str | None) -> None:
@@ -149,12 +178,13 @@ class SessionRegistry:
             if owned >= self._settings.max_sessions_per_key:
                 raise TooManySessions(self._settings.max_sessions_per_key, per_key=True)
 
-    async def _new_kernel(self, key: str, owner: str | None) -> tuple[Kernel, Path]:
-        """A work directory and a kernel started in it (the caller reserved the key)."""
+    async def _new_kernel(self, key: str, kind: KernelKind) -> tuple[Kernel, Path]:
+        """A work directory and a kernel of `kind` started in it (the caller reserved the
+        key)."""
         work_dir = self.workspaces.path(key)
         try:
             work_dir = await self.workspaces.create(key)
-            return await self._start_kernel(work_dir), work_dir
+            return await self._start_kernel(work_dir, kind), work_dir
         except BaseException as exc:
             await self.workspaces.remove(work_dir)
             if isinstance(exc, KernelStartError | WorkspaceError):
@@ -195,8 +225,10 @@ class SessionRegistry:
         """A session an earlier service process left, with its adopted kernel (or None and
         why its kernel is gone)."""
         totals = await self._stored().session_totals(record.key)
+        kind = self.catalog.kind(record.kernel_name)
         session = self._session(record.session_id, record.owner, kernel, record.work_dir,
-                                Restored(record, totals, lost))  # fmt: skip
+                                kind=kind, language=record.language,
+                                restored=Restored(record, totals, lost))  # fmt: skip
         if lost is not None:
             self._stored().set_kernel(record.key, None, session.notice)
         self._sessions[record.key] = session
@@ -208,6 +240,9 @@ class SessionRegistry:
         owner: str | None,
         kernel: Kernel | None,
         work_dir: Path,
+        *,
+        kind: KernelKind,
+        language: str,
         restored: Restored | None = None,
     ) -> Session:
         services = SessionServices(
@@ -223,6 +258,8 @@ class SessionRegistry:
             kernel=kernel,
             work_dir=work_dir,
             services=services,
+            kind=kind,
+            language=language,
             restored=restored,
         )
 

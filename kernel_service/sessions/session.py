@@ -16,7 +16,7 @@ from kernel_service.errors import SessionNotFound
 from kernel_service.execution.collector import OutputLimits, OutputListener
 from kernel_service.execution.full_output import FullOutputSpill
 from kernel_service.execution.results import build_result
-from kernel_service.kernel import ExecuteOptions, Kernel, Relay
+from kernel_service.kernel import ExecuteOptions, Kernel, KernelKind, Relay
 from kernel_service.metrics import OutputSize, output_size
 from kernel_service.sessions.image_store import ImageStore, StoredImage
 from kernel_service.sessions.journal import ExecutionJournal
@@ -73,10 +73,15 @@ class Session:
         kernel: Kernel | None,
         work_dir: Path,
         services: SessionServices,
+        kind: KernelKind,
+        language: str,
         restored: Restored | None = None,
     ) -> None:
-        """`kernel`: a ready kernel, or for a restored session its adopted one (or None)."""
+        """`kernel`: a ready kernel of `kind`, or for a restored session its adopted one (or
+        None); `language`: the language asked for (Deno's kernel runs two)."""
         self.session_id = session_id
+        self.kind = kind
+        self.language = language
         self.owner = owner  # who may see it: a digest of the API key that made it
         self.key = session_key(session_id, owner)
         self.work_dir = work_dir
@@ -97,7 +102,12 @@ class Session:
         self._limits = OutputLimits(text=settings.output_limit, rich=settings.rich_output_limit)
         totals = restored.totals if restored else SessionTotals()
         self._slot = KernelSlot(
-            session_id, kernel, work_dir, services.start_kernel, self._on_new_kernel
+            session_id,
+            kernel,
+            work_dir,
+            kind=kind,
+            start_kernel=services.start_kernel,
+            on_new_kernel=self._on_new_kernel,
         )
         self._journal = ExecutionJournal(
             session_id, self.key, store, settings.history_mb * MIB, totals
@@ -139,6 +149,8 @@ class Session:
             created_at=self.created_at,
             last_activity=self.last_activity,
             notice=self.notice,
+            language=self.language,
+            kernel=self.kind.name,
         )
 
     async def image(self, image_id: str) -> StoredImage:
@@ -339,9 +351,10 @@ class Session:
     def _report(self, result: ExecutionResult, size: OutputSize) -> None:
         """Count it, and log one line for it: key=value in the message and the same fields
         as record attributes (for a JSON formatter); never the code or its output."""
-        self._metrics.execution(result, size)
+        self._metrics.execution(result, size, self.language)
         fields = {
             "session_id": self.session_id,
+            "language": self.language,
             "execution_count": result.execution_count,
             "status": result.status,
             "duration_ms": round(result.duration_ms, 1),

@@ -29,6 +29,8 @@ class SessionRecord:
     last_activity: datetime
     execution_count: int
     notice: str | None
+    kernel_name: str = "python3"  # its kernelspec (kernel/kernelspecs.py)
+    language: str = "python"  # the language it was asked for
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,7 @@ class StateStore:
         rows = self._db.wait(
             self._db.read,
             "SELECT key, session_id, owner, work_dir, kernel_id, created_at, last_activity, "
-            "execution_count, notice FROM sessions",
+            "execution_count, notice, kernel_name, language FROM sessions",
         )
         return [
             SessionRecord(
@@ -130,6 +130,8 @@ class StateStore:
                 last_activity=datetime.fromisoformat(row[6]),
                 execution_count=row[7],
                 notice=row[8],
+                kernel_name=row[9],
+                language=row[10],
             )
             for row in rows
         ]
@@ -183,8 +185,14 @@ class StateStore:
             record.last_activity.isoformat(),
             record.execution_count,
             record.notice,
+            record.kernel_name,
+            record.language,
         )
-        sql = "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        sql = (
+            "INSERT INTO sessions (key, session_id, owner, work_dir, kernel_id, created_at, "
+            "last_activity, execution_count, notice, kernel_name, language) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )
         await self._db.run(self._write, sql, row)
 
     def set_kernel(self, key: str, kernel_id: str | None, notice: str | None = None) -> None:
