@@ -26,7 +26,7 @@ import httpx
 from kernel_service_client import flows
 from kernel_service_client.drivers import AsyncDriver, SyncDriver
 from kernel_service_client.flows import SessionState, StreamEvent, lost_state_notice, stream_event
-from kernel_service_client.models import ExecutionResult, Health, SessionInfo
+from kernel_service_client.models import ExecutionResult, Health, KernelSpecInfo, SessionInfo
 from kernel_service_client.protocol import TIMEOUT, KernelServiceError, Protocol, parse_events
 from kernel_service_client.tools.spec import ToolFormat, ToolSpec
 
@@ -69,10 +69,12 @@ class Client:
         self._http = http or httpx.Client(timeout=TIMEOUT)
         self._driver = SyncDriver(self._http)
 
-    def session(self, session_id: str | None = None) -> "Session":
+    def session(self, session_id: str | None = None, language: str | None = None) -> "Session":
         """A session handle. Nothing is started until it is used; with `session_id`, that
-        session is used (and made when it does not exist yet, e.g. one per conversation id)."""
-        return Session(self, SessionState(self._protocol, session_id))
+        session is used (and made when it does not exist yet, e.g. one per conversation id);
+        `language`: the language of a session it makes (python when None; `kernelspecs()`
+        lists what the service has)."""
+        return Session(self, SessionState(self._protocol, session_id, language))
 
     def tool_spec(self) -> ToolSpec:
         """The `code_interpreter` tool as this service describes it (its limits included)."""
@@ -84,6 +86,10 @@ class Client:
 
     def sessions(self) -> list[SessionInfo]:
         return self._driver.run(flows.sessions(self._protocol))
+
+    def kernelspecs(self) -> list[KernelSpecInfo]:
+        """The languages the service has, and whether each can run there."""
+        return self._driver.run(flows.kernelspecs(self._protocol))
 
     def health(self) -> Health:
         return self._driver.run(flows.health(self._protocol))
@@ -180,9 +186,9 @@ class AsyncClient:
         self._http = http or httpx.AsyncClient(timeout=TIMEOUT)
         self._driver = AsyncDriver(self._http)
 
-    def session(self, session_id: str | None = None) -> "AsyncSession":
+    def session(self, session_id: str | None = None, language: str | None = None) -> "AsyncSession":
         """As `Client.session`."""
-        return AsyncSession(self, SessionState(self._protocol, session_id))
+        return AsyncSession(self, SessionState(self._protocol, session_id, language))
 
     async def tool_spec(self) -> ToolSpec:
         return await self._driver.run(flows.tool_spec(self._protocol))
@@ -192,6 +198,9 @@ class AsyncClient:
 
     async def sessions(self) -> list[SessionInfo]:
         return await self._driver.run(flows.sessions(self._protocol))
+
+    async def kernelspecs(self) -> list[KernelSpecInfo]:
+        return await self._driver.run(flows.kernelspecs(self._protocol))
 
     async def health(self) -> Health:
         return await self._driver.run(flows.health(self._protocol))

@@ -15,7 +15,15 @@ from typing import Any, Literal, TypeVar
 import httpx
 from pydantic import TypeAdapter
 
-from kernel_service_client.models import ExecutionResult, Health, Output, SessionInfo, SessionList
+from kernel_service_client.models import (
+    ExecutionResult,
+    Health,
+    KernelSpecInfo,
+    KernelSpecList,
+    Output,
+    SessionInfo,
+    SessionList,
+)
 from kernel_service_client.protocol import (
     EXECUTE_TIMEOUT,
     EventParser,
@@ -69,8 +77,11 @@ class SessionState:
     """What a session handle knows (its id once it has one, and whether it has run code), and
     the flows of its calls."""
 
-    def __init__(self, protocol: Protocol, session_id: str | None) -> None:
+    def __init__(
+        self, protocol: Protocol, session_id: str | None, language: str | None = None
+    ) -> None:
         self.protocol = protocol
+        self.language = language  # of the session it makes (None: the service's default)
         self.id = session_id
         self.chosen_id = session_id  # the caller's id is kept when the session is remade
         self.used = False
@@ -156,7 +167,8 @@ class SessionState:
         ending a session of that id (409), wait until it is there, or gone and made anew."""
         waited = 0.0
         while True:
-            request = self.protocol.request("POST", "/sessions", json={"session_id": session_id})
+            body = {"session_id": session_id, "language": self.language}
+            request = self.protocol.request("POST", "/sessions", json=body)
             response = yield from send(request)
             if response.status_code != 409 or session_id is None:
                 info = parse(SessionInfo, response)
@@ -216,6 +228,11 @@ def image(protocol: Protocol, url: str) -> Flow[bytes]:
 def sessions(protocol: Protocol) -> Flow[list[SessionInfo]]:
     response = yield from send(protocol.request("GET", "/sessions"))
     return parse(SessionList, response).sessions
+
+
+def kernelspecs(protocol: Protocol) -> Flow[list[KernelSpecInfo]]:
+    response = yield from send(protocol.request("GET", "/kernelspecs"))
+    return parse(KernelSpecList, response).kernelspecs
 
 
 def health(protocol: Protocol) -> Flow[Health]:

@@ -250,6 +250,23 @@ class SessionInfo(BaseModel):
     kernel: str = Field("python3", description="The Jupyter kernelspec that runs it.")
 
 
+class KernelSpecInfo(BaseModel):
+    name: str = Field(description="The Jupyter kernelspec's name: python3, bash, deno, ir, ...")
+    display_name: str
+    language: str = Field(description="The language its kernel runs, as its kernelspec says.")
+    languages: list[str] = Field(
+        description="The names `language` may take to choose it (POST /sessions, POST /execute)."
+    )
+    ready: bool = Field(description="Whether it can run here.")
+    problem: str | None = Field(None, description="Why it cannot run here, when it cannot.")
+    warm_kernels: int = Field(0, description="Its kernels started and waiting for new sessions.")
+
+
+class KernelSpecList(BaseModel):
+    default: str = Field(description="The language of a session that names none.")
+    kernelspecs: list[KernelSpecInfo]
+
+
 class SessionList(BaseModel):
     sessions: list[SessionInfo]
 

@@ -62,8 +62,9 @@ async def get_history(
 )
 async def get_notebook(session_id: SessionId, registry: Registry, owner: Owner) -> Response:
     """The session's executions as a notebook to open (and re-run) in Jupyter."""
-    records = await registry.get(session_id, owner).history()
-    body = await asyncio.to_thread(notebook, session_id, records)
+    session = registry.get(session_id, owner)
+    records = await session.history()
+    body = await asyncio.to_thread(notebook, session_id, records, session.notebook_metadata())
     return Response(
         body,
         media_type=NOTEBOOK_MEDIA_TYPE,

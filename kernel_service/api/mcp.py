@@ -59,7 +59,7 @@ from kernel_service.errors import (
 from kernel_service.runtime import Runtime
 from kernel_service.sessions.registry import SessionRegistry
 from kernel_service.sessions.session import Session
-from kernel_service.tool_spec import tool_description, tool_parameters
+from kernel_service.tool_spec import languages_description, tool_parameters
 from kernel_service_client.models import RASTER_IMAGE_MIMES, ExecuteRequest, ExecutionResult
 from kernel_service_client.tools.spec import TOOL_NAME
 
@@ -73,10 +73,11 @@ Context = ServerRequestContext[Any, Any]
 
 @dataclass
 class _Conversation:
-    """The kernel session one MCP session runs its calls in, made at its first call."""
+    """The kernel sessions one MCP session runs its calls in, one per language, each made at
+    its language's first call."""
 
     owner: str | None  # the API key's owner name that opened it (None without keys)
-    session_id: str | None = None
+    session_ids: dict[str, str] = field(default_factory=dict)  # by kernelspec name
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -92,7 +93,9 @@ class McpServer:
     ) -> None:
         self._settings = settings
         self._registry = registry
-        self._tool = _tool(settings)
+        # the languages a call may name, Python first (the default)
+        self._languages = registry.catalog.ready_languages()
+        self._tool = _tool(settings, self._languages)
         # A stdio server has one client for its whole life, whichever protocol version it
         # speaks (2026-07-28 has no session): all its calls share one conversation.
         self._stdio_conversation = _Conversation(owner=None) if stdio else None
@@ -178,7 +181,7 @@ class McpServer:
         try:
             if size > self._settings.max_code_bytes:
                 raise CodeTooLarge(size, self._settings.max_code_bytes)
-            session, notice = await self._session_for(ctx, request.session_id, owner)
+            session, notice = await self._session_for(ctx, request, owner)
             result = await self._execute(ctx, params, session, request)
         except ServiceError as exc:
             return _error(_message_of(exc))
@@ -187,26 +190,31 @@ class McpServer:
     # ------------------------------------------------------------ sessions
 
     async def _session_for(
-        self, ctx: Context, session_id: str | None, owner: str | None
+        self, ctx: Context, request: ExecuteRequest, owner: str | None
     ) -> tuple[Session, str | None]:
         """The session to run in, and a notice for the model when it is not the one it had."""
-        if session_id is not None:
-            return self._registry.get(session_id, owner), None
+        registry = self._registry
+        if request.session_id is not None:
+            named = registry.get(request.session_id, owner)
+            registry.check_language(named, request.language)
+            return named, None
+        kind, language = registry.catalog.resolve(request.language)
         conversation = self._conversation_of(ctx, owner)
         async with conversation.lock:  # calls that arrive together make one session
             notice = None
-            if conversation.session_id is not None:
+            session_id = conversation.session_ids.get(kind.name)
+            if session_id is not None:
                 try:
-                    return self._registry.get(conversation.session_id, owner), None
+                    return registry.get(session_id, owner), None
                 except SessionNotFound:
                     notice = (
-                        f"[Notice: this conversation's session {conversation.session_id} had "
+                        f"[Notice: this conversation's {language} session {session_id} had "
                         "ended (culled after being idle, or deleted); the code ran in a new "
                         "session: earlier variables, imports and files are gone.]"
                     )
-            session = await self._registry.create(owner=owner)
-            conversation.session_id = session.session_id
-            log.info("MCP conversation runs in session %s", session.session_id)
+            session = await registry.create(owner=owner, language=language)
+            conversation.session_ids[kind.name] = session.session_id
+            log.info("MCP conversation runs %s in session %s", language, session.session_id)
             return session, notice
 
     def _conversation_of(self, ctx: Context, owner: str | None) -> _Conversation:
@@ -231,12 +239,12 @@ class McpServer:
 
     async def _close(self, conversation: _Conversation) -> None:
         async with conversation.lock:  # a session being made is closed once it is made
-            session_id, conversation.session_id = conversation.session_id, None
-            if session_id is None:
-                return
-            with contextlib.suppress(SessionNotFound):  # culled or deleted already
-                await self._registry.close(session_id, conversation.owner)
-            log.info("MCP conversation ended; session %s closed", session_id)
+            session_ids = list(conversation.session_ids.values())
+            conversation.session_ids.clear()
+            for session_id in session_ids:
+                with contextlib.suppress(SessionNotFound):  # culled or deleted already
+                    await self._registry.close(session_id, conversation.owner)
+                log.info("MCP conversation ended; session %s closed", session_id)
 
     # ------------------------------------------------------------ execution
 
@@ -286,8 +294,8 @@ async def _report_progress(ctx: Context) -> None:
         await ctx.session.report_progress(elapsed, None, f"running, {elapsed:.0f} s")
 
 
-def _tool(settings: Settings) -> Tool:
-    schema = tool_parameters()
+def _tool(settings: Settings, languages: list[str]) -> Tool:
+    schema = tool_parameters(languages=languages)
     schema["properties"] |= {
         "session_id": {
             "type": "string",
@@ -305,8 +313,8 @@ def _tool(settings: Settings) -> Tool:
     schema["additionalProperties"] = False
     return Tool(
         name=TOOL_NAME,
-        title="Python code interpreter",
-        description=tool_description(settings),
+        title="Python code interpreter" if len(languages) < 2 else "Code interpreter",
+        description=languages_description(settings, languages),
         input_schema=schema,
     )
 

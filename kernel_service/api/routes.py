@@ -30,6 +30,8 @@ from kernel_service_client.models import (
     ExecutionResult,
     Health,
     InterruptResult,
+    KernelSpecInfo,
+    KernelSpecList,
     Readiness,
     SessionInfo,
     SessionList,
@@ -284,11 +286,12 @@ async def get_image(
     response_model=list[dict[str, Any]],
     responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
-        **_errors(422),
+        **_errors(400, 422, 503),
     },
 )
 async def tools(
     settings: Config,
+    registry: Registry,
     fmt: Annotated[
         ToolFormat,
         Query(
@@ -298,12 +301,43 @@ async def tools(
             "`react_zh`: a ReAct system prompt, as text.",
         ),
     ] = "openai",
+    language: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            description="The language of the sessions the tool runs in (default python; GET "
+            "/kernelspecs lists them): its description and arguments are in its terms.",
+        ),
+    ] = None,
 ) -> Response:
     """The `code_interpreter` tool, ready to pass to a model."""
-    rendered = render_tool(tool_spec(settings), fmt)
+    _, name = registry.catalog.resolve(language)
+    rendered = render_tool(tool_spec(settings, name), fmt)
     if isinstance(rendered, str):
         return PlainTextResponse(rendered)
     return JSONResponse([rendered])
+
+
+@router.get("/kernelspecs", response_model=KernelSpecList, responses=_errors())
+async def list_kernelspecs(registry: Registry) -> KernelSpecList:
+    """The kernels this service has: the languages each runs, and whether it can run here
+    (and why not, if it cannot)."""
+    catalog = registry.catalog
+    return KernelSpecList(
+        default="python",
+        kernelspecs=[
+            KernelSpecInfo(
+                name=kind.name,
+                display_name=kind.display_name,
+                language=kind.language,
+                languages=catalog.languages_of(kind),
+                ready=kind.ready,
+                problem=kind.problem,
+                warm_kernels=len(registry.pools[kind.name]) if kind.name in registry.pools else 0,
+            )
+            for kind in catalog.kinds.values()
+        ],
+    )
 
 
 @router.get("/healthz", response_model=Health)

@@ -103,6 +103,8 @@ class Kernel:
     ) -> None:
         self.kernel_id = kernel_id
         self.kind = kind
+        # what its kernel_info_reply says of its language (name, version, file extension...)
+        self.language_info: dict[str, Any] = {}
         self.process = process
         self.files = files
         self._channels = KernelChannels(
@@ -228,6 +230,8 @@ class Kernel:
                 collector, min(deadline, loop.time() + _READY_RETRY), probe=False
             )
             if ending == "done":
+                info = (collector.reply or {}).get("language_info")
+                self.language_info = info if isinstance(info, dict) else {}
                 return
             if ending == "died":
                 raise KernelStartError(

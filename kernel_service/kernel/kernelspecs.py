@@ -53,6 +53,7 @@ class KernelKind:
     # the runtime's files outside /usr and the Python environment, mounted read-only
     read_only: tuple[Path, ...] = ()
     etc: tuple[str, ...] = ()  # entries of /etc it needs beyond the sandbox's own few
+    resource_dir: Path | None = None  # its kernelspec's directory (logos), if installed
     problem: str | None = None  # why it cannot run here; None: it can
 
     @property
@@ -194,6 +195,7 @@ def _kind_of_spec(name: str, resource_dir: Path, spec: dict[str, object]) -> Ker
         env={str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {},
         interrupt_mode="message" if mode == "message" else "signal",
         transport="tcp",
+        resource_dir=resource_dir,
         etc=("R",) if language == "r" else (),  # R_HOME/etc is a link to /etc/R
     )
     if not argv:

@@ -153,6 +153,20 @@ class Session:
             kernel=self.kind.name,
         )
 
+    def notebook_metadata(self) -> dict[str, Any]:
+        """The kernelspec and language_info of a notebook of this session (its kernel's own
+        words for its language, once it has answered)."""
+        kernel = self._slot.kernel
+        info = dict(kernel.language_info) if kernel is not None else {}
+        return {
+            "kernelspec": {
+                "name": self.kind.name,
+                "display_name": self.kind.display_name,
+                "language": self.kind.language,
+            },
+            "language_info": info if info.get("name") else {"name": self.kind.language},
+        }
+
     async def image(self, image_id: str) -> StoredImage:
         return await self._images.get(image_id)
 

@@ -38,6 +38,12 @@ _WITH_RESULT = ("ok", "error", "timeout")
 _JSON_MIME = re.compile(r"^application/(.*\+)?json$")
 
 
+_PYTHON_METADATA = {
+    "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+    "language_info": {"name": "python"},
+}
+
+
 def history_entry(record: ExecutionRecord) -> HistoryEntry:
     result: dict[str, Any] = json.loads(record.result) if record.result is not None else {}
     return HistoryEntry.model_validate(
@@ -60,21 +66,23 @@ def session_history(session_id: str, records: Sequence[ExecutionRecord]) -> Sess
     return SessionHistory(session_id=session_id, executions=[history_entry(r) for r in records])
 
 
-def notebook(session_id: str, records: Sequence[ExecutionRecord]) -> str:
+def notebook(
+    session_id: str, records: Sequence[ExecutionRecord], metadata: dict[str, Any] | None = None
+) -> str:
     """The session as an nbformat v4 notebook, validated, as JSON text.
 
     Each execution is a code cell with its outputs and `In[n]` number; what the outputs
     cannot say (its status, when it ran, a result dropped for room) is in the cell's
     `kernel_service` metadata. A timeout or a kernel death, which the service reports in
     the result's `error` only (after the kernel's KeyboardInterrupt, if any), becomes an
-    error output of its own.
+    error output of its own. `metadata`: the notebook's kernelspec and language_info
+    (Python's when None).
     """
     cells = [_cell(history_entry(record)) for record in records]
     nb = _new_notebook(
         cells=cells,
         metadata={
-            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-            "language_info": {"name": "python"},
+            **(metadata or _PYTHON_METADATA),
             "kernel_service": {"session_id": session_id},
         },
     )

@@ -25,9 +25,10 @@ from kernel_service.api.errors import InvalidJupyterRequest, NoJupyterSession, N
 from kernel_service.api.jupyter.bridge import Connections
 from kernel_service.api.routes import Config, Owner, Registry
 from kernel_service.config import Settings
+from kernel_service.kernel.kernelspecs import PYTHON, KernelKind
+from kernel_service.sessions.registry import SessionRegistry
 from kernel_service.sessions.session import Session
 
-KERNEL_NAME = "python3"
 _LOGOS = {
     "logo-32x32": "logo-32x32.png",
     "logo-64x64": "logo-64x64.png",
@@ -44,19 +45,35 @@ def _logo_dir() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "resources"
 
 
-LOGO_DIR = _logo_dir()
+PYTHON_LOGO_DIR = _logo_dir()
 
 
-def kernelspec(settings: Settings) -> dict[str, Any]:
-    """The one kernel spec: Python in the service's sandbox."""
+def _logos(kind: KernelKind) -> dict[str, Path]:
+    """The kernel's logos by file name: ipykernel's for Python, its kernelspec's for
+    another (none for a kernel the service found as a program)."""
+    directory = PYTHON_LOGO_DIR if kind.is_python else kind.resource_dir
+    if directory is None:
+        return {}
+    return {f: directory / f for f in _LOGOS.values() if (directory / f).is_file()}
+
+
+def kernelspec(settings: Settings, kind: KernelKind) -> dict[str, Any]:
+    """A kernel spec as Jupyter's API gives it: one of the service's kernels, in its
+    sandbox (its argv shown by program name: the host's paths are not the client's)."""
+    argv = (
+        ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+        if kind.is_python
+        else [Path(kind.argv[0]).name, *kind.argv[1:]]
+    )
+    logos = _logos(kind)
     return {
-        "name": KERNEL_NAME,
+        "name": kind.name,
         "spec": {
-            "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "argv": argv,
             "env": {},
-            "display_name": "Python 3 (kernel-service)",
-            "language": "python",
-            "interrupt_mode": "message",
+            "display_name": f"{kind.display_name} (kernel-service)",
+            "language": kind.language,
+            "interrupt_mode": "message",  # the service's interrupt, whatever the kernel's
             "metadata": {
                 "kernel_service": {
                     "version": __version__,
@@ -65,8 +82,24 @@ def kernelspec(settings: Settings) -> dict[str, Any]:
                 }
             },
         },
-        "resources": {name: f"/kernelspecs/{KERNEL_NAME}/{file}" for name, file in _LOGOS.items()},
+        "resources": {
+            name: f"/kernelspecs/{kind.name}/{file}"
+            for name, file in _LOGOS.items()
+            if file in logos
+        },
     }
+
+
+def _offered(registry: SessionRegistry) -> dict[str, KernelKind]:
+    """The kernels Jupyter's clients are shown: those that can run here."""
+    return {name: kind for name, kind in registry.catalog.kinds.items() if kind.ready}
+
+
+def _offered_kind(registry: SessionRegistry, name: str) -> KernelKind:
+    kind = _offered(registry).get(name)
+    if kind is None:
+        raise NoSuchKernelSpec(name, list(_offered(registry)))
+    return kind
 
 
 def _timestamp(moment: datetime) -> str:
@@ -78,7 +111,7 @@ def _timestamp(moment: datetime) -> str:
 def kernel_model(session: Session, connections: Connections) -> dict[str, Any]:
     return {
         "id": session.session_id,
-        "name": KERNEL_NAME,
+        "name": session.kind.name,
         "last_activity": _timestamp(session.last_activity),
         "execution_state": session.status,  # Jupyter's words too: starting, idle, busy, dead
         "connections": connections.count(session),
@@ -157,7 +190,8 @@ _START_BODY = _body(
         "properties": {
             "name": {
                 "type": ["string", "null"],
-                "description": "The kernel spec: `python3` (null or absent: the default).",
+                "description": "The kernel spec: `python3` (null or absent: the default), or "
+                "another of GET /api/kernelspecs.",
             },
             "env": {"type": ["object", "null"], "description": "Accepted, not used."},
         },
@@ -196,15 +230,14 @@ async def api_version() -> Response:
 
 
 @router.get("/api/kernelspecs", response_model=KernelSpecs, responses=_errors())
-async def list_kernelspecs(settings: Config) -> Response:
-    return _json({"default": KERNEL_NAME, "kernelspecs": {KERNEL_NAME: kernelspec(settings)}})
+async def list_kernelspecs(settings: Config, registry: Registry) -> Response:
+    specs = {name: kernelspec(settings, kind) for name, kind in _offered(registry).items()}
+    return _json({"default": PYTHON, "kernelspecs": specs})
 
 
 @router.get("/api/kernelspecs/{name}", response_model=dict[str, Any], responses=_errors())
-async def get_kernelspec(name: str, settings: Config) -> Response:
-    if name != KERNEL_NAME:
-        raise NoSuchKernelSpec(name, [KERNEL_NAME])
-    return _json(kernelspec(settings))
+async def get_kernelspec(name: str, settings: Config, registry: Registry) -> Response:
+    return _json(kernelspec(settings, _offered_kind(registry, name)))
 
 
 @router.get(
@@ -221,15 +254,12 @@ async def get_kernelspec(name: str, settings: Config) -> Response:
         **_errors(),
     },
 )
-async def get_kernelspec_resource(name: str, resource: str) -> Response:
+async def get_kernelspec_resource(name: str, resource: str, registry: Registry) -> Response:
     """A kernel spec's logo."""
-    if name != KERNEL_NAME:
-        raise NoSuchKernelSpec(name, [KERNEL_NAME])
-    path = LOGO_DIR / resource if LOGO_DIR is not None else None
-    if resource not in _LOGOS.values() or path is None or not path.is_file():
-        raise NoSuchKernelSpec(
-            f"{name}/{resource}", [f"{KERNEL_NAME}/{f}" for f in _LOGOS.values()]
-        )
+    logos = _logos(_offered_kind(registry, name))
+    path = logos.get(resource)
+    if path is None:
+        raise NoSuchKernelSpec(f"{name}/{resource}", [f"{name}/{f}" for f in logos])
     content = path.read_bytes()
     return Response(content, media_type=_LOGO_TYPES[path.suffix])
 
@@ -241,13 +271,13 @@ async def list_kernels(request: Request, registry: Registry, owner: Owner) -> Re
     return _json([kernel_model(s, connections) for s in registry.sessions(owner)])
 
 
-async def _kernel_name(request: Request) -> str:
+async def _kernel_name(request: Request) -> str | None:
     """The kernel name a start asks for: a JSON body `{"name": ...}` (Jupyter Server sends
     `env` too, which is not used: kernels get the sandbox's environment), or none at all
     (Open WebUI and smolagents send no body)."""
     body = await request.body()
     if not body.strip():
-        return KERNEL_NAME
+        return None
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -260,12 +290,17 @@ async def _kernel_name(request: Request) -> str:
     if not isinstance(env, dict | None):
         raise InvalidJupyterRequest("`env` must be an object of variables")
     if name is None or name == "":
-        return KERNEL_NAME
+        return None
     if not isinstance(name, str):
         raise InvalidJupyterRequest('`name` must be a kernel spec\'s name, such as "python3"')
-    if name != KERNEL_NAME:
-        raise NoSuchKernelSpec(str(name), [KERNEL_NAME])
-    return KERNEL_NAME
+    return name
+
+
+async def _new_session(registry: SessionRegistry, owner: str | None, name: str | None) -> Session:
+    """A session on the kernel spec `name` (None: Python's), with a UUID for its id."""
+    if name is not None:
+        _offered_kind(registry, name)  # a kernel spec's name: Jupyter's 404 for another
+    return await registry.create(registry.cell.new_uuid(), owner, language=name)
 
 
 @router.post(
@@ -277,8 +312,7 @@ async def _kernel_name(request: Request) -> str:
 )
 async def start_kernel(request: Request, registry: Registry, owner: Owner) -> Response:
     """Start a kernel: a new session (its id a UUID, as Jupyter clients expect)."""
-    await _kernel_name(request)
-    session = await registry.create(registry.cell.new_uuid(), owner)
+    session = await _new_session(registry, owner, await _kernel_name(request))
     model = kernel_model(session, _connections(request))
     return _json(model, 201, {"Location": f"/api/kernels/{session.session_id}"})
 
@@ -411,9 +445,7 @@ async def create_jupyter_session(request: Request, registry: Registry, owner: Ow
     if kernel_id is not None:
         session = registry.get(kernel_id, owner)
     else:
-        if name not in (None, "", KERNEL_NAME):
-            raise NoSuchKernelSpec(str(name), [KERNEL_NAME])
-        session = await registry.create(registry.cell.new_uuid(), owner)
+        session = await _new_session(registry, owner, name or None)
     notebooks = _notebooks(request)
     for key in [k for k in notebooks if not registry.holds(k)]:  # their kernels ended
         del notebooks[key]
