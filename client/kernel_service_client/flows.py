@@ -167,7 +167,9 @@ class SessionState:
         ending a session of that id (409), wait until it is there, or gone and made anew."""
         waited = 0.0
         while True:
-            body = {"session_id": session_id, "language": self.language}
+            body: dict[str, Any] = {"session_id": session_id}
+            if self.language is not None:  # sent only when chosen: older services refuse it
+                body["language"] = self.language
             request = self.protocol.request("POST", "/sessions", json=body)
             response = yield from send(request)
             if response.status_code != 409 or session_id is None:

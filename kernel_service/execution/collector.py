@@ -356,11 +356,23 @@ class ExecutionCollector:
         """The error the execute_reply carries, for when its iopub `error` never arrived."""
         if self.reply is None or self.reply.get("status") != "error":
             return None
+        ename, evalue = _error_words(self.reply)
         return ErrorOutput(
-            ename=str(self.reply.get("ename", "Error")),
-            evalue=str(self.reply.get("evalue", "")),
+            ename=ename,
+            evalue=evalue,
             traceback=[strip_ansi(line) for line in self.reply.get("traceback", [])],
         )
+
+
+def _error_words(content: dict[str, Any]) -> tuple[str, str]:
+    """An error's name and value. A shell's kernel (bash_kernel) names none and gives the
+    failed command's exit status as the value: said in words a reader understands."""
+    ename, evalue = str(content.get("ename") or ""), str(content.get("evalue", ""))
+    if ename:
+        return ename, evalue
+    if evalue.isdigit():
+        return "ExitStatus", f"the last command exited with status {evalue}"
+    return "Error", evalue
 
 
 def _cut_name(name: str) -> tuple[str, int]:
@@ -410,10 +422,11 @@ def _entry_from(msg_type: str, content: dict[str, Any]) -> Entry | None:
         return entry
     if msg_type == "error":
         traceback = content.get("traceback")
+        ename, evalue = _error_words(content)
         return {
             "output_type": "error",
-            "ename": str(content.get("ename", "Error")),
-            "evalue": str(content.get("evalue", "")),
+            "ename": ename,
+            "evalue": evalue,
             "traceback": [strip_ansi(str(line)) for line in traceback]
             if isinstance(traceback, list)
             else [],
