@@ -15,10 +15,11 @@ FROM python:3.11-slim-bookworm
 # A CJK font so plots can label in Chinese; tini reaps what kernels leave behind;
 # bubblewrap and e2fsprogs for the sandbox when run as root; HAProxy, the front of a
 # cluster of cells (`kernel-service cluster`, or a front pod: docs/scaling.md); R and
-# IRkernel, the kernel of R sessions (not on PyPI).
+# IRkernel, the kernel of R sessions (not on PyPI); a Java runtime for JJava.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends fonts-wqy-microhei fontconfig tini \
       bubblewrap e2fsprogs haproxy r-base-core r-cran-irkernel \
+      openjdk-17-jre-headless \
  && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 10001 kernel
@@ -26,8 +27,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY kernel_service ./kernel_service
 COPY client ./client
-# the languages extra: Bash's kernel, and Deno (the binary comes in its wheel) for
-# JavaScript and TypeScript
+# the languages extra: Bash's kernel, Deno (the binary comes in its wheel) for
+# JavaScript and TypeScript, and JJava (its jars in its wheel) for Java
 RUN pip install --no-cache-dir ./client '.[languages]' && rm -rf /root/.cache
 
 USER kernel

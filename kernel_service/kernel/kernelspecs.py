@@ -23,7 +23,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from jupyter_client.kernelspec import KernelSpecManager
 
@@ -94,7 +94,24 @@ SHIPPED_LANGUAGES = (
     Language("javascript", "deno", ("js", "deno")),
     Language("typescript", "deno", ("ts",)),
     Language("r", "ir", ("ir",)),
+    Language("java", "java", ("jjava",)),
 )
+
+# What a runtime needs of its sandbox beyond a kernelspec's argv, by its language.
+_RUNTIMES: dict[str, dict[str, Any]] = {
+    "r": {"etc": ("R",)},  # R_HOME/etc is a link to /etc/R
+    "java": {
+        # the JDK's conf/ is a link to /etc/java-N-openjdk
+        "etc": tuple(sorted(p.name for p in Path("/etc").glob("java-*"))),
+        # the JVM reserves gigabytes of address space it never uses (its class space, code
+        # cache, heap): RLIMIT_AS would stop it starting; the memory cgroup bounds it instead
+        "address_space_limit": False,
+        # a bounded heap (its default is a quarter of the host's memory, past the cgroup's
+        # limit: it would be killed rather than raise OutOfMemoryError), and few threads
+        # (RLIMIT_NPROC counts them): one GC thread, the quick compiler only
+        "env": {"JAVA_TOOL_OPTIONS": "-Xmx768m -XX:+UseSerialGC -XX:TieredStopAtLevel=1"},
+    },
+}
 
 PYTHON_KIND = KernelKind(
     name=PYTHON,
@@ -194,9 +211,15 @@ def _kind_of_spec(name: str, resource_dir: Path, spec: dict[str, object]) -> Ker
         argv=argv,
         env={str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {},
         interrupt_mode="message" if mode == "message" else "signal",
-        transport="tcp",
+        transport="tcp",  # what every kernel speaks (JJava's JeroMQ fakes ipc with TCP)
         resource_dir=resource_dir,
-        etc=("R",) if language == "r" else (),  # R_HOME/etc is a link to /etc/R
+    )
+    needs = _RUNTIMES.get(language, {})
+    kind = replace(
+        kind,
+        etc=needs.get("etc", ()),
+        address_space_limit=needs.get("address_space_limit", True),
+        env={**needs.get("env", {}), **kind.env},
     )
     if not argv:
         return kind.unavailable(f"its kernelspec ({resource_dir}) has no argv")
