@@ -321,7 +321,8 @@ class Kernel:
                     return RunOutcome(collector, "killed")
             if ending == "died":
                 await asyncio.sleep(_DEATH_DRAIN)  # let its last words arrive
-                return RunOutcome(collector, "died", self.exit_words())
+                how = "interrupt_ended" if timed_out else "died"
+                return RunOutcome(collector, how, self.exit_words())
             if timed_out:
                 return RunOutcome(collector, "interrupted")
             if self._lost is not None:
