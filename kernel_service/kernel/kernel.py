@@ -321,8 +321,9 @@ class Kernel:
                     return RunOutcome(collector, "killed")
             if ending == "died":
                 await asyncio.sleep(_DEATH_DRAIN)  # let its last words arrive
-                how = "interrupt_ended" if timed_out else "died"
-                return RunOutcome(collector, how, self.exit_words())
+                if timed_out:
+                    return RunOutcome(collector, "interrupt_ended", self.exit_words())
+                return RunOutcome(collector, "died", self.exit_words())
             if timed_out:
                 return RunOutcome(collector, "interrupted")
             if self._lost is not None:
