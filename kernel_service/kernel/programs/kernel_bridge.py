@@ -20,8 +20,8 @@ nothing of this package. Messages are signed with hmac by hand: jupyter_client's
 One thread polls every socket, the kernel's pidfd and a signal wakeup fd: nothing is
 shared, no lock is needed, and the kernel's end is seen the moment it happens. Memory is
 bounded by high-water marks (a full queue drops, as PUB and ROUTER do) and a frame size
-limit; the bridge parses nothing but the control channel's requests, and a message it
-cannot read there is passed on for the kernel to refuse.
+limit. Requests from the service side reach the kernel only whole and signed with the
+key (IRkernel dies of a message without its parts); their JSON is the kernel's to read.
 """
 
 import contextlib
@@ -437,6 +437,8 @@ class Bridge:
             if from_service:
                 if channel == "iopub":
                     continue  # a subscription: the kernel side subscribes to all already
+                if channel != "hb" and not self._signed(frames):
+                    continue  # IRkernel dies of a message without its parts
                 answered = channel == "control" and self._answer_interrupts
                 if answered and self._answer_interrupt(source, frames):
                     continue
@@ -494,6 +496,14 @@ class Bridge:
         reply = [json.dumps(reply_header).encode(), parts[0], b"{}", b'{"status": "ok"}']
         self._send(control, [*frames[:start], DELIMITER, self._sign(reply), *reply])
         return True
+
+    def _signed(self, frames: list[bytes]) -> bool:
+        """A Jupyter message signed with the key: what a kernel accepts (others are
+        dropped here: a kernel may refuse them, or, as IRkernel, die of them)."""
+        start = _delimiter(frames)
+        if start is None or len(frames) < start + 6:
+            return False
+        return hmac.compare_digest(frames[start + 1], self._sign(frames[start + 2 : start + 6]))
 
     def _sign(self, parts: list[bytes]) -> bytes:
         signer = self._hmac.copy()
