@@ -5,6 +5,7 @@ them and ends every kernel at shutdown."""
 import contextlib
 import gc
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.routing import Route
@@ -91,4 +92,26 @@ def create_app(settings: Settings | None = None, launcher: KernelLauncher | None
         app.add_middleware(ApiKeyAuth, keys=settings.api_keys())  # outermost: checked first
     else:
         app.add_middleware(LocalPagesOnly, listen_host=settings.host)
+    _name_languages_in_schema(app, runtime.catalog.accepted_names())
     return app
+
+
+def _name_languages_in_schema(app: FastAPI, names: list[str]) -> None:
+    """The OpenAPI schema's `language` fields list the names this service takes: which
+    kernels are installed is known when the app is made, not when its models are written."""
+    make_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = make_schema()
+        named = {"type": "string", "enum": names}
+        for model in ("ExecuteRequest", "CreateSessionRequest"):
+            field = schema["components"]["schemas"][model]["properties"]["language"]
+            field["anyOf"] = [named, {"type": "null"}]
+        for parameter in schema["paths"]["/tools"]["get"]["parameters"]:
+            if parameter["name"] == "language":
+                parameter["schema"]["anyOf"] = [named, {"type": "null"}]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override

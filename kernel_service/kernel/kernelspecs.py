@@ -319,6 +319,11 @@ class KernelCatalog:
         shipped = {language.kernel for language in self.languages}
         return named + [name for name in self.kinds if name not in shipped]
 
+    def accepted_names(self) -> list[str]:
+        """Every name `resolve` takes (in lower case): languages, aliases, kernelspecs."""
+        names = [n for language in self.languages for n in (language.name, *language.aliases)]
+        return list(dict.fromkeys([*names, *(name.lower() for name in self.kinds)]))
+
     def languages_of(self, kind: KernelKind) -> list[str]:
         """The names that choose `kind` (its languages and their aliases, or its name)."""
         names = [
