@@ -180,6 +180,14 @@ class ExecuteInSessionRequest(BaseModel):
         strict=True,
         description="Seconds before the execution is interrupted (capped by the server).",
     )
+    language: str | None = Field(
+        None,
+        max_length=64,
+        description="The language of `code`, for a new session (POST /execute without "
+        "session_id): python (the default), bash, javascript, typescript, r, java, or an "
+        "installed kernelspec's name (GET /kernelspecs lists them). For an existing session "
+        "it must be its own, or null.",
+    )
     stream: bool = Field(
         False,
         strict=True,
@@ -204,13 +212,6 @@ class ExecuteRequest(ExecuteInSessionRequest):
 
     session_id: str | None = Field(
         None, description="Session to run in; a new session is created when null."
-    )
-    language: str | None = Field(
-        None,
-        max_length=64,
-        description="The language of `code`, for a new session: python (the default), "
-        "bash, javascript, typescript, r, or an installed kernelspec's name (GET "
-        "/kernelspecs lists them). For an existing session it must be its own, or null.",
     )
 
 

@@ -106,7 +106,7 @@ def _name_languages_in_schema(app: FastAPI, names: list[str]) -> None:
             return app.openapi_schema
         schema = make_schema()
         named = {"type": "string", "enum": names}
-        for model in ("ExecuteRequest", "CreateSessionRequest"):
+        for model in ("ExecuteRequest", "ExecuteInSessionRequest", "CreateSessionRequest"):
             field = schema["components"]["schemas"][model]["properties"]["language"]
             field["anyOf"] = [named, {"type": "null"}]
         for parameter in schema["paths"]["/tools"]["get"]["parameters"]:

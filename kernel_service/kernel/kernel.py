@@ -50,6 +50,9 @@ _READY_RETRY = 0.25
 _LOG_TAIL = 2000
 # How long the channels have to be made again after a refused message.
 _RECONNECTED_WITHIN = 5.0
+# How long the round trip after an execution of a kernel with late output may take (see
+# KernelKind.late_iopub): past it, the execution is done with what arrived.
+_LATE_OUTPUT_WAIT = 1.0
 # How long a kernel being adopted has to answer kernel_info.
 _ADOPT_TIMEOUT = 5.0
 _PROBE_LIMITS = OutputLimits(text=1000, rich=1000)
@@ -118,6 +121,8 @@ class Kernel:
         self._probe: str | None = None  # msg_id of a request sent to check for lost output
         self._probe_answered = False
         self._reply_probe: str | None = None  # msg_id of a request sent after a missing reply
+        self._late_probe: str | None = None  # msg_id of a request sent for late output
+        self._late_probe_idle = False  # its idle came: output sent before it has arrived
         self._reply_dropped = False  # its answer came, and still no reply: none will
         self._refusals_seen = 0  # messages refused when the last execution began
         self._relays: OrderedDict[str, Relay] = OrderedDict()  # msg_id → whom to tell
@@ -197,7 +202,9 @@ class Kernel:
         kernel = cls(record.kernel_id, process, files, options.max_message_bytes, kind)
         try:
             kernel._start_channels()
-            await kernel._wait_ready(_ADOPT_TIMEOUT, control=True)
+            # over control, as the shell may be busy; a bridged kernel (IRkernel, Deno)
+            # answers kernel_info on shell only
+            await kernel._wait_ready(_ADOPT_TIMEOUT, control=not kind.bridged)
         except BaseException as exc:
             await kernel.shutdown()
             if isinstance(exc, KernelStartError):
@@ -420,11 +427,20 @@ class Kernel:
         self._active = collector
         self._probe, self._probe_answered = None, False
         self._reply_probe, self._reply_dropped = None, False
+        self._late_probe, self._late_probe_idle = None, False
         reply_seen = False
         ask_for_reply_at: float | None = None
         while True:
             if collector.done:
-                return "done"
+                if not (probe and self.kind.late_iopub) or self._late_probe_idle:
+                    return "done"
+                if self._late_probe is None:
+                    # shell requests are answered in turn: once this one's idle is out,
+                    # what the kernel published for the execution before it has come too
+                    self._late_probe = self._channels.send("shell", "kernel_info_request", {})
+                    deadline = loop.time() + _LATE_OUTPUT_WAIT
+                elif loop.time() >= deadline:
+                    return "done"
             if not self.alive:
                 return "died"
             if self._reply_dropped:
@@ -489,6 +505,17 @@ class Kernel:
             parent = msg.get("parent_header")
             if isinstance(parent, dict) and parent.get("msg_id") == self._probe:
                 self._probe_answered = True
+                self._changed.set()
+        if self._late_probe is not None and msg_type == "status":
+            parent = msg.get("parent_header")
+            content = msg.get("content")
+            if (
+                isinstance(parent, dict)
+                and parent.get("msg_id") == self._late_probe
+                and isinstance(content, dict)
+                and content.get("execution_state") == "idle"
+            ):
+                self._late_probe_idle = True
                 self._changed.set()
         if self._reply_probe is not None and msg_type == "kernel_info_reply":
             parent = msg.get("parent_header")

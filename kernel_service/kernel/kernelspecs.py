@@ -58,6 +58,10 @@ class KernelKind:
     read_only: tuple[Path, ...] = ()
     etc: tuple[str, ...] = ()  # entries of /etc it needs beyond the sandbox's own few
     resource_dir: Path | None = None  # its kernelspec's directory (logos), if installed
+    # it may publish an execution's last output after its idle status and its reply (Deno
+    # 2.9's execute_result, about 1 ms late, now and then): each execution is followed by a
+    # round trip that lets such output arrive (kernel.py)
+    late_iopub: bool = False
     problem: str | None = None  # why it cannot run here; None: it can
 
     @property
@@ -103,7 +107,11 @@ SHIPPED_LANGUAGES = (
 
 # What a runtime needs of its sandbox beyond a kernelspec's argv, by its language.
 _RUNTIMES: dict[str, dict[str, Any]] = {
-    "r": {"etc": ("R",)},  # R_HOME/etc is a link to /etc/R
+    "r": {
+        "etc": ("R",),  # R_HOME/etc is a link to /etc/R
+        # fontconfig's cache (a plot's first) in the private /tmp, not the work directory
+        "env": {"XDG_CACHE_HOME": "/tmp/cache"},
+    },
     "java": {
         # the JDK's conf/ is a link to /etc/java-N-openjdk
         "etc": tuple(sorted(p.name for p in Path("/etc").glob("java-*"))),
@@ -171,7 +179,10 @@ def _deno_kind() -> KernelKind:
         },
         # Deno's kernel accepts TCP connection files only ("invalid host" for ipc)
         transport="tcp",
+        # SIGINT ends it (exit 130); its interrupt_request interrupts the code
+        interrupt_mode="message",
         address_space_limit=False,
+        late_iopub=True,
     )
     binary = _deno_binary()
     if binary is None:
