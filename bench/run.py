@@ -42,7 +42,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench import cluster, latency, load, mixed_load
+from bench import cluster, languages, latency, load, mixed_load
 from bench.floor import Floor
 from bench.peers import run_peers
 from bench.report import METHOD, STALL_LIMIT, TIMEOUT, Column, table
@@ -52,7 +52,7 @@ from kernel_service.config import Settings
 
 SECTIONS = (
     "floor", "http", "sessions", "timeout", "memory", "throughput", "scale", "load", "peers",
-    "cluster",
+    "cluster", "languages",
 )  # fmt: skip
 RESULTS = Path(__file__).with_name("results.md")
 
@@ -330,6 +330,8 @@ async def main_async(args: argparse.Namespace) -> int:
     columns: list[Column] = []
     peers = []
     cells: cluster.ClusterResult | None = None
+    spoken: list[languages.LanguageFigures] = []
+    problems_at_start: list[str] = []  # of sections that failed before giving figures
     try:
         for name in args.launchers:
             columns.append(await bench.column(name))
@@ -355,15 +357,36 @@ async def main_async(args: argparse.Namespace) -> int:
             except Exception as exc:
                 cells = cluster.ClusterResult(problems=[_briefly(exc)])
                 _say(f"cluster failed: {exc}")
+        if "languages" in bench.sections:
+            spoken, problems_at_start = await _languages(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    return _report(args, started, columns, peers, cells, spoken, problems_at_start)
+
+
+def _report(  # noqa: PLR0917 (each section's outcome)
+    args: argparse.Namespace,
+    started: float,
+    columns: list[Column],
+    peers: list[Any],
+    cells: cluster.ClusterResult | None,
+    spoken: list[languages.LanguageFigures],
+    problems_at_start: list[str],
+) -> int:
+    """The table and its targets to stdout and bench/results.md; 1 if there were problems."""
     lines, verdicts = table(columns, peers, vars(args))
     if cells is not None:
         cell_lines, cell_verdicts = cluster.lines(cells)
         lines += ["", *cell_lines]
         verdicts += cell_verdicts
+    if spoken:
+        language_lines, language_verdicts = languages.lines(spoken)
+        lines += ["", *language_lines]
+        verdicts += language_verdicts
     command = "scripts/bench" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
-    problems = [f"- {c.name}: {p}" for c in columns for p in c.problems]
+    problems = [f"- {c.name}: {p}" for c in columns for p in c.problems] + problems_at_start
+    for figure in spoken:
+        problems += [f"- languages: {figure.language}: {e}" for e in figure.errors]
     if cells is not None:
         problems += [f"- cluster: {p}" for p in cells.problems]
     for peer in peers:
@@ -384,6 +407,16 @@ async def main_async(args: argparse.Namespace) -> int:
     print(text)
     RESULTS.write_text(f"# Benchmark results\n\n{text}\n{METHOD}")
     return 1 if problems else 0
+
+
+async def _languages(root: Path) -> tuple[list[languages.LanguageFigures], list[str]]:
+    """The languages section: its figures, or the problem that stopped it."""
+    _say("languages: a new session and idle memory in each")
+    try:
+        return await languages.run(root / "languages"), []
+    except Exception as exc:
+        _say(f"languages failed: {exc}")
+        return [], [f"- languages: {_briefly(exc)}"]
 
 
 def main() -> None:

@@ -6,7 +6,9 @@ from typing import Literal
 
 from kernel_service.execution.collector import ExecutionCollector
 
-Ending = Literal["done", "interrupted", "killed", "died", "output_lost"]
+# "interrupt_ended": at its deadline the kernel was interrupted, and the interrupt ended it
+# (Deno's kernel, for one, dies of SIGINT)
+Ending = Literal["done", "interrupted", "killed", "interrupt_ended", "died", "output_lost"]
 
 
 @dataclass(frozen=True)
@@ -20,4 +22,4 @@ class RunOutcome:
 
     @property
     def kernel_lost(self) -> bool:
-        return self.ending in ("killed", "died")
+        return self.ending in ("killed", "interrupt_ended", "died")

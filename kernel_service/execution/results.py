@@ -114,6 +114,12 @@ def _ending(outcome: RunOutcome, outputs: Sequence[Output], limit_words: str) ->
             f"(e.g. a long call inside C code). {STATE_LOST}"
         )
         return _said("timeout", "TimeoutError", message)
+    if outcome.ending == "interrupt_ended":
+        message = (
+            f"Execution exceeded the {limit_words} and was interrupted, and the interrupt "
+            f"ended the kernel ({outcome.exit_reason}). {STATE_LOST}"
+        )
+        return _said("timeout", "TimeoutError", message)
     if outcome.ending == "died":
         message = f"The kernel died during execution: {outcome.exit_reason}. {STATE_LOST}"
         return _said("error", "KernelDied", message)

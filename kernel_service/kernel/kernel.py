@@ -321,6 +321,8 @@ class Kernel:
                     return RunOutcome(collector, "killed")
             if ending == "died":
                 await asyncio.sleep(_DEATH_DRAIN)  # let its last words arrive
+                if timed_out:
+                    return RunOutcome(collector, "interrupt_ended", self.exit_words())
                 return RunOutcome(collector, "died", self.exit_words())
             if timed_out:
                 return RunOutcome(collector, "interrupted")

@@ -7,4 +7,6 @@
 - `fonts`: warms matplotlib's font cache in a subprocess before the first kernel.
 - `reaper`: a watchdog process that ends the kernels if the service dies; run as a file,
   standard library and psutil only.
+- `kernel_bridge`: started in the place of a kernel that speaks only TCP (Deno, IRkernel):
+  relays the service's ipc sockets to it. Run as a file; the standard library and pyzmq.
 """
