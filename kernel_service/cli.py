@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from kernel_service.kernel.kernelspecs import KernelChoiceError
     from kernel_service.kernel.sandbox import SandboxUnavailable
     from kernel_service.kernel.uids import UidRangeInUse
     from kernel_service.store.locks import DirectoryInUse
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             _serve_http(settings)
     except SandboxUnavailable as exc:
         _refuse(f"the sandbox is not available: {exc}")
-    except (DirectoryInUse, UidRangeInUse, _PortInUse, ForeignWorkRoot) as exc:
+    except (DirectoryInUse, UidRangeInUse, _PortInUse, ForeignWorkRoot, KernelChoiceError) as exc:
         _refuse(str(exc))
 
 

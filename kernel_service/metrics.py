@@ -85,6 +85,7 @@ class Metrics:
 
     def __init__(self, languages: Iterable[str] = ("python",)) -> None:
         """`languages`: the languages sessions may use, whose series start at zero."""
+        languages = tuple(languages)  # read once per series
         self.registry = CollectorRegistry()
         registry = self.registry
         self._executions = Counter(

@@ -31,7 +31,7 @@ from kernel_service.kernel.forkserver import (
     SandboxedForkLauncher,
     zygote_env,
 )
-from kernel_service.kernel.kernelspecs import BRIDGE_FILE, PYTHON
+from kernel_service.kernel.kernelspecs import BRIDGE_FILE, PYTHON, KernelChoiceError
 from kernel_service.kernel.options import STARTUP_FILE, kernel_env
 from kernel_service.kernel.programs import reaper
 from kernel_service.kernel.programs.fonts import prepare_font_cache
@@ -82,7 +82,7 @@ class Runtime:
         pooled = self.metrics.counting_starts(start_kernel, "pool")
         self.pools = {
             kind.name: KernelPool(size, pooled, self.workspaces, kind)
-            for kind, size in pool_sizes(settings, self.catalog).items()
+            for kind, size in pool_sizes(settings, self.catalog)
         }
         # the registry counts its own starts: new sessions' and replacements'
         self.registry = SessionRegistry(
@@ -268,7 +268,7 @@ class Runtime:
 def offered_kernels(settings: Settings, launcher: KernelLauncher) -> KernelCatalog:
     """The kernels installed here that the settings offer; one that needs its memory
     bounded by a cgroup (no RLIMIT_AS) is not offered where the sandbox has no memory
-    cgroup. Raises ValueError for a kernel asked for that is not installed."""
+    cgroup. Raises KernelChoiceError for a kernel asked for that is not installed."""
     catalog = KernelCatalog.discover(settings.offered_kernels())
     if settings.sandbox == "none" or launcher.bounds_memory_by_cgroup():
         return catalog
@@ -284,22 +284,24 @@ def offered_kernels(settings: Settings, launcher: KernelLauncher) -> KernelCatal
     return KernelCatalog(kinds, catalog.languages)
 
 
-def pool_sizes(settings: Settings, catalog: KernelCatalog) -> dict[KernelKind, int]:
+def pool_sizes(settings: Settings, catalog: KernelCatalog) -> list[tuple[KernelKind, int]]:
     """The warm pools: Python's (`pool_size`), and each other language's (`pool_sizes`)
-    that can run here. Raises ValueError naming a language not offered."""
-    sizes: dict[KernelKind, int] = {}
+    that can run here. Raises KernelChoiceError naming a language that cannot."""
+    sizes: dict[str, tuple[KernelKind, int]] = {}
     if settings.pool_size > 0:
-        sizes[catalog.kinds[PYTHON]] = settings.pool_size
+        sizes[PYTHON] = (catalog.kinds[PYTHON], settings.pool_size)
     for name, size in settings.language_pool_sizes().items():
         try:
             kind, _ = catalog.resolve(name)
         except ServiceError as exc:
-            raise ValueError(f"KERNEL_SERVICE_POOL_SIZES: {exc}") from exc
+            raise KernelChoiceError(f"KERNEL_SERVICE_POOL_SIZES: {exc}") from exc
         if kind.is_python:
-            raise ValueError("KERNEL_SERVICE_POOL_SIZES: Python's pool is KERNEL_SERVICE_POOL_SIZE")
+            raise KernelChoiceError(
+                "KERNEL_SERVICE_POOL_SIZES: Python's pool is KERNEL_SERVICE_POOL_SIZE"
+            )
         if size > 0:
-            sizes[kind] = size
-    return sizes
+            sizes[kind.name] = (kind, size)
+    return list(sizes.values())
 
 
 def _record_of(kernel: Kernel) -> KernelRecord:

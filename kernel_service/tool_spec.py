@@ -49,7 +49,16 @@ _LANGUAGE_LINES = {
         "- State persists between calls: variables, functions and loaded libraries.",
         "- A plot (plot(), hist(), ...) comes back as an image.",
     ],
+    "java": [
+        "Run Java in a persistent JShell-based kernel (JJava) and get back what it printed "
+        "(System.out.println), the value of the last expression and any exception.",
+        "- State persists between calls: variables, methods and classes declared in one "
+        "call are available in the next; statements need no class or main method.",
+        "- Only the Java standard library is available.",
+    ],
 }
+# Languages in which the value of a call's last expression is shown.
+_SHOWS_LAST_VALUE = {"python", "javascript", "typescript", "r", "java"}
 
 
 def tool_description(settings: Settings, language: str = "python") -> str:
@@ -97,15 +106,14 @@ def tool_parameters(language: str = "python", languages: list[str] | None = None
     """JSON Schema of the tool's arguments: `code` in `language`; with `languages` (more
     than one), a `language` argument choosing among them too."""
     what = "Python" if language == "python" else language
+    shown = " Its last expression's value is shown." if language in _SHOWS_LAST_VALUE else ""
     properties: dict[str, Any] = {
-        "code": {
-            "type": "string",
-            "description": f"The {what} code to run. Its last expression's value is shown.",
-        }
+        "code": {"type": "string", "description": f"The {what} code to run.{shown}"}
     }
     if languages and len(languages) > 1:
         properties["code"]["description"] = (
-            "The code to run, in `language`. Its last expression's value is shown."
+            "The code to run, in `language`. Its last expression's value is shown (in a "
+            "shell, what the commands print)."
         )
         properties["language"] = {
             "type": "string",

@@ -129,7 +129,11 @@ def test_lists_the_tool_keeps_state_and_returns_images(connect: Connect) -> None
             assert tool.name == TOOL_NAME
             assert "persistent IPython kernel" in (tool.description or "")
             assert tool.input_schema["required"] == ["code"]
-            assert set(tool.input_schema["properties"]) == {"code", "session_id", "timeout"}
+            properties = tool.input_schema["properties"]
+            assert set(properties) == {"code", "language", "session_id", "timeout"}
+            # the languages a call may use, Python (the default) first
+            assert properties["language"]["enum"][0] == "python"
+            assert "bash" in properties["language"]["enum"]
 
             first = await client.call_tool(TOOL_NAME, {"code": "x = 21\nprint('set')"})
             assert not first.is_error

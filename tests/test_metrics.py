@@ -47,7 +47,10 @@ def test_metrics_follow_executions_kernel_deaths_and_sessions(tmp_path: Path) ->
         before = scrape(server.client)
         # every series is there from the start, at zero
         for status in ("ok", "error", "timeout"):
-            assert value(before, "kernel_service_executions_total", status=status) == 0
+            assert (
+                value(before, "kernel_service_executions_total", status=status, language="python")
+                == 0
+            )
         for cause in ("shutdown", "timeout", "exited", "signal", "out_of_memory", "unknown"):
             assert value(before, "kernel_service_kernel_deaths_total", cause=cause) == 0
         assert value(before, "kernel_service_sessions", status="idle") == 0
@@ -56,7 +59,10 @@ def test_metrics_follow_executions_kernel_deaths_and_sessions(tmp_path: Path) ->
         session = server.new_session("watched")
         live = scrape(server.client)
         assert value(live, "kernel_service_sessions", status="idle") == 1
-        assert value(live, "kernel_service_sessions_created_total", kernel="warm") == 1
+        assert (
+            value(live, "kernel_service_sessions_created_total", kernel="warm", language="python")
+            == 1
+        )
 
         # a busy session is seen busy at the next scrape
         holder = threading.Thread(target=server.execute, args=(HOLD, session))
@@ -88,7 +94,9 @@ def test_metrics_follow_executions_kernel_deaths_and_sessions(tmp_path: Path) ->
 
         after = scrape(server.client)
         executions = {
-            status: value(after, "kernel_service_executions_total", status=status)
+            status: value(
+                after, "kernel_service_executions_total", status=status, language="python"
+            )
             for status in ("ok", "error", "timeout")
         }
         assert executions == {"ok": 3, "error": 4, "timeout": 2}
@@ -129,7 +137,15 @@ def test_culled_sessions_are_counted(tmp_path: Path) -> None:
         ended = ("kernel_service_kernel_deaths_total", (("cause", "shutdown"),))
         assert wait_for(lambda: scrape(server.client)[ended] == 1)
         samples = scrape(server.client)
-        assert value(samples, "kernel_service_sessions_created_total", kernel="started") == 1
+        assert (
+            value(
+                samples,
+                "kernel_service_sessions_created_total",
+                kernel="started",
+                language="python",
+            )
+            == 1
+        )
         starts = "kernel_service_kernel_starts_total"
         assert value(samples, starts, launch="session", outcome="ok") == 1
         assert value(samples, "kernel_service_sessions", status="idle") == 0
@@ -188,6 +204,7 @@ def test_one_log_line_per_execution_without_code_or_output(
     fields = [dict(part.split("=", 1) for part in r.getMessage().split()[1:]) for r in lines]
     assert fields[0] == {
         "session_id": session,
+        "language": "python",
         "execution_count": "1",
         "status": "ok",
         "duration_ms": fields[0]["duration_ms"],

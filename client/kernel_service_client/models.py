@@ -191,7 +191,7 @@ class ExecuteInSessionRequest(BaseModel):
     @classmethod
     def _code_is_runnable_text(cls, code: str) -> str:
         if re.search(_NOT_BLANK, code) is None:
-            raise ValueError("code is empty: send the Python source to run")
+            raise ValueError("code is empty: send the source to run, in the session's language")
         try:
             code.encode()
         except UnicodeEncodeError:

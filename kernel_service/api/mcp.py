@@ -208,7 +208,7 @@ class McpServer:
                     return registry.get(session_id, owner), None
                 except SessionNotFound:
                     notice = (
-                        f"[Notice: this conversation's {language} session {session_id} had "
+                        f"[Notice: this conversation's session {session_id} had "
                         "ended (culled after being idle, or deleted); the code ran in a new "
                         "session: earlier variables, imports and files are gone.]"
                     )

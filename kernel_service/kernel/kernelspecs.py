@@ -36,6 +36,10 @@ Transport = Literal["ipc", "tcp"]
 InterruptMode = Literal["signal", "message"]
 
 
+class KernelChoiceError(ValueError):
+    """The settings name a kernel or language this host does not have; says which."""
+
+
 @dataclass(frozen=True)
 class KernelKind:
     """One kernelspec as this service launches it."""
@@ -112,6 +116,17 @@ _RUNTIMES: dict[str, dict[str, Any]] = {
         "env": {"JAVA_TOOL_OPTIONS": "-Xmx768m -XX:+UseSerialGC -XX:TieredStopAtLevel=1"},
     },
 }
+
+# The shipped kernels whose kernelspecs the set-up installs (not found as programs): what
+# to say when they are missing.
+_SHIPPED_ELSEWHERE = (
+    ("ir", "R", "r",
+     "IRkernel is not installed (Debian: apt-get install r-base-core r-cran-irkernel; or "
+     "scripts/setup)"),
+    ("java", "Java (jjava)", "java",
+     "JJava is not installed (pip install 'kernel-service[languages]'; it needs a Java "
+     "runtime too, Debian: apt-get install openjdk-17-jre-headless; or scripts/setup)"),
+)  # fmt: skip
 
 PYTHON_KIND = KernelKind(
     name=PYTHON,
@@ -255,15 +270,13 @@ class KernelCatalog:
         shipped = [PYTHON_KIND, _bash_kind(), _deno_kind()]
         kinds = {kind.name: kind for kind in shipped}
         kinds.update((kind.name, kind) for kind in _installed_kinds(set(kinds)))
-        if "ir" not in kinds:
-            kinds["ir"] = KernelKind(
-                "ir", "R", "r", problem="IRkernel is not installed (Debian: apt-get install "
-                "r-base-core r-cran-irkernel; or scripts/setup)"
-            )  # fmt: skip
+        for name, display_name, language, problem in _SHIPPED_ELSEWHERE:
+            if name not in kinds:  # listed, so that a caller learns why it cannot run
+                kinds[name] = KernelKind(name, display_name, language, problem=problem)
         if offered:
             unknown = sorted(set(offered) - set(kinds))
             if unknown:
-                raise ValueError(
+                raise KernelChoiceError(
                     f"KERNEL_SERVICE_KERNELS names kernels not installed here: "
                     f"{', '.join(unknown)} (installed: {', '.join(sorted(kinds))})"
                 )

@@ -106,7 +106,8 @@ class BubblewrapLauncher(KernelLauncher):
         limits, roots = self._limits, self._cgroups.roots
         return {
             "sandbox": self.isolation,
-            "network": "none (private network namespace, ipc transport only)",
+            "network": "none (private network namespace: ipc sockets to the service; a "
+            "bridged kernel's TCP stays on the namespace's own loopback)",
             "processes": "own PID namespace",
             "filesystem": "system and Python read-only; /workspace and a private /tmp writable",
             "user": "a uid of its own per kernel, no capabilities, no new privileges",

@@ -63,7 +63,7 @@ def kernelspec(settings: Settings, kind: KernelKind) -> dict[str, Any]:
     argv = (
         ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
         if kind.is_python
-        else [Path(kind.argv[0]).name, *kind.argv[1:]]
+        else [Path(arg).name if arg.startswith("/") else arg for arg in kind.argv]
     )
     logos = _logos(kind)
     return {
