@@ -126,6 +126,7 @@ def _lost_words(record: SessionRecord, reasons: dict[str, str], reaped: str | No
         )
     else:
         why = "its kernel had ended while the service was stopped"
+    why = why.rstrip(".")  # a reason may end a sentence of its own ("... within 5 s.")
     return f"KernelDied: {why[0].upper()}{why[1:]}. {STATE_LOST}"
 
 
