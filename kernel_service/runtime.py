@@ -229,7 +229,10 @@ class Runtime:
 
     async def _start_kernel(self, work_dir: Path, kind: KernelKind) -> Kernel:
         """A ready kernel of `kind`, recorded in the state store. One that runs but never
-        answers is ended and launched once more."""
+        answers is ended and launched once more. A kind that cannot run here (a session
+        carried on from a host that had its runtime, or its memory cgroup) is not started."""
+        if kind.problem is not None:
+            raise KernelStartError(f"{kind.display_name} cannot run here: {kind.problem}")
         try:
             return await self._start_recorded(work_dir, kind)
         except KernelStartError as exc:

@@ -2,6 +2,7 @@
 what is refused and with which words, installed kernelspecs read from a JUPYTER_PATH of
 the test's own, and the settings that shape what is offered."""
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -10,7 +11,10 @@ from pydantic import ValidationError
 
 from kernel_service.config import Settings
 from kernel_service.errors import LanguageUnavailable, UnknownLanguage
+from kernel_service.kernel import KernelStartError
 from kernel_service.kernel.kernelspecs import KernelCatalog
+from kernel_service.runtime import Runtime
+from tests.conftest import make_settings
 
 
 def install(root: Path, name: str, spec: dict[str, object] | str) -> Path:
@@ -111,7 +115,8 @@ def test_a_kernelspec_whose_program_is_missing_is_listed_not_ready(jupyter_path:
     catalog = KernelCatalog.discover()
     ghost = catalog.kinds["ghost"]
     assert not ghost.ready
-    assert ghost.problem == "its program '/nonexistent/ghost-kernel' is not installed"
+    # named without the host's path: every API key reads it
+    assert ghost.problem == "its program 'ghost-kernel' is not installed"
     assert "ghost" in catalog.names() and "ghost" not in catalog.ready_languages()
     assert f"ghost (Ghost): {ghost.problem}" in catalog.report()
     with pytest.raises(LanguageUnavailable) as refused:
@@ -139,7 +144,7 @@ def test_a_broken_kernel_json_is_listed_with_its_problem(jupyter_path: Path) -> 
     catalog = KernelCatalog.discover()
     broken = catalog.kinds["broken"]
     assert not broken.ready
-    assert broken.problem is not None and broken.problem.startswith("its kernelspec:")
+    assert broken.problem == "its kernel.json cannot be read (JSONDecodeError)"
     with pytest.raises(LanguageUnavailable):
         catalog.resolve("broken")
 
@@ -204,3 +209,23 @@ def test_malformed_pool_sizes_are_refused_at_start(pool_sizes: str) -> None:
     with pytest.raises(ValidationError, match="KERNEL_SERVICE_POOL_SIZES") as refused:
         Settings(pool_sizes=pool_sizes)
     assert "is not `language=size`" in str(refused.value)
+
+
+def test_an_installed_kernelspec_named_as_a_language_is_not_offered(jupyter_path: Path) -> None:
+    # `sh` chooses bash: a kernelspec of that name could never be reached by its name
+    install(jupyter_path, "sh", {"argv": ["/bin/sh", "{connection_file}"], "language": "sh"})
+    catalog = KernelCatalog.discover()
+    assert not catalog.kinds["sh"].ready
+    assert "rename its kernelspec directory ('sh')" in (catalog.kinds["sh"].problem or "")
+    kind, language = catalog.resolve("sh")
+    assert (kind.name, language) == ("bash", "bash")
+
+
+def test_a_kind_that_cannot_run_is_never_started(tmp_path: Path) -> None:
+    """A session carried on from a host that had the runtime (or its memory cgroup) gets
+    no kernel of that kind here, whatever asks for one: it is refused before any launch."""
+    runtime = Runtime(make_settings(tmp_path, sandbox="none"))
+    cannot = KernelCatalog.discover().kinds["python3"].unavailable("no memory cgroup here")
+    with pytest.raises(KernelStartError, match="cannot run here: no memory cgroup here"):
+        asyncio.run(runtime._start_kernel(tmp_path / "work", cannot))
+    assert not (tmp_path / "connection").exists() or not any((tmp_path / "connection").iterdir())

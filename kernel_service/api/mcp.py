@@ -241,10 +241,16 @@ class McpServer:
         async with conversation.lock:  # a session being made is closed once it is made
             session_ids = list(conversation.session_ids.values())
             conversation.session_ids.clear()
-            for session_id in session_ids:
-                with contextlib.suppress(SessionNotFound):  # culled or deleted already
-                    await self._registry.close(session_id, conversation.owner)
-                log.info("MCP conversation ended; session %s closed", session_id)
+            # each closed whatever becomes of the others
+            await asyncio.gather(
+                *(self._close_session(s, conversation.owner) for s in session_ids),
+                return_exceptions=True,
+            )
+
+    async def _close_session(self, session_id: str, owner: str | None) -> None:
+        with contextlib.suppress(SessionNotFound):  # culled or deleted already
+            await self._registry.close(session_id, owner)
+        log.info("MCP conversation ended; session %s closed", session_id)
 
     # ------------------------------------------------------------ execution
 

@@ -103,6 +103,11 @@ class KernelCgroups:
             group.mkdir()
             for file, value in settings[controller].items():
                 (group / file).write_text(str(value))
+            swap_too = group / "memory.memsw.limit_in_bytes"
+            if controller == "memory" and swap_too.exists():
+                # memory and swap together: a kernel bounded by its cgroup alone (Deno,
+                # the JVM: no RLIMIT_AS) must not spill past its limit into the host's swap
+                swap_too.write_text(str(limits.memory_bytes))
             if controller == "cpu" and limits.cpus > 0:
                 _set_quota(group, limits.cpus)
             procs.append(group / "cgroup.procs")

@@ -208,16 +208,29 @@ def _deno_binary() -> Path | None:
 def _installed_kinds(known: set[str]) -> list[KernelKind]:
     """Every other kernelspec installed where Jupyter looks (R's among them)."""
     manager = KernelSpecManager()
+    # the names that choose a shipped language, but the kernelspecs they choose (ir, java)
+    aliases = {n for language in SHIPPED_LANGUAGES for n in (language.name, *language.aliases)}
+    aliases -= {language.kernel for language in SHIPPED_LANGUAGES}
     kinds = []
     for name, resource_dir in sorted(manager.find_kernel_specs().items()):
         if name in known or name == PYTHON:
             continue  # ours, whatever ipykernel installed under that name
+        # What a caller reads names no host path (its log line does): kernelspecs are
+        # listed to every API key.
         try:
             spec = manager.get_kernel_spec(name)
         except Exception as exc:  # a broken kernel.json: listed, not offered
-            kinds.append(KernelKind(name, name, "unknown", problem=f"its kernelspec: {exc}"))
+            log.warning("kernelspec %s (%s) cannot be read: %s", name, resource_dir, exc)
+            problem = f"its kernel.json cannot be read ({type(exc).__name__})"
+            kinds.append(KernelKind(name, name, name, problem=problem))
             continue
-        kinds.append(_kind_of_spec(name, Path(resource_dir), spec.to_dict()))
+        kind = _kind_of_spec(name, Path(resource_dir), spec.to_dict())
+        if name.lower() in aliases:  # a caller naming it would get the shipped language
+            kind = kind.unavailable(
+                f"its name is a name of one of the service's languages: rename its "
+                f"kernelspec directory ({name!r}) to offer it"
+            )
+        kinds.append(kind)
     return kinds
 
 
@@ -229,7 +242,7 @@ def _kind_of_spec(name: str, resource_dir: Path, spec: dict[str, object]) -> Ker
     )
     env = spec.get("env")
     mode = spec.get("interrupt_mode")
-    language = str(spec.get("language") or "unknown").lower()
+    language = str(spec.get("language") or name).lower()
     kind = KernelKind(
         name=name,
         display_name=str(spec.get("display_name") or name),
@@ -248,10 +261,10 @@ def _kind_of_spec(name: str, resource_dir: Path, spec: dict[str, object]) -> Ker
         env={**needs.get("env", {}), **kind.env},
     )
     if not argv:
-        return kind.unavailable(f"its kernelspec ({resource_dir}) has no argv")
+        return kind.unavailable("its kernel.json has no argv")
     program = argv[0] if "/" in argv[0] else shutil.which(argv[0])
     if program is None or not Path(program).is_file():
-        return kind.unavailable(f"its program {argv[0]!r} is not installed")
+        return kind.unavailable(f"its program {Path(argv[0]).name!r} is not installed")
     program_path = Path(program).resolve()
     read_only = _outside_usr_and_python(program_path, resource_dir.resolve())
     return replace(kind, argv=(str(program_path), *argv[1:]), read_only=read_only)
@@ -321,7 +334,7 @@ class KernelCatalog:
         """The kind a recorded session names (one no longer offered: its problem says so)."""
         found = self.kinds.get(name)
         if found is None:
-            return KernelKind(name, name, "unknown", problem="this service no longer offers it")
+            return KernelKind(name, name, name, problem="this service no longer offers it")
         return found
 
     def names(self) -> list[str]:

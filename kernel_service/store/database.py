@@ -39,7 +39,7 @@ from kernel_service.errors import StateFull
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2  # 2: sessions have a kernel and a language
+SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS kernels (
@@ -61,9 +61,14 @@ CREATE TABLE IF NOT EXISTS sessions (
     created_at TEXT NOT NULL,
     last_activity TEXT NOT NULL,
     execution_count INTEGER NOT NULL DEFAULT 0,
-    notice TEXT,                   -- what the session has to tell at its next execution
-    kernel_name TEXT NOT NULL DEFAULT 'python3',  -- its kernelspec (kernel/kernelspecs.py)
-    language TEXT NOT NULL DEFAULT 'python'       -- the language it was asked for
+    notice TEXT                    -- what the session has to tell at its next execution
+);
+-- A session's kernel and language, when not Python's (a table of its own, not columns of
+-- sessions: the version before it, which inserts whole rows there, still runs on it).
+CREATE TABLE IF NOT EXISTS session_kernels (
+    session_key TEXT PRIMARY KEY REFERENCES sessions(key) ON DELETE CASCADE,
+    kernel_name TEXT NOT NULL,     -- its kernelspec (kernel/kernelspecs.py)
+    language TEXT NOT NULL         -- the language it was asked for
 );
 CREATE TABLE IF NOT EXISTS executions (
     session_key TEXT NOT NULL REFERENCES sessions(key) ON DELETE CASCADE,
@@ -289,30 +294,11 @@ def _open(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(SCHEMA)
-        _add_missing_columns(db)
         db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
     except BaseException:
         db.close()
         raise
     return db
-
-
-# Columns added since schema 1, with their definitions: a store an earlier version made
-# gets them (its sessions are Python's).
-_ADDED_COLUMNS = {
-    "sessions": {
-        "kernel_name": "TEXT NOT NULL DEFAULT 'python3'",
-        "language": "TEXT NOT NULL DEFAULT 'python'",
-    }
-}
-
-
-def _add_missing_columns(db: sqlite3.Connection) -> None:
-    for table, columns in _ADDED_COLUMNS.items():
-        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-        for name, definition in columns.items():
-            if name not in have:
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
 
 
 def _checkpoint(database: "Database") -> None:

@@ -117,7 +117,8 @@ class StateStore:
         rows = self._db.wait(
             self._db.read,
             "SELECT key, session_id, owner, work_dir, kernel_id, created_at, last_activity, "
-            "execution_count, notice, kernel_name, language FROM sessions",
+            "execution_count, notice, kernel_name, language FROM sessions "
+            "LEFT JOIN session_kernels ON session_key = key",
         )
         return [
             SessionRecord(
@@ -130,8 +131,8 @@ class StateStore:
                 last_activity=datetime.fromisoformat(row[6]),
                 execution_count=row[7],
                 notice=row[8],
-                kernel_name=row[9],
-                language=row[10],
+                kernel_name=row[9] or "python3",  # no row: Python's
+                language=row[10] or "python",
             )
             for row in rows
         ]
@@ -185,15 +186,22 @@ class StateStore:
             record.last_activity.isoformat(),
             record.execution_count,
             record.notice,
-            record.kernel_name,
-            record.language,
         )
-        sql = (
-            "INSERT INTO sessions (key, session_id, owner, work_dir, kernel_id, created_at, "
-            "last_activity, execution_count, notice, kernel_name, language) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        )
-        await self._db.run(self._write, sql, row)
+        kernel = (record.key, record.kernel_name, record.language)
+        await self._db.run(self._add_session_rows, row, kernel)
+
+    def _add_session_rows(self, row: tuple[Any, ...], kernel: tuple[str, str, str]) -> None:
+        """The session's row and its kernel's, both or neither."""
+        self._db.write("SAVEPOINT add_session")
+        try:
+            self._db.write("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            self._db.write("INSERT INTO session_kernels VALUES (?, ?, ?)", kernel)
+        except BaseException:
+            with contextlib.suppress(StateFull):  # SQLite may have rolled it all back
+                self._db.write("ROLLBACK TO add_session")
+                self._db.write("RELEASE add_session")
+            raise
+        self._db.write("RELEASE add_session")
 
     def set_kernel(self, key: str, kernel_id: str | None, notice: str | None = None) -> None:
         """The session's kernel is now `kernel_id` (None: none); `notice`, what its next
