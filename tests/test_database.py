@@ -250,3 +250,35 @@ def test_the_event_loop_makes_no_fsync(tmp_path: Path) -> None:
     loop_thread = done.stdout.split()[0]
     on_the_loop = [line for line in trace.read_text().splitlines() if line.startswith(loop_thread)]
     assert on_the_loop == []
+
+
+def test_sessions_keep_their_language_and_the_version_before_runs_on_the_store(
+    tmp_path: Path,
+) -> None:
+    """A session's kernel and language are in a table of their own, written with its row:
+    the version before them (which inserts whole rows of nine values into sessions) still
+    runs on the store after an upgrade, and its sessions read back as Python's."""
+    from datetime import UTC, datetime
+
+    from kernel_service.store.records import SessionRecord
+    from kernel_service.store.state import DATABASE, StateStore
+
+    now = datetime.now(UTC)
+    record = SessionRecord("k1", "k1", None, tmp_path / "w", None, now, now, 0, None, "ir", "r")
+    store = StateStore(tmp_path / "state")
+    try:
+        asyncio.run(store.add_session(record))
+    finally:
+        store.close()
+    with sqlite3.connect(tmp_path / "state" / DATABASE) as db:  # as the version before does
+        db.execute(
+            "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ("old", "old", None, str(tmp_path / "o"), None, now.isoformat(), now.isoformat(),
+             0, None),
+        )  # fmt: skip
+    store = StateStore(tmp_path / "state")
+    try:
+        found = {s.key: (s.kernel_name, s.language) for s in store.sessions()}
+    finally:
+        store.close()
+    assert found == {"k1": ("ir", "r"), "old": ("python3", "python")}
