@@ -20,7 +20,7 @@ from bench.stats import MIB, memory
 # The first execution of each language, and what it must answer.
 FIRST = {
     "python": ("1+1", "2"),
-    "bash": ("echo $((1+1))", "2\n"),
+    "bash": ("echo $((1+1))", "2"),
     "javascript": ("1+1", "2"),
     "typescript": ("const n: number = 1 + 1; n", "2"),
     "r": ("1+1", "[1] 2"),
@@ -74,7 +74,7 @@ async def _measure(service: Service, figure: LanguageFigures, rounds: int) -> No
         if "session_id" not in answer:
             figure.errors.append(f"new session: {answer}")
             return
-        if wanted not in (answer.get("stdout", "") + (answer.get("result") or "")):
+        if wanted.strip() not in answer.get("text", ""):  # R's value is a display
             figure.errors.append(f"first result: {answer.get('text')!r}")
         await service.delete(answer["session_id"])
     before = memory(service.children())
