@@ -27,6 +27,8 @@ from typing import Any, Literal
 
 from jupyter_client.kernelspec import KernelSpecManager
 
+from kernel_service.errors import LanguageUnavailable, UnknownLanguage
+
 log = logging.getLogger(__name__)
 
 PYTHON = "python3"  # the default kernel, and its kernelspec name
@@ -312,8 +314,6 @@ class KernelCatalog:
         """The kernel for the language (or kernelspec name) `asked`, and the language's
         name; None: Python. Raises UnknownLanguage (a name nobody offers) or
         LanguageUnavailable (offered, but its runtime is missing here)."""
-        from kernel_service.errors import LanguageUnavailable, UnknownLanguage
-
         if asked is None:
             return self.kinds[PYTHON], "python"
         wanted = asked.strip().lower()
