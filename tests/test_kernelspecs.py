@@ -177,6 +177,11 @@ def test_offered_kernels_restrict_what_is_offered() -> None:
     assert catalog.resolve("sh")[0].name == "bash"
 
 
+def test_offered_kernels_may_be_named_by_their_languages() -> None:
+    catalog = KernelCatalog.discover(Settings(kernels="R,javascript").offered_kernels())
+    assert set(catalog.kinds) == {"python3", "ir", "deno"}
+
+
 def test_offering_a_kernel_not_installed_is_an_error() -> None:
     with pytest.raises(ValueError, match="KERNEL_SERVICE_KERNELS names kernels not installed"):
         KernelCatalog.discover(("bash", "fortran"))

@@ -19,6 +19,7 @@ import pytest
 
 from kernel_service.errors import LanguageUnavailable
 from kernel_service.kernel.kernelspecs import KernelCatalog
+from kernel_service_client import Client, KernelServiceError
 from tests.conftest import (
     Server,
     alive,
@@ -343,6 +344,13 @@ def test_another_language_in_a_session_is_409(server: Server) -> None:
             "/execute", json={"code": "1", "session_id": session, "language": "python"}
         )
         assert refused.status_code == 409, refused.text
+        # the client's handle for that id in another language is refused the same way: its
+        # code never runs in the wrong kernel
+        with Client(server.base_url) as client:
+            with pytest.raises(KernelServiceError) as mismatch:
+                client.session(session, language="r").execute("x <- 1")
+            assert (mismatch.value.status, mismatch.value.code) == (409, "language_mismatch")
+            assert client.session(session, language="SH").execute("echo $((2+3))").stdout == "5\n"
 
 
 def test_execute_without_a_session_makes_one_in_the_language(server: Server) -> None:
@@ -428,12 +436,14 @@ def test_offered_kernels_and_missing_runtimes_at_the_http_edge(
         specs = {s["name"]: s for s in narrowed.client.get("/kernelspecs").json()["kernelspecs"]}
         assert set(specs) == {"python3", "bash", "ghost"}
         assert specs["ghost"]["ready"] is False
-        assert specs["ghost"]["problem"] == "its program '/nonexistent/ghost' is not installed"
+        # the host's path is not told to callers
+        assert specs["ghost"]["problem"] == "its program 'ghost' is not installed"
         assert "ghost" not in narrowed.client.get("/healthz").json()["languages"]
         unavailable = narrowed.client.post("/sessions", json={"language": "ghost"})
         assert unavailable.status_code == 503, unavailable.text
         assert unavailable.json()["code"] == "language_unavailable"
-        assert "/nonexistent/ghost" in unavailable.json()["detail"]
+        assert "its program 'ghost' is not installed" in unavailable.json()["detail"]
+        assert "/nonexistent" not in unavailable.json()["detail"]
         left_out = narrowed.client.post("/sessions", json={"language": "r"})
         assert left_out.status_code == 400 and left_out.json()["code"] == "unknown_language"
         assert "ghost" not in narrowed.client.get("/api/kernelspecs").json()["kernelspecs"]

@@ -90,7 +90,7 @@ class SessionState:
         if self.id is None:  # made first, so that interrupt() can reach this execution
             yield from self._create(None)
         # session_id first: a proxy in front of cells reads only the head of a long body
-        body = {"session_id": self.id, "code": code, "timeout": timeout}
+        body = self._language({"session_id": self.id, "code": code, "timeout": timeout})
         response = yield from send(self._execute_request(body))
         if not is_session_gone(response):
             return self.ran(parse(ExecutionResult, response))
@@ -102,7 +102,9 @@ class SessionState:
         """As `execute`, as Server-Sent Events: yields each event, the result last."""
         if self.id is None:
             yield from self._create(None)
-        body = {"session_id": self.id, "code": code, "timeout": timeout, "stream": True}
+        body = self._language(
+            {"session_id": self.id, "code": code, "timeout": timeout, "stream": True}
+        )
         opened = yield from open_body(self._execute_request(body))
         lost_from = None
         if is_session_gone(opened.response):
@@ -191,6 +193,14 @@ class SessionState:
         yield from self._create(self.chosen_id)
         body["session_id"] = self.id
         return old_id if self.used else None
+
+    def _language(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`body` with the handle's language, when it was chosen: the service refuses code
+        for a session of another language (409 language_mismatch), such as one of a chosen
+        id that already existed."""
+        if self.language is not None:
+            body["language"] = self.language
+        return body
 
     def _execute_request(self, body: dict[str, Any]) -> httpx.Request:
         return self.protocol.request("POST", "/execute", json=body, timeout=EXECUTE_TIMEOUT)

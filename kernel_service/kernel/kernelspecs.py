@@ -300,6 +300,11 @@ class KernelCatalog:
             if name not in kinds:  # listed, so that a caller learns why it cannot run
                 kinds[name] = KernelKind(name, display_name, language, problem=problem)
         if offered:
+            # a language's name or alias stands for its kernelspec (r: ir, javascript: deno)
+            by_name = {
+                n: lang.kernel for lang in SHIPPED_LANGUAGES for n in (lang.name, *lang.aliases)
+            }
+            offered = tuple(by_name.get(name.lower(), name) for name in offered)
             unknown = sorted(set(offered) - set(kinds))
             if unknown:
                 raise KernelChoiceError(
