@@ -103,8 +103,8 @@ class Settings(BaseSettings):
     kernels: str = Field(
         "",
         description="The Jupyter kernelspecs offered besides Python's (comma-separated names: "
-        "bash, deno, ir, or any installed one); empty: every one installed here "
-        "(docs/languages.md).",
+        "bash, deno, ir, java, any installed one, or a language's name such as r); empty: "
+        "every one installed here (docs/languages.md).",
     )
     pool_sizes: str = Field(
         "",

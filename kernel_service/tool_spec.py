@@ -26,6 +26,7 @@ _LANGUAGE_LINES = {
         "- State persists between calls: variables, functions and the current directory.",
         "- There is no keyboard: do not run commands that wait for input (read, editors, "
         "pagers); python3 and the usual command-line tools are installed.",
+        "- To show an image file, pipe it to display: display < plot.png",
     ],
     "javascript": [
         "Run JavaScript in a persistent Deno kernel (TypeScript is accepted too) and get back "
