@@ -31,7 +31,12 @@ from kernel_service.kernel.forkserver import (
     SandboxedForkLauncher,
     zygote_env,
 )
-from kernel_service.kernel.kernelspecs import BRIDGE_FILE, PYTHON, KernelChoiceError
+from kernel_service.kernel.kernelspecs import (
+    BASH_LAUNCH_FILE,
+    BRIDGE_FILE,
+    PYTHON,
+    KernelChoiceError,
+)
 from kernel_service.kernel.options import STARTUP_FILE, kernel_env
 from kernel_service.kernel.programs import reaper
 from kernel_service.kernel.programs.fonts import prepare_font_cache
@@ -361,7 +366,7 @@ def make_launcher(settings: Settings, options: KernelOptions) -> KernelLauncher:
     for warning in host_headroom(settings.max_sessions + pooled, limits):
         log.warning("%s", warning)
     uids = (settings.sandbox_uid_base, settings.sandbox_uid_count)
-    read_only = default_read_only_paths(STARTUP_FILE, BRIDGE_FILE)
+    read_only = default_read_only_paths(STARTUP_FILE, BRIDGE_FILE, BASH_LAUNCH_FILE)
     launcher = (
         SandboxedForkLauncher(server, limits, *uids, read_only)
         if server

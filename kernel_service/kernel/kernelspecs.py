@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PYTHON = "python3"  # the default kernel, and its kernelspec name
 BRIDGE_FILE = Path(__file__).parent / "programs" / "kernel_bridge.py"
+BASH_LAUNCH_FILE = Path(__file__).parent / "programs" / "bash_kernel_launch.py"
 
 Transport = Literal["ipc", "tcp"]
 InterruptMode = Literal["signal", "message"]
@@ -153,7 +154,8 @@ def _bash_kind() -> KernelKind:
         display_name="Bash",
         language="bash",
         # ipykernel underneath: ipc, and interrupts by message (it signals bash itself)
-        argv=(sys.executable, "-I", "-m", "bash_kernel", "-f", "{connection_file}"),
+        # bash_kernel without pexpect's pause before each line (bash_kernel_launch.py)
+        argv=(sys.executable, "-I", str(BASH_LAUNCH_FILE), "-f", "{connection_file}"),
         env={"PS1": "$ "},
         interrupt_mode="message",
         transport="ipc",
@@ -198,7 +200,7 @@ def _deno_kind() -> KernelKind:
 
 def _deno_binary() -> Path | None:
     if importlib.util.find_spec("deno") is not None:
-        import deno  # type: ignore[import-untyped]  # optional: the languages extra
+        import deno  # optional: the languages extra
 
         found = Path(deno.find_deno_bin())
         if found.is_file():

@@ -9,4 +9,6 @@
   standard library and psutil only.
 - `kernel_bridge`: started in the place of a kernel that speaks only TCP (Deno, IRkernel):
   relays the service's ipc sockets to it. Run as a file; the standard library and pyzmq.
+- `bash_kernel_launch`: bash_kernel without pexpect's pause before each line it sends to
+  bash. Run as a file; bash_kernel and what it needs.
 """
