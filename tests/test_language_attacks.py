@@ -233,7 +233,8 @@ def test_a_fork_bomb_is_contained(
     # the service and the other session go on while the bomb's processes live
     started = time.monotonic()
     assert server.client.get("/healthz").status_code == 200
-    assert time.monotonic() - started < 1.0
+    # responsive, however busy the machine is (a bound for a service stuck, not a speed)
+    assert time.monotonic() - started < 10.0
     assert server.execute("precious", bystander)["result"] == "'still here'"
     # within its pids cgroup, whatever it printed
     limit = server.client.get("/healthz").json()["isolation"].get("pids_cgroup_max")
