@@ -93,6 +93,19 @@ class Bridged:
                 outputs.append(msg)
 
         reply = self.client.execute_interactive(code, timeout=timeout, output_hook=keep)
+        # Deno 2.9 may publish the value after its idle and reply: a kernel_info round trip
+        # lets it arrive, as the service does (KernelKind.late_iopub)
+        execution = reply["parent_header"]["msg_id"]
+        probe = self.client.kernel_info()
+        while True:
+            msg = self.client.get_iopub_msg(timeout=timeout)
+            parent = msg["parent_header"].get("msg_id")
+            if parent == execution:
+                keep(msg)
+            elif parent == probe and msg["content"].get("execution_state") == "idle":
+                break
+        while self.client.get_shell_msg(timeout=timeout)["parent_header"]["msg_id"] != probe:
+            pass  # its reply read too: the shell channel holds nothing for later reads
         return reply, outputs
 
     def control(self, msg_type: str) -> dict[str, Any]:
