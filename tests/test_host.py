@@ -103,6 +103,9 @@ def test_a_kernel_has_its_own_cgroups_with_their_limits(launched: Server, sessio
     assert int((groups["cpu"] / "cpu.cfs_period_us").read_text()) == CFS_PERIOD_US
     memory = int((groups["memory"] / "memory.limit_in_bytes").read_text())
     assert memory == health["memory_cgroup_mb"] * 1024 * 1024
+    swap_too = groups["memory"] / "memory.memsw.limit_in_bytes"
+    if swap_too.exists():  # memory and swap together: no spilling past it into swap
+        assert int(swap_too.read_text()) == memory
     # every process of the kernel is in them, and they go with it
     assert int((groups["pids"] / "pids.current").read_text()) >= 3
     launched.client.delete(f"/sessions/{session}")

@@ -27,6 +27,8 @@ import zmq
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.connect import write_connection_file
 
+from tests.conftest import wait_for
+
 BRIDGE = (
     Path(__file__).parent.parent / "kernel_service" / "kernel" / "programs" / "kernel_bridge.py"
 )
@@ -228,9 +230,7 @@ def _wait_for_input(bridged: Bridged, msg_id: str) -> None:
 def _wait_for_cpu(process: psutil.Process, seconds: float) -> None:
     """The loop is running: the kernel has used `seconds` of CPU more than now."""
     used = sum(process.cpu_times()[:2])
-    while sum(process.cpu_times()[:2]) - used < seconds:
-        # workload pacing: polling the CPU counter, not waiting for a result
-        time.sleep(0.01)
+    assert wait_for(lambda: sum(process.cpu_times()[:2]) - used >= seconds, timeout=60)
 
 
 def test_interrupt_of_a_busy_loop(bridged: Bridged, runtime: Runtime) -> None:

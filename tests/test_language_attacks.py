@@ -66,6 +66,7 @@ ATTACKS = [
         ),
         write=f"open('secret.txt', 'w').write({PRIVATE!r})",
         read=lambda path: f"print(open({path!r}).read())",
+        # the workload's children sleep to hold their process slots while it forks more
         fork_bomb=(
             "import os, time\nn = 0\ntry:\n    while True:\n"
             "        if os.fork() == 0:\n            time.sleep(30)\n            os._exit(0)\n"

@@ -4,6 +4,9 @@ import os
 import signal
 from pathlib import Path
 
+import psutil
+import pytest
+
 from tests.conftest import Server, kernel_processes, running_server, wait_for
 
 
@@ -66,3 +69,44 @@ def test_client_chosen_ids_and_restarts_work_with_the_pool(tmp_path: Path) -> No
         after = server.execute("import os\nprint('v' in globals(), os.listdir('.'))", session_id)
         # the work dir goes with the session across kernel restarts; variables do not
         assert after["stdout"] == "False ['kept.txt']\n"
+
+
+def test_another_language_has_a_pool_of_its_own(tmp_path: Path) -> None:
+    """KERNEL_SERVICE_POOL_SIZES: Bash's pool, apart from Python's; a Bash session takes its
+    kernel from it, and it refills."""
+    with running_server(tmp_path, pool_sizes="bash=1") as server:
+        specs = {s["name"]: s for s in server.client.get("/kernelspecs").json()["kernelspecs"]}
+        if not specs["bash"]["ready"]:
+            pytest.skip(f"bash is not ready here: {specs['bash']['problem']}")
+
+        def warm_bash() -> int:
+            listed = server.client.get("/kernelspecs").json()["kernelspecs"]
+            count: int = next(s["warm_kernels"] for s in listed if s["name"] == "bash")
+            return count
+
+        def bash_kernels() -> set[int]:
+            """The Bash kernels' own processes (not the sandbox's wrappers around them)."""
+            found = set()
+            for process in psutil.process_iter(["cmdline"]):
+                cmdline = process.info["cmdline"] or []
+                if (
+                    cmdline
+                    and Path(cmdline[0]).name.startswith("python")
+                    and any("bash_kernel_launch" in arg for arg in cmdline)
+                    and any(str(server.connection_dir) in arg for arg in cmdline)
+                ):
+                    found.add(process.pid)
+            return found
+
+        assert wait_for(lambda: warm_bash() == 1, timeout=60)
+        assert warm(server) == 1  # the same kernel: Python's pool is its own setting (0 here)
+        waiting = bash_kernels()
+        assert len(waiting) == 1
+        made = server.client.post("/sessions", json={"language": "bash"})
+        assert made.status_code == 201, made.text
+        session = made.json()["session_id"]
+        assert server.execute("echo $((6 * 7))", session, language="bash")["stdout"] == "42\n"
+        # it ran on the kernel that was waiting, and the pool refilled behind it
+        assert waiting <= bash_kernels()
+        assert wait_for(lambda: warm_bash() == 1, timeout=60)
+        assert len(bash_kernels()) == 2
